@@ -1,0 +1,38 @@
+"""The MLX QLoRA stack: Mistral model, 4-bit quantization, LoRA, checkpoint I/O and export.
+
+`models` never imports `harness`: it knows nothing of Hydra, W&B or Dolly, so it can be used alone.
+"""
+
+from models import blas
+
+blas.load_fast_blas()  # must run before the first `import mlx` (see models/blas.py)
+
+from models.mistral import ConfigError, KVCache, MistralForCausalLM, ModelArgs  # noqa: E402
+
+# Public names, imported on first use so `import models` stays cheap.
+_LAZY = {
+    "load_pretrained": "models.checkpoint",
+    "save_pretrained": "models.checkpoint",
+    "CheckpointError": "models.checkpoint",
+    "QuantSpec": "models.quant",
+    "QuantizedLinear": "models.quant",
+    "quantize_model": "models.quant",
+    "LoRASpec": "models.lora",
+    "LoRALinear": "models.lora",
+    "apply_lora": "models.lora",
+    "merge_lora": "models.lora",
+    "save_adapters": "models.adapters",
+    "load_adapters": "models.adapters",
+    "save_peft_adapters": "models.adapters",
+    "export_merged": "models.export",
+}
+
+__all__ = ["ConfigError", "KVCache", "MistralForCausalLM", "ModelArgs", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

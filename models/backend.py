@@ -1,0 +1,46 @@
+"""The one place that decides the compute dtype and describes the backend."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from models import blas
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def backend_name() -> str:
+    """'metal', 'cuda' or 'cpu': where MLX runs by default."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda"
+
+
+def compute_dtype(name: str | None = "auto") -> mx.Dtype:
+    """The dtype activations and dequantized weights use.
+
+    "auto" gives bfloat16 on a GPU (Metal, CUDA) and float32 on the CPU, where only float32 matmuls
+    reach BLAS (bfloat16 runs about 30x slower there).
+    """
+    if name in (None, "auto"):
+        return mx.float32 if backend_name() == "cpu" else mx.bfloat16
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}") from None
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return next(name for name, value in _DTYPES.items() if value == dtype)
+
+
+def describe() -> dict[str, str | None]:
+    """Backend facts worth logging with every run."""
+    return {
+        "mlx": mx.__version__,
+        "backend": backend_name(),
+        "device": str(mx.default_device()),
+        "blas": blas.loaded_blas,
+    }

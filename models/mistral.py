@@ -1,0 +1,253 @@
+"""Mistral decoder in MLX, with Hugging Face's parameter names.
+
+The module tree mirrors `transformers.MistralForCausalLM` exactly
+(`model.layers.0.self_attn.q_proj.weight`, ...), so a Hugging Face checkpoint loads without renaming.
+The model knows nothing of quantization, LoRA or gradient checkpointing: those are applied from outside
+by swapping modules (`models.quant`, `models.lora`, `models.checkpointing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+SUPPORTED_MODEL_TYPES = ("mistral",)
+
+
+class ConfigError(ValueError):
+    """A `config.json` that does not describe a model this project can build."""
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """Hyperparameters of a Mistral model, named as in Hugging Face's `MistralConfig`."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    model_type: str = "mistral"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Mistral uses 'silu')")
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        """Build from a Hugging Face `config.json` dict; unknown keys are ignored.
+
+        `rope_theta` may sit at the top level (transformers 4) or in `rope_parameters` (transformers 5).
+        Raises `ConfigError` naming `source` when the config is not a Mistral config.
+        """
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: model_type={model_type!r} is not supported; this project builds "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
+            )
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"{source}: rope scaling {rope!r} is not supported")
+        values = dict(config)
+        if "rope_theta" not in values and "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        for key in ("bos_token_id", "eos_token_id"):
+            if isinstance(kwargs.get(key), list):  # some configs list several ids
+                kwargs[key] = kwargs[key][0]
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from err
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `config.json` dict that `transformers.MistralForCausalLM` reads back to the same model."""
+        config = dataclasses.asdict(self)
+        config["architectures"] = ["MistralForCausalLM"]
+        config["torch_dtype"] = "float32"
+        return config
+
+
+def attention_mask(
+    query_len: int,
+    key_len: int,
+    sliding_window: int | None,
+    segment_ids: mx.array | None = None,
+) -> mx.array | str | None:
+    """Boolean mask `(…, query_len, key_len)`; True where a query may attend to a key.
+
+    Queries are the last `query_len` positions of the `key_len` keys (a KV cache holds the rest).
+    A query at position i attends to keys j with `i - sliding_window < j <= i`, and, when `segment_ids`
+    `(B, L)` is given (packed sequences), only to keys of its own segment.
+    Returns the string "causal" when a plain causal mask is exact, so the fused kernel can use it.
+    """
+    window_matters = sliding_window is not None and key_len > sliding_window
+    if segment_ids is None and not window_matters:
+        if query_len == 1:
+            return None
+        if query_len == key_len:
+            return "causal"
+    q_pos = mx.arange(key_len - query_len, key_len)[:, None]
+    k_pos = mx.arange(key_len)[None, :]
+    mask = k_pos <= q_pos
+    if window_matters:
+        mask = mask & (k_pos > q_pos - sliding_window)
+    if segment_ids is not None:
+        if query_len != key_len:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask[None] & same
+        mask = mask[:, None]  # broadcast over heads
+    return mask
+
+
+class KVCache:
+    """Keys and values of past positions for generation; grows by concatenation."""
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = mx.concatenate([self.keys, keys], axis=2)
+            self.values = mx.concatenate([self.values, values], axis=2)
+        return self.keys, self.values
+
+
+class MistralAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads = args.num_attention_heads
+        self.num_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(args.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, args.hidden_size, bias=False)
+        self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None = None) -> mx.array:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class MistralMLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MistralDecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = MistralAttention(args)
+        self.mlp = MistralMLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MistralModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [MistralDecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: list[KVCache] | None = None,
+        segment_ids: mx.array | None = None,
+    ) -> mx.array:
+        """Final hidden states `(B, L, hidden_size)` for token ids `(B, L)`."""
+        h = self.embed_tokens(input_ids)
+        length = input_ids.shape[1]
+        offset = 0 if cache is None else cache[0].offset
+        mask = attention_mask(length, offset + length, self.args.sliding_window, segment_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, None if cache is None else cache[i])
+        return self.norm(h)
+
+
+class MistralForCausalLM(nn.Module):
+    """Mistral with its language-model head: `model(input_ids) -> logits (B, L, vocab_size)`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = MistralModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Project hidden states `(…, hidden_size)` to vocabulary logits `(…, vocab_size)`."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: list[KVCache] | None = None,
+        segment_ids: mx.array | None = None,
+    ) -> mx.array:
+        return self.logits(self.model(input_ids, cache=cache, segment_ids=segment_ids))
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.layers]
+
+    @property
+    def layers(self) -> list[MistralDecoderLayer]:
+        return self.model.layers
+

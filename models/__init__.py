@@ -12,7 +12,7 @@ from models.mistral import ConfigError, KVCache, MistralForCausalLM, ModelArgs  
 # Public names, imported on first use so `import models` stays cheap.
 _LAZY = {
     "load_pretrained": "models.checkpoint",
-    "save_pretrained": "models.checkpoint",
+    "save_pretrained": "models.export",
     "CheckpointError": "models.checkpoint",
     "QuantSpec": "models.quant",
     "QuantizedLinear": "models.quant",

@@ -67,6 +67,8 @@ class ModelArgs:
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
             )
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters={rope!r} should be an object")
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ConfigError(f"{source}: rope scaling {rope!r} is not supported")
         values = dict(config)
@@ -79,9 +81,11 @@ class ModelArgs:
                 kwargs[key] = kwargs[key][0]
             if kwargs.get(key) is None:
                 kwargs.pop(key, None)
+        for key, value in kwargs.items():
+            _check_type(key, value, source)
         try:
             return cls(**kwargs)
-        except TypeError as err:
+        except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from err
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -90,6 +94,27 @@ class ModelArgs:
         config["architectures"] = ["MistralForCausalLM"]
         config["torch_dtype"] = "float32"
         return config
+
+
+# The JSON type of each field, read from its annotation ("int | None" is an optional int).
+_JSON_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_FIELD_TYPES = {f.name: _JSON_TYPES[f.type.split(" |")[0]] for f in dataclasses.fields(ModelArgs)}
+_OPTIONAL = {f.name for f in dataclasses.fields(ModelArgs) if f.type.endswith("| None")}
+
+
+def _check_type(key: str, value: Any, source: str) -> None:
+    """Raise `ConfigError` naming `source` and `key` when a config value has the wrong JSON type."""
+    if value is None and key in _OPTIONAL:
+        return
+    expected = _FIELD_TYPES[key]
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is float:  # an integer is fine where a float is expected (e.g. rope_theta: 10000)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{source}: {key}={value!r} should be {expected.__name__}")
 
 
 def attention_mask(

@@ -1,0 +1,88 @@
+"""Shared fixtures. `models` is imported first so the fast BLAS is loaded before MLX (see models/blas.py)."""
+
+import models  # noqa: F401  (must come before anything that imports mlx)
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Hermetic: no test may reach the network or a real W&B account.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+# A Mistral small enough for CPU tests, with GQA (4 query heads share 2 key/value heads) and a sliding
+# window short enough that test sequences exceed it. The vocabulary matches the real Mistral-7B tokenizer
+# shipped with the checkpoint, so encoded text can be fed to the model.
+TINY_MISTRAL_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    sliding_window=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+
+
+def mistral_tokenizer_path() -> Path:
+    """The real Mistral-7B-v0.1 `tokenizer.model` that `mistral_common` ships (vocabulary of 32000)."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def write_hf_mistral(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+    **config_overrides,
+) -> Path:
+    """Write a random-weight `transformers.MistralForCausalLM` with `save_pretrained` into `out_dir`.
+
+    Weights are drawn with a larger spread than transformers' init (std 0.1, RMSNorm weights around 1)
+    so that logits vary enough for numerical comparisons to mean something. `max_shard_size` (e.g. "100KB")
+    splits the safetensors into shards with `model.safetensors.index.json`. Returns `out_dir`.
+    """
+    import torch
+    import transformers
+
+    config = transformers.MistralConfig(**{**TINY_MISTRAL_CONFIG, **config_overrides})
+    torch.manual_seed(seed)
+    model = transformers.MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out_dir, **kwargs)
+    if tokenizer:
+        shutil.copyfile(mistral_tokenizer_path(), Path(out_dir) / "tokenizer.model")
+    return Path(out_dir)
+
+
+@pytest.fixture
+def make_mistral_checkpoint(tmp_path):
+    """Factory: `make_mistral_checkpoint(name="ckpt", **write_hf_mistral kwargs) -> Path` under tmp_path."""
+
+    def make(name: str = "ckpt", **kwargs) -> Path:
+        return write_hf_mistral(tmp_path / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def tiny_mistral_dir(make_mistral_checkpoint) -> Path:
+    """A tiny random-weight Hugging Face Mistral checkpoint directory (config.json, model.safetensors,
+    tokenizer.model), written by `transformers` into tmp_path."""
+    return make_mistral_checkpoint("tiny-mistral")

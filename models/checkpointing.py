@@ -1,0 +1,49 @@
+"""Gradient checkpointing applied from outside the model.
+
+Each decoder layer's forward runs inside `mx.checkpoint`: its activations are dropped after the forward
+pass and recomputed during the backward pass, so activation memory grows with one layer, not the model.
+Only the instances passed in are changed (their class is swapped for a checkpointing subclass), so other
+models in the process and the model file are untouched; parameter names stay the same.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpointed_class(cls: type) -> type:
+    """A subclass of `cls` whose `__call__` runs the original inside `mx.checkpoint`."""
+
+    def __call__(self, x, *args, **kwargs):
+        def forward(params, x):
+            self.update(params)  # the checkpointed function must see parameters as inputs to recompute with them
+            return cls.__call__(self, x, *args, **kwargs)
+
+        return mx.checkpoint(forward)(self.trainable_parameters(), x)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpointed_base": cls})
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them. In place."""
+    for layer in model.model.layers:
+        if not hasattr(type(layer), "_checkpointed_base"):
+            layer.__class__ = _checkpointed_class(type(layer))
+    return model
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Undo `enable_gradient_checkpointing`. In place."""
+    for layer in model.model.layers:
+        base = getattr(type(layer), "_checkpointed_base", None)
+        if base is not None:
+            layer.__class__ = base
+    return model
+
+
+def gradient_checkpointing_enabled(model: nn.Module) -> bool:
+    return all(hasattr(type(layer), "_checkpointed_base") for layer in model.model.layers)

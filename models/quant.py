@@ -1,0 +1,567 @@
+"""4-bit weight quantization: row-wise affine, group-wise affine and QLoRA's NF4, behind one `QuantizedLinear`.
+
+Storage follows MLX's affine layout wherever the scheme allows it: codes packed into uint32 words, low bits
+first (eight 4-bit codes per word), and `w ≈ scale * q + bias`. Row-wise quantization is the affine scheme
+with one (scale, bias) per output row, so `mx.dequantize` and `mx.quantized_matmul` apply to it with the row's
+parameters broadcast over MLX's groups, giving exactly the same numbers. NF4 has its own code book and
+dequantizes through a table look-up.
+
+Forward paths of `QuantizedLinear` (see `QuantizedLinear.__call__`):
+- "dequantize": rebuild the dense weight in x's dtype and run a dense matmul, inside an `mx.custom_function`
+  whose backward pass rebuilds the weight again instead of keeping it alive (the weight is frozen, so only
+  the gradient with respect to x is needed). Fast when many tokens share a weight (training, prefill).
+- "fused": `mx.quantized_matmul` on the packed weight (affine schemes only). Fast when few tokens are
+  multiplied (generation), where reading 4-bit weights beats writing and re-reading a dense copy.
+- "reference": plain dequantize-then-matmul, differentiated by MLX itself; the readable baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from statistics import NormalDist
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from models.backend import backend_name
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("rowwise", "group", "nf4", "none")
+FORWARD_PATHS = ("auto", "dequantize", "fused", "reference")
+
+NF4_BLOCK = 64  # QLoRA: one absmax per 64 weights
+NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in blocks of 256
+
+# Largest number of tokens (rows of x) for which "auto" uses the fused kernel. Measured on a 2-core x86 CPU
+# with a 4096x4096 weight: fused 11 ms vs dequantize+BLAS 60 ms at 1 token, 88 vs 67 ms at 8 tokens. On a
+# GPU a matmul of up to ~16 rows is bandwidth-bound, where reading 0.5 byte per weight beats the
+# dequantize path's ~4.5 bytes per weight; at training shapes the dense matmul is ~5x faster (issue 5).
+FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a model's linear layers.
+
+    method: "rowwise" (one scale/zero per output row), "group" (one per `group_size` inputs), "nf4"
+    (NormalFloat4, block-wise absmax over 64 weights, optional 8-bit double quantization of the absmax),
+    or "none". `modules` names the decoder projections to quantize; embeddings and lm_head stay dense
+    unless `quantize_embeddings` / `quantize_lm_head`.
+    """
+
+    method: str = "rowwise"
+    bits: int = 4
+    group_size: int = 64
+    double_quant: bool = True
+    modules: tuple[str, ...] = PROJECTIONS
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quant.method={self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "nf4" and self.bits != 4:
+            raise ValueError(f"quant.bits={self.bits}: nf4 is a 4-bit code book")
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"quant.bits={self.bits}; choose 2, 4 or 8 (codes must tile a uint32)")
+        if self.method == "group" and self.group_size not in (32, 64, 128):
+            raise ValueError(f"quant.group_size={self.group_size}; choose 32, 64 or 128")
+        unknown = set(self.modules) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"quant.modules has unknown names {sorted(unknown)}; known: {', '.join(PROJECTIONS)}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "modules": list(self.modules)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantSpec":
+        return cls(**{**values, "modules": tuple(values.get("modules", PROJECTIONS))})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing: codes of `bits` bits, low bits first, into uint32 words (MLX's affine layout)
+
+
+def pack_codes(q: mx.array, bits: int) -> mx.array:
+    """Pack integer codes `(rows, cols)` in [0, 2**bits) into uint32 `(rows, cols * bits / 32)`."""
+    per_word = 32 // bits
+    rows, cols = q.shape
+    if cols % per_word:
+        raise ValueError(f"{cols} columns do not fill whole uint32 words of {per_word} {bits}-bit codes")
+    shifts = mx.arange(per_word, dtype=mx.uint32) * bits
+    words = q.astype(mx.uint32).reshape(rows, cols // per_word, per_word) << shifts
+    return words.sum(axis=-1).astype(mx.uint32)  # fields do not overlap, so the sum is a bitwise or
+
+
+def unpack_codes(packed: mx.array, bits: int) -> mx.array:
+    """Inverse of `pack_codes`: uint32 `(rows, words)` -> uint32 codes `(rows, words * 32 / bits)`."""
+    per_word = 32 // bits
+    shifts = mx.arange(per_word, dtype=mx.uint32) * bits
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Affine schemes (row-wise and group-wise): w ≈ scale * q + bias, bias = -scale * zero
+
+
+def _round_toward(x: mx.array, dtype: mx.Dtype, down: bool) -> mx.array:
+    """Round float32 `x` to `dtype`, never above x (down) or below it (up), so the code range still covers
+    the group's values after the parameters are stored in a narrower dtype."""
+    if dtype == mx.float32:
+        return x
+    rel = {mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}[dtype]  # one ulp relative, so the nudge survives rounding
+    nudged = x - mx.abs(x) * rel if down else x + mx.abs(x) * rel
+    return nudged.astype(dtype)
+
+
+def _affine_quantize(w: mx.array, group_size: int, bits: int, param_dtype: mx.Dtype):
+    """Quantize `(out, in)` in groups of `group_size` inputs; returns packed codes, scales, biases
+    `(out, in / group_size)` in `param_dtype`, with `|w - (scale*q + bias)| <= scale / 2` per element."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+    levels = (1 << bits) - 1
+    groups = w.astype(mx.float32).reshape(out_features, in_features // group_size, group_size)
+    low = groups.min(axis=-1)
+    high = groups.max(axis=-1)
+    bias = _round_toward(low, param_dtype, down=True)
+    scale = _round_toward((high - bias.astype(mx.float32)) / levels, param_dtype, down=False)
+    scale = mx.where(scale > 0, scale, mx.ones_like(scale))  # constant group: any step represents it exactly
+    scale32, bias32 = scale.astype(mx.float32), bias.astype(mx.float32)
+    q = mx.clip(mx.round((groups - bias32[..., None]) / scale32[..., None]), 0, levels)
+    packed = pack_codes(q.reshape(out_features, in_features).astype(mx.uint32), bits)
+    return packed, scale, bias
+
+
+def _affine_dequantize(packed, scales, biases, bits: int, dtype) -> mx.array:
+    """Dense `(out, in)` from packed codes and per-group `scales`/`biases` `(out, groups)`."""
+    q = unpack_codes(packed, bits)
+    out_features, in_features = q.shape
+    groups = scales.shape[-1]
+    q = q.reshape(out_features, groups, in_features // groups).astype(mx.float32)
+    w = q * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
+    return w.reshape(out_features, in_features).astype(dtype)
+
+
+def quantize_rowwise(w: mx.array, bits: int = 4) -> tuple[mx.array, mx.array, mx.array]:
+    """Asymmetric per-output-row quantization of a weight `(out, in)`.
+
+    Returns `packed` uint32 `(out, in * bits / 32)` (low bits first), `scales` float32 `(out, 1)` and `zeros`
+    float32 `(out, 1)` (the zero point in steps, not rounded, so the row's minimum is exact), with
+    `w ≈ scales * (q - zeros)` and every element within half a step (`scales / 2`) of its row.
+    """
+    packed, scales, biases = _affine_quantize(w, w.shape[1], bits, mx.float32)
+    return packed, scales, -biases / scales
+
+
+def dequantize_rowwise(packed, scales, zeros, bits: int = 4, dtype=mx.float32) -> mx.array:
+    """Dense `(out, in)` from `quantize_rowwise`'s output: `scales * (q - zeros)` cast to `dtype`."""
+    return _affine_dequantize(packed, scales, -scales * zeros, bits, dtype)
+
+
+def quantize_group(w: mx.array, group_size: int = 64, bits: int = 4, param_dtype=mx.float16):
+    """Affine quantization of `(out, in)` with one scale and bias per `group_size` consecutive inputs.
+
+    Returns `packed` uint32 `(out, in * bits / 32)`, `scales` and `biases` `(out, in / group_size)` in
+    `param_dtype` (float16 by default: 4.5 bits per weight at group 64), exactly MLX's affine layout.
+    """
+    return _affine_quantize(w, group_size, bits, param_dtype)
+
+
+def dequantize_group(packed, scales, biases, bits: int = 4, dtype=mx.float32) -> mx.array:
+    """Dense `(out, in)` from `quantize_group`'s output: `scales * q + biases` per group."""
+    return _affine_dequantize(packed, scales, biases, bits, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NF4 (QLoRA, Dettmers et al. 2023)
+
+
+@functools.lru_cache(maxsize=1)
+def nf4_code_values() -> tuple[float, ...]:
+    """The 16 NormalFloat4 values, derived from normal quantiles as the QLoRA paper defines them.
+
+    8 positive quantiles of N(0, 1) at probabilities evenly spaced from `offset` down to 0.5 (0.5 itself is
+    dropped), 7 negative ones from 8 probabilities likewise, plus an exact zero; then scaled into [-1, 1].
+    `offset = 1 - (1/32 + 1/30) / 2` puts the extreme quantiles halfway between the last two of a 2**4 and a
+    2**4 - 1 level grid, avoiding the infinite quantile at probability 1.
+    """
+    offset = 1 - 0.5 * (1 / 32 + 1 / 30)
+    normal = NormalDist()
+
+    def spaced(n: int) -> list[float]:  # n evenly spaced probabilities from offset to 0.5, last dropped
+        return [offset + (0.5 - offset) * i / (n - 1) for i in range(n - 1)]
+
+    positive = [normal.inv_cdf(p) for p in spaced(9)]
+    negative = [-normal.inv_cdf(p) for p in spaced(8)]
+    values = sorted(positive + [0.0] + negative)
+    top = max(abs(v) for v in values)
+    return tuple(v / top for v in values)
+
+
+def _nf4_code_book() -> mx.array:
+    return mx.array(nf4_code_values(), dtype=mx.float32)
+
+
+def quantize_nf4(w: mx.array, block_size: int = NF4_BLOCK, double_quant: bool = True) -> dict[str, mx.array]:
+    """NF4 quantization of `(out, in)` with one absmax per `block_size` inputs of a row.
+
+    Each weight is divided by its block's absmax and replaced by the nearest NF4 code (4 bits, packed like
+    the affine schemes). With `double_quant`, the float32 absmax constants are themselves quantized to
+    8 bits: their mean is subtracted and blocks of 256 are scaled linearly to int8 by their own absmax
+    (float32), as in QLoRA but with a linear instead of a dynamic 8-bit code.
+    Returns a dict of arrays: `weight` uint32 codes, and `absmax` float32 `(out, in / block_size)` or
+    `absmax_q` uint8 + `absmax_scale` float32 `(ceil(blocks / 256),)` + `absmax_mean` float32 `(1,)`.
+    """
+    out_features, in_features = w.shape
+    if in_features % block_size:
+        raise ValueError(f"in_features={in_features} is not a multiple of the NF4 block size {block_size}")
+    blocks = w.astype(mx.float32).reshape(out_features, in_features // block_size, block_size)
+    absmax = mx.abs(blocks).max(axis=-1)
+    arrays: dict[str, mx.array] = {}
+    if double_quant:
+        arrays.update(_quantize_absmax(absmax))
+        absmax = _dequantize_absmax(arrays, absmax.shape)  # codes are chosen against what is stored
+    else:
+        arrays["absmax"] = absmax
+    safe = mx.where(absmax > 0, absmax, mx.ones_like(absmax))
+    normalized = blocks / safe[..., None]
+    code = _nf4_code_book()
+    # Nearest code: count the midpoints between consecutive codes that lie below the value.
+    midpoints = (code[1:] + code[:-1]) / 2
+    q = (normalized[..., None] > midpoints).sum(axis=-1).astype(mx.uint32)
+    arrays["weight"] = pack_codes(q.reshape(out_features, in_features), 4)
+    return arrays
+
+
+def _quantize_absmax(absmax: mx.array) -> dict[str, mx.array]:
+    flat = absmax.reshape(-1)
+    mean = flat.mean()
+    centered = flat - mean
+    pad = (-flat.size) % NF4_DOUBLE_QUANT_BLOCK
+    padded = mx.concatenate([centered, mx.zeros((pad,), mx.float32)]).reshape(-1, NF4_DOUBLE_QUANT_BLOCK)
+    scale = mx.abs(padded).max(axis=-1) / 127
+    scale = mx.where(scale > 0, scale, mx.ones_like(scale))
+    codes = mx.clip(mx.round(padded / scale[:, None]), -127, 127).astype(mx.int8)
+    return {
+        "absmax_q": codes.reshape(-1)[: flat.size].view(mx.uint8),
+        "absmax_scale": scale,
+        "absmax_mean": mean.reshape(1),
+    }
+
+
+def _dequantize_absmax(arrays: dict[str, mx.array], shape) -> mx.array:
+    codes = arrays["absmax_q"].view(mx.int8).astype(mx.float32)
+    pad = (-codes.size) % NF4_DOUBLE_QUANT_BLOCK
+    padded = mx.concatenate([codes, mx.zeros((pad,), mx.float32)]).reshape(-1, NF4_DOUBLE_QUANT_BLOCK)
+    values = (padded * arrays["absmax_scale"][:, None]).reshape(-1)[: codes.size] + arrays["absmax_mean"]
+    return values.reshape(shape)
+
+
+def nf4_absmax(arrays: dict[str, mx.array], out_features: int, in_features: int, block_size=NF4_BLOCK):
+    """The per-block absmax `(out, in / block_size)` as stored (after double quantization, if any)."""
+    if "absmax" in arrays:
+        return arrays["absmax"]
+    return _dequantize_absmax(arrays, (out_features, in_features // block_size))
+
+
+def dequantize_nf4(arrays: dict[str, mx.array], block_size: int = NF4_BLOCK, dtype=mx.float32) -> mx.array:
+    """Dense `(out, in)` from `quantize_nf4`'s arrays: `code[q] * absmax` per block."""
+    q = unpack_codes(arrays["weight"], 4)
+    out_features, in_features = q.shape
+    absmax = nf4_absmax(arrays, out_features, in_features, block_size)
+    values = _nf4_code_book()[q].reshape(out_features, in_features // block_size, block_size)
+    return (values * absmax[..., None]).reshape(out_features, in_features).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The quantized linear layer
+
+_NF4_KEYS = ("weight", "absmax", "absmax_q", "absmax_scale", "absmax_mean")
+
+
+def _fused_group_size(in_features: int) -> int | None:
+    """Largest MLX group size that tiles a row (row-wise parameters are broadcast over these groups)."""
+    return next((g for g in (128, 64, 32) if in_features % g == 0), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantize_matmul(method: str, bits: int):
+    """`x @ W^T` with W rebuilt from packed arrays; the backward pass rebuilds W again rather than saving it."""
+
+    def dense(dtype, arrays):
+        if method == "nf4":
+            return dequantize_nf4(arrays, dtype=dtype)
+        return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], bits, dtype)
+
+    @mx.custom_function
+    def matmul(x, arrays):
+        return x @ dense(x.dtype, arrays).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, arrays = primals
+        grad_x = cotangent @ dense(cotangent.dtype, arrays)
+        return grad_x, {k: mx.zeros_like(v) for k, v in arrays.items()}  # frozen weights: no gradient
+
+    return matmul
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer `y = x @ W^T (+ bias)` whose weight `(out, in)` is stored quantized.
+
+    Parameters (names as saved): `weight` uint32 packed codes; affine schemes add `scales`, `biases`
+    (`(out, 1)` row-wise, `(out, in / group_size)` group-wise); NF4 adds `absmax` or its double-quantized
+    `absmax_q`, `absmax_scale`, `absmax_mean`. `forward_path` chooses the computation (module docstring).
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False):
+        super().__init__()
+        if not spec.enabled:
+            raise ValueError("QuantizedLinear needs a quantization method other than 'none'")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.method = spec.method
+        self.bits = spec.bits
+        self.group_size = {"rowwise": in_features, "group": spec.group_size, "nf4": NF4_BLOCK}[spec.method]
+        self.forward_path = "auto"
+        if in_features % self.group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group size {self.group_size}")
+        # Zero-filled arrays of the stored shapes: `from_linear` fills them, `load_weights` may replace them.
+        groups = in_features // self.group_size
+        self.weight = mx.zeros((out_features, in_features * self.bits // 32), mx.uint32)
+        if spec.method == "nf4":
+            if spec.double_quant:
+                n_blocks = out_features * groups
+                self.absmax_q = mx.zeros((n_blocks,), mx.uint8)
+                self.absmax_scale = mx.zeros((-(-n_blocks // NF4_DOUBLE_QUANT_BLOCK),), mx.float32)
+                self.absmax_mean = mx.zeros((1,), mx.float32)
+            else:
+                self.absmax = mx.zeros((out_features, groups), mx.float32)
+        else:
+            param_dtype = mx.float32 if spec.method == "rowwise" else mx.float16
+            self.scales = mx.zeros((out_features, groups), param_dtype)
+            self.biases = mx.zeros((out_features, groups), param_dtype)
+        if bias:
+            self.bias = mx.zeros((out_features,), mx.float32)
+        self.freeze()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantizedLinear":
+        """Quantize an `nn.Linear` (weight `(out, in)`) according to `spec`."""
+        out_features, in_features = linear.weight.shape
+        has_bias = "bias" in linear
+        layer = cls(in_features, out_features, spec, bias=has_bias)
+        if spec.method == "nf4":
+            for key in _NF4_KEYS:
+                if key in layer:
+                    del layer[key]
+            for key, value in quantize_nf4(linear.weight, double_quant=spec.double_quant).items():
+                layer[key] = value
+        else:
+            packed, scales, biases = _affine_quantize(
+                linear.weight, layer.group_size, spec.bits, layer.scales.dtype
+            )
+            layer.weight, layer.scales, layer.biases = packed, scales, biases
+        if has_bias:
+            layer.bias = linear.bias
+        layer.freeze()
+        return layer
+
+    def quantized_arrays(self) -> dict[str, mx.array]:
+        """The stored arrays that define the weight (excluding the optional bias)."""
+        return {k: v for k, v in self.items() if isinstance(v, mx.array) and k != "bias"}
+
+    def dequantize(self, dtype=mx.float32) -> mx.array:
+        """The dense weight `(out, in)` in `dtype`."""
+        if self.method == "nf4":
+            return dequantize_nf4(self.quantized_arrays(), dtype=dtype)
+        return _affine_dequantize(self.weight, self.scales, self.biases, self.bits, dtype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits actually stored per weight: packed codes plus every scale, zero/bias and absmax constant."""
+        stored = sum(v.nbytes for v in self.quantized_arrays().values()) * 8
+        return stored / (self.in_features * self.out_features)
+
+    def choose_path(self, x: mx.array) -> str:
+        """The forward path for input `x`: `forward_path` unless "auto", else fused for few tokens."""
+        if self.forward_path != "auto":
+            return self.forward_path
+        tokens = math.prod(x.shape[:-1])
+        fusable = self.method != "nf4" and _fused_group_size(self.in_features) is not None
+        if fusable and tokens <= FUSED_MAX_TOKENS.get(backend_name(), 4):
+            return "fused"
+        return "dequantize"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """`x (…, in) -> (…, out)` in x's dtype."""
+        path = self.choose_path(x)
+        if path == "fused":
+            y = self._fused(x)
+        elif path == "dequantize":
+            y = _dequantize_matmul(self.method, self.bits)(x, self.quantized_arrays())
+        elif path == "reference":
+            y = x @ self.dequantize(x.dtype).T
+        else:
+            raise ValueError(f"forward_path={path!r}; choose one of {', '.join(FORWARD_PATHS)}")
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
+        return y
+
+    def _fused(self, x: mx.array) -> mx.array:
+        if self.method == "nf4":
+            raise ValueError("the fused path needs an affine scheme (rowwise or group), not nf4")
+        group = self.group_size if self.method == "group" else _fused_group_size(self.in_features)
+        if group is None:
+            raise ValueError(f"in_features={self.in_features} is not a multiple of 32: no fused kernel")
+        scales, biases = self.scales.astype(x.dtype), self.biases.astype(x.dtype)
+        if self.method == "rowwise":  # one (scale, bias) per row, repeated over MLX's groups
+            shape = (self.out_features, self.in_features // group)
+            scales, biases = mx.broadcast_to(scales, shape), mx.broadcast_to(biases, shape)
+        return mx.quantized_matmul(x, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table `(vocab, dim)` stored like a `QuantizedLinear` weight; rows are dequantized on look-up."""
+
+    def __init__(self, table: QuantizedLinear):
+        super().__init__()
+        self.table = table
+        self.freeze()
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> "QuantizedEmbedding":
+        linear = nn.Linear(1, 1, bias=False)
+        linear.weight = embedding.weight
+        return cls(QuantizedLinear.from_linear(linear, spec))
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        table = self.table
+        if table.method == "nf4":
+            return self.dequantize()[ids]
+        rows = _affine_dequantize(table.weight[ids.reshape(-1)], table.scales[ids.reshape(-1)],
+                                  table.biases[ids.reshape(-1)], table.bits, mx.float32)
+        return rows.reshape(*ids.shape, table.in_features)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.table(x)
+
+    def dequantize(self, dtype=mx.float32) -> mx.array:
+        return self.table.dequantize(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying quantization to a model (from outside: module swaps)
+
+
+def _linears_of_layer(layer: nn.Module, modules) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of each projection named in `modules` inside one decoder layer."""
+    found = []
+    for parent in (layer.self_attn, layer.mlp):
+        for name in modules:
+            if name in parent:
+                found.append((parent, name))
+    return found
+
+
+def quantize_layer(layer: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Replace the `spec.modules` linears of one decoder layer by `QuantizedLinear`s, in place.
+
+    Evaluates the new arrays so the dense weights can be freed before the next layer is quantized.
+    """
+    if not spec.enabled:
+        return layer
+    new = []
+    for parent, name in _linears_of_layer(layer, spec.modules):
+        linear = parent[name]
+        if isinstance(linear, nn.Linear):
+            parent[name] = QuantizedLinear.from_linear(linear, spec)
+            new.append(parent[name])
+    mx.eval([q.parameters() for q in new])
+    return layer
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, progress: bool = False) -> nn.Module:
+    """Quantize every decoder layer of `model` in place, then embeddings / lm_head if `spec` says so."""
+    if not spec.enabled:
+        return model
+    layers = model.model.layers
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc=f"quantize ({spec.method})", unit="layer")
+    for layer in layers:
+        quantize_layer(layer, spec)
+    if spec.quantize_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
+        model.model.embed_tokens = QuantizedEmbedding.from_embedding(model.model.embed_tokens, spec)
+    if spec.quantize_lm_head and "lm_head" in model and isinstance(model.lm_head, nn.Linear):
+        model.lm_head = QuantizedLinear.from_linear(model.lm_head, spec)
+    mx.eval(model.parameters())
+    return model
+
+
+def quantized_shell(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Swap linears for zero-filled `QuantizedLinear`s of the right shapes, in place, without quantizing.
+
+    Used to reload a cached quantized base: build the model, call this, then `model.load_weights(path)`.
+    """
+    if not spec.enabled:
+        return model
+
+    def empty(linear: nn.Linear) -> QuantizedLinear:
+        out_features, in_features = linear.weight.shape
+        return QuantizedLinear(in_features, out_features, spec, bias="bias" in linear)
+
+    for layer in model.model.layers:
+        for parent, name in _linears_of_layer(layer, spec.modules):
+            parent[name] = empty(parent[name])
+    if spec.quantize_embeddings:
+        embed = model.model.embed_tokens
+        model.model.embed_tokens = QuantizedEmbedding(
+            QuantizedLinear(embed.weight.shape[1], embed.weight.shape[0], spec)
+        )
+    if spec.quantize_lm_head and "lm_head" in model:
+        model.lm_head = empty(model.lm_head)
+    return model
+
+
+def model_bits_per_weight(model: nn.Module) -> dict[str, float]:
+    """Storage report: bits per weight of the quantized layers, and of the whole model.
+
+    Returns `quantized_bits_per_weight` (stored bits / weights over all `QuantizedLinear`s),
+    `model_bits_per_weight` (all stored bits / all weights, dense parameters included),
+    `quantized_bytes` and `total_bytes`.
+    """
+    from mlx.utils import tree_flatten
+
+    q_bits = q_weights = total_bits = total_weights = 0
+    for _, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            q_bits += sum(v.nbytes for v in module.quantized_arrays().values()) * 8
+            q_weights += module.in_features * module.out_features
+    quant_ids = {id(m) for _, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for _, module in model.named_modules():
+        if id(module) in quant_ids:
+            total_weights += module.in_features * module.out_features
+            total_bits += sum(v.nbytes for v in module.parameters().values() if isinstance(v, mx.array)) * 8
+            continue
+        for _, value in module.items():
+            if isinstance(value, mx.array):
+                total_weights += value.size
+                total_bits += value.nbytes * 8
+    return {
+        "quantized_bits_per_weight": q_bits / q_weights if q_weights else float("nan"),
+        "model_bits_per_weight": total_bits / total_weights if total_weights else float("nan"),
+        "quantized_bytes": q_bits // 8,
+        "total_bytes": total_bits // 8,
+    }

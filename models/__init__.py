@@ -25,6 +25,7 @@ _LAZY = {
     "load_adapters": "models.adapters",
     "save_peft_adapters": "models.adapters",
     "export_merged": "models.export",
+    "linear_cross_entropy": "models.cross_entropy",
 }
 
 __all__ = ["ConfigError", "KVCache", "MistralForCausalLM", "ModelArgs", *_LAZY]

@@ -1,0 +1,58 @@
+"""On-disk cache of tokenized splits: `<cache_dir>/tokenized/<key>/`, written atomically, keyed by everything
+that changes the tokens (source fingerprint, tokenizer sha256, template, lengths, split settings)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+# Bump when the encoding rules change, so that caches written by older code are not reused.
+ENCODING_VERSION = 1
+COMPLETE_MARKER = "stats.json"  # written last: a directory without it is not a cache entry
+
+
+def default_cache_dir() -> Path:
+    """`$QLORA_CACHE_DIR`, else `~/.cache/mistral-dolly-qlora`."""
+    return Path(os.environ.get("QLORA_CACHE_DIR") or Path.home() / ".cache" / "mistral-dolly-qlora")
+
+
+def cache_key(parts: Mapping[str, object]) -> str:
+    """A short stable hash (hex, 20 chars) of JSON-serializable `parts` plus the encoding version."""
+    payload = json.dumps({"encoding_version": ENCODING_VERSION, **parts}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+
+
+def entry_dir(cache_dir: str | os.PathLike, key: str) -> Path:
+    return Path(cache_dir).expanduser() / "tokenized" / key
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file()
+
+
+def write_entry(directory: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh temporary sibling directory with `write(tmp)` and rename it to `directory` in one step.
+
+    Readers never see a half-written entry; when another process (a parallel sweep trial) finished the same
+    entry first, its copy is kept and this one discarded (both hold the same tokens).
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        if not is_complete(tmp):
+            raise RuntimeError(f"cache writer did not write {COMPLETE_MARKER}")
+        if directory.exists() and not is_complete(directory):
+            shutil.rmtree(directory, ignore_errors=True)  # left by a writer that crashed before the rename
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not is_complete(directory):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

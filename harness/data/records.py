@@ -1,0 +1,185 @@
+"""Read Dolly-shaped records from a local file, a dataset directory, the Hub, or the embedded sample.
+
+A record is a dict with four strings: `instruction`, `context` (may be empty), `response`, `category`.
+Rules, applied to every source:
+- `instruction` and `response` are required strings; `context` and `category` are optional strings
+  (missing or null: "" and "uncategorized"). Other fields are ignored.
+- Leading and trailing whitespace of every field is removed.
+- A malformed JSON line, a record that is not an object, a missing required field or a non-string field is an
+  error naming the file, line (or row) and field, unless `invalid_records="skip"`: then it is dropped and
+  counted under its reason, with its location kept in `LoadedRecords.invalid`.
+- An empty file (no records at all) is always an error.
+Records whose instruction or response is empty after stripping are valid but unusable; `encode` drops and
+counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.data.config import EMBEDDED_SAMPLE
+from harness.data.errors import DataError
+
+REQUIRED_FIELDS = ("instruction", "response")
+OPTIONAL_FIELDS = {"context": "", "category": "uncategorized"}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+INVALID_POLICIES = ("error", "skip")
+
+
+@dataclass
+class LoadedRecords:
+    """Valid records of a source, how to recognise that source again, and what was skipped."""
+
+    records: list[dict[str, str]]
+    fingerprint: str  # sha256 of the file, or Hub id + revision + datasets' own fingerprint
+    description: str  # where the records came from, for reports
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # (location, reason) of skipped records
+
+
+def embedded_sample_path() -> Path:
+    """Path of the Dolly-format sample shipped in the package (`harness/data/dolly_sample.jsonl`)."""
+    return Path(str(importlib.resources.files("harness.data") / "dolly_sample.jsonl"))
+
+
+def validate_record(raw: object, where: str) -> dict[str, str]:
+    """A clean record from one raw row; raises `DataError` naming `where` and the field when it is invalid."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object with 'instruction' and 'response', got {type(raw).__name__}")
+    record = {}
+    for name in REQUIRED_FIELDS:
+        if raw.get(name) is None:
+            raise DataError(f"{where}: missing required field {name!r}")
+    for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
+        value = raw.get(name)
+        if value is None:
+            value = OPTIONAL_FIELDS[name]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__} ({value!r:.60})")
+        record[name] = value.strip()
+    if not record["category"]:
+        record["category"] = OPTIONAL_FIELDS["category"]
+    return record
+
+
+def _collect(rows: Iterable[tuple[str, object]], policy: str, loaded: LoadedRecords) -> None:
+    """Validate `(location, raw_row)` pairs into `loaded`; a raw row that is a `DataError` is a parse failure."""
+    for where, raw in rows:
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            loaded.records.append(validate_record(raw, where))
+        except DataError as error:
+            if policy == "error":
+                raise
+            loaded.invalid.append((where, str(error).removeprefix(f"{where}: ")))
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    with path.open("r", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing newline) carry no record
+            where = f"{path}, line {line_number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield where, DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records (or JSON Lines in a .jsonl file)")
+    for index, raw in enumerate(data):
+        yield f"{path}, record {index}", raw
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet  # only needed for parquet sources
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as error:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    for index, raw in enumerate(table.to_pylist()):
+        yield f"{path}, row {index}", raw
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_local_file(path: str | Path, *, invalid_records: str = "error") -> LoadedRecords:
+    """Records of a local `.jsonl`, `.json` (array of objects) or `.parquet` file, validated (module docstring)."""
+    path = Path(path)
+    if invalid_records not in INVALID_POLICIES:
+        raise DataError(f"data.invalid_records must be one of {INVALID_POLICIES}, got {invalid_records!r}")
+    if not path.is_file():
+        raise DataError(f"data source {str(path)!r} is not a file")
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
+    if path.suffix not in readers:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
+    loaded = LoadedRecords(records=[], fingerprint=f"file:{file_sha256(path)}", description=str(path))
+    _collect(readers[path.suffix](path), invalid_records, loaded)
+    if not loaded.records and not loaded.invalid:
+        raise DataError(f"{path}: the file holds no records")
+    if not loaded.records:
+        raise DataError(f"{path}: no valid record (first problem: {loaded.invalid[0][0]}: {loaded.invalid[0][1]})")
+    return loaded
+
+
+def load_hub_dataset(
+    name: str, *, revision: str | None = None, split: str = "train", invalid_records: str = "error"
+) -> LoadedRecords:
+    """Records of a Hugging Face dataset (Hub id or local dataset directory) via `datasets.load_dataset`.
+
+    Uses the datasets cache and honours offline mode (`HF_HUB_OFFLINE=1` / `HF_DATASETS_OFFLINE=1`): offline with
+    nothing cached is a `DataError` that says so.
+    """
+    import datasets  # slow to import; only Hub sources need it
+
+    try:
+        dataset = datasets.load_dataset(name, revision=revision, split=split)
+    except Exception as error:  # network, offline, missing repo or split: one clear message
+        offline = datasets.config.HF_HUB_OFFLINE
+        hint = " (offline mode is on and it is not in the datasets cache)" if offline else ""
+        raise DataError(
+            f"could not load dataset {name!r} split {split!r}{hint}: {type(error).__name__}: {error}. "
+            "Download it once with network access, or set data.source to a local .jsonl/.json/.parquet file."
+        ) from error
+    fingerprint = f"hub:{name}@{revision or 'default'}:{split}:{dataset._fingerprint}"
+    loaded = LoadedRecords(records=[], fingerprint=fingerprint, description=f"{name} ({split})")
+    rows = ((f"{name} {split} row {index}", row) for index, row in enumerate(dataset))
+    _collect(rows, invalid_records, loaded)
+    if not loaded.records:
+        raise DataError(f"dataset {name!r} split {split!r} holds no valid record")
+    return loaded
+
+
+def load_records(
+    source: str, *, revision: str | None = None, hub_split: str = "train", invalid_records: str = "error"
+) -> LoadedRecords:
+    """Records of `source`: `embedded:dolly_sample`, a local file, a local dataset directory or a Hub id."""
+    if source == EMBEDDED_SAMPLE:
+        loaded = load_local_file(embedded_sample_path(), invalid_records=invalid_records)
+        loaded.description = f"{EMBEDDED_SAMPLE} ({loaded.description})"
+        return loaded
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_SUFFIXES or path.is_file():
+        return load_local_file(path, invalid_records=invalid_records)
+    return load_hub_dataset(source, revision=revision, split=hub_split, invalid_records=invalid_records)

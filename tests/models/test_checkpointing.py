@@ -1,0 +1,58 @@
+"""Gradient checkpointing changes memory, never results."""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from models.checkpointing import (
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    gradient_checkpointing_enabled,
+)
+from models.lora import LoRASpec, apply_lora
+from models.quant import QuantSpec, quantize_model
+from models.mistral import MistralDecoderLayer
+from tests.models.conftest import build_tiny_model, random_ids
+
+
+def adapted_model():
+    model = build_tiny_model()
+    quantize_model(model, QuantSpec("rowwise"))
+    apply_lora(model, LoRASpec(rank=4))
+    for _, module in model.named_modules():  # non-zero B, so gradients reach A as well
+        if "lora_B" in module:
+            module.lora_B = 0.05 * mx.random.normal(module.lora_B.shape)
+    return model
+
+
+def loss_and_grads(model, ids):
+    def loss_fn(model):
+        return nn.losses.cross_entropy(model(ids[:, :-1]), ids[:, 1:]).mean()
+
+    loss, grads = nn.value_and_grad(model, loss_fn)(model)
+    mx.eval(loss, grads)
+    return loss, dict(tree_flatten(grads))
+
+
+def test_gradients_identical_with_and_without_checkpointing():
+    model = adapted_model()
+    ids = random_ids(length=16)
+    loss_plain, grads_plain = loss_and_grads(model, ids)
+    enable_gradient_checkpointing(model)
+    assert gradient_checkpointing_enabled(model)
+    loss_ckpt, grads_ckpt = loss_and_grads(model, ids)
+    assert loss_ckpt.item() == loss_plain.item()
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_plain) == 2 * 2 * 7
+    for key in grads_plain:
+        assert mx.allclose(grads_ckpt[key], grads_plain[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_checkpointing_touches_only_the_given_model_and_keeps_names():
+    model, other = adapted_model(), build_tiny_model()
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    enable_gradient_checkpointing(model)
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+    assert isinstance(model.model.layers[0], MistralDecoderLayer)
+    assert type(other.model.layers[0]) is MistralDecoderLayer
+    disable_gradient_checkpointing(model)
+    assert type(model.model.layers[0]) is MistralDecoderLayer

@@ -1,0 +1,131 @@
+"""From a composed config to the objects an experiment needs: model (quantized, with LoRA), optimizer, data.
+
+Shared by `harness.train`, `harness.generate`, `harness.export` and `harness.bench`, so every command builds
+the same model from the same config.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from models.backend import compute_dtype
+from models.lora import LoRASpec, apply_lora
+from models.mistral import MistralForCausalLM, ModelArgs
+from models.quant import QuantSpec, quantize_model
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (interpolations resolved)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def quant_spec(quant_cfg: DictConfig) -> QuantSpec:
+    values = plain(quant_cfg)
+    return QuantSpec(**{**values, "modules": tuple(values["modules"])})
+
+
+def lora_spec(lora_cfg: DictConfig) -> LoRASpec:
+    values = plain(lora_cfg)
+    layers = values.get("layers")
+    return LoRASpec(
+        rank=values["rank"],
+        alpha=values["alpha"],
+        dropout=values["dropout"],
+        target_modules=tuple(values["target_modules"]),
+        layers=None if layers is None else tuple(layers),
+    )
+
+
+def base_model_id(model_cfg: DictConfig) -> str:
+    """What the adapters were trained on: the HF id/path, or `random:<name>` for a random-init model."""
+    return model_cfg.path if model_cfg.path else f"random:{model_cfg.name}"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed MLX (LoRA init, dropout, sampling) and numpy. Data order is seeded separately, per epoch."""
+    mx.random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_base_model(model_cfg: DictConfig, quant_cfg: DictConfig | None, *, cache_dir: str | None = None,
+                     progress: bool = True) -> nn.Module:
+    """The frozen base: loaded from `model.path` (HF id or directory) or built from `model.arch` with random
+    weights (seeded by `model.init_seed`), in the compute dtype, then quantized as `quant` says."""
+    dtype = compute_dtype(model_cfg.dtype)
+    spec = quant_spec(quant_cfg) if quant_cfg is not None else None
+    if model_cfg.path:
+        from models.checkpoint import load_pretrained
+
+        return load_pretrained(model_cfg.path, dtype=dtype, quant=spec, cache_dir=cache_dir, progress=progress)
+    if model_cfg.arch is None:
+        raise ValueError("model.path is null and model.arch is not set: nothing to build")
+    args = ModelArgs(**plain(model_cfg.arch))
+    mx.random.seed(model_cfg.init_seed)
+    model = MistralForCausalLM(args)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    if spec is not None and spec.enabled:
+        quantize_model(model, spec, progress=progress)
+    return model
+
+
+def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
+    """Base model (quantized) with fresh LoRA adapters on it; only the adapters are trainable."""
+    model = build_base_model(cfg.model, cfg.quant, cache_dir=cfg.paths.models, progress=progress)
+    mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
+    apply_lora(model, lora_spec(cfg.lora))
+    if cfg.trainer.gradient_checkpointing:
+        from models.checkpointing import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def learning_rate_schedule(optim_cfg: DictConfig, total_steps: int):
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` or constant."""
+    lr, warmup = optim_cfg.lr, min(optim_cfg.warmup_steps, total_steps)
+    if optim_cfg.schedule == "cosine":
+        main = optim.cosine_decay(lr, max(total_steps - warmup, 1), end=lr * optim_cfg.min_lr_ratio)
+    elif optim_cfg.schedule == "constant":
+        main = lambda step: mx.array(lr, dtype=mx.float32)  # noqa: E731
+    else:
+        raise ValueError(f"optim.schedule={optim_cfg.schedule!r}; choose cosine or constant")
+    if warmup == 0:
+        return main
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def build_optimizer(optim_cfg: DictConfig, model: nn.Module, total_steps: int) -> optim.Optimizer:
+    """AdamW over the trainable (LoRA) parameters, state initialized so it can be compiled or restored."""
+    if optim_cfg.name != "adamw":
+        raise ValueError(f"optim.name={optim_cfg.name!r}; only adamw is implemented")
+    if optim_cfg.grad_accum_steps < 1:
+        raise ValueError(f"optim.grad_accum_steps={optim_cfg.grad_accum_steps} must be >= 1")
+    optimizer = optim.AdamW(
+        learning_rate=learning_rate_schedule(optim_cfg, total_steps),
+        betas=list(optim_cfg.betas),
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+    )
+    optimizer.init(model.trainable_parameters())
+    return optimizer
+
+
+def total_optimizer_steps(trainer_cfg: DictConfig, optim_cfg: DictConfig, batches_per_epoch: int) -> int:
+    """`trainer.max_steps` when set, else `trainer.epochs` worth of optimizer steps (at least 1)."""
+    if trainer_cfg.max_steps is not None:
+        return int(trainer_cfg.max_steps)
+    return max(1, math.ceil(trainer_cfg.epochs * batches_per_epoch / optim_cfg.grad_accum_steps))
+
+
+def data_cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.paths.cache) / "data")

@@ -1,0 +1,90 @@
+"""Generate responses with a trained model: `python -m harness.generate run_dir=<run> generate.prompt="..."`.
+
+The model is the run's base (rebuilt from its saved config) plus its best adapters, or an exported merged
+directory (`generate.model_dir=`). Prompts use the training template (`harness.data.format_prompt`); tokens are
+streamed to stdout as they are sampled (temperature / top-p), with a KV cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import models  # noqa: F401  (first: fast BLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def sample_next_token(logits: mx.array, temperature: float, top_p: float) -> mx.array:
+    """One token id per row of `logits (B, vocab)`: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits.astype(mx.float32) / temperature
+    if 0 < top_p < 1:
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        keep = (mx.cumsum(probs, axis=-1) - probs) < top_p
+        sorted_logits = mx.where(keep, sorted_logits, -mx.inf)
+        choice = mx.random.categorical(sorted_logits, axis=-1)
+        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return mx.random.categorical(logits, axis=-1)
+
+
+def generate_tokens(
+    model: nn.Module,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = 2,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids after `prompt_ids`, stopping after `eos_id` (not yielded)."""
+    cache = model.make_cache()
+    logits = model(mx.array([prompt_ids], dtype=mx.int32), cache=cache)[:, -1]
+    for _ in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_p)
+        token_id = int(token.item())
+        if eos_id is not None and token_id == eos_id:
+            return
+        yield token_id
+        logits = model(token[:, None].astype(mx.int32), cache=cache)[:, -1]
+
+
+def complete(
+    model: nn.Module,
+    tokenizer,
+    record: Mapping[str, str],
+    *,
+    template=None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The model's response to `record` (instruction [+ context]) under the training prompt template.
+
+    `on_text` receives the response piece by piece as tokens arrive (streaming); the full text is returned.
+    """
+    from harness.data import format_prompt
+
+    was_training = model.training
+    model.eval()
+    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(format_prompt(record, template))]
+    ids: list[int] = []
+    shown = ""
+    for token_id in generate_tokens(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, eos_id=tokenizer.eos_id):
+        ids.append(token_id)
+        text = tokenizer.decode(ids, continuation=True)
+        if on_text is not None and len(text) > len(shown) and not text.endswith("\ufffd"):
+            on_text(text[len(shown):])
+            shown = text
+    text = tokenizer.decode(ids, continuation=True)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown):])
+    model.train(was_training)
+    return text

@@ -1,0 +1,225 @@
+"""Structured configs: the type of every config group, registered in Hydra's ConfigStore.
+
+Each YAML file in `conf/<group>/` starts from its group's schema (`defaults: [<group>_schema, _self_]`) and the
+primary configs (`conf/train.yaml`, ...) start from a root schema, so a misspelled key or a value of the wrong type
+fails when Hydra composes the config, with a message naming the key (e.g. `Key 'rnak' not in 'LoRAConfig'`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from harness.data.config import DataConfig
+
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ArchConfig:
+    """Shape of a randomly initialised Mistral (`model.path: null`); names as in HF's `MistralConfig`."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    sliding_window: Optional[int] = 32768
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to train on top of."""
+
+    name: str = MISSING
+    # HF repo id or local directory with config.json + safetensors; null builds `arch` with random weights.
+    path: Optional[str] = None
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    init_seed: int = 0  # random init of a `path: null` model
+    dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU (models.backend)
+
+
+@dataclass
+class QuantConfig:
+    """Fields of `models.quant.QuantSpec`."""
+
+    method: str = "rowwise"  # rowwise | group | nf4 | none
+    bits: int = 4
+    group_size: int = 64
+    double_quant: bool = True
+    modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+
+
+@dataclass
+class LoRAConfig:
+    """Fields of `models.lora.LoRASpec`."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
+    layers: Optional[list[int]] = None  # null: every decoder layer
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the LoRA parameters, with warmup then a cosine or constant schedule."""
+
+    name: str = "adamw"
+    lr: float = 2e-4  # peak learning rate
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    grad_accum_steps: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    """How long to train, how often to validate/checkpoint, seeds."""
+
+    epochs: float = 1.0  # used when max_steps is null
+    max_steps: Optional[int] = None  # optimizer steps; wins over epochs
+    batch_size: int = 4  # examples per micro-batch
+    eval_batch_size: int = 8
+    eval_every: int = 50  # optimizer steps between validations (0: only at the end)
+    max_eval_examples: Optional[int] = None  # null: the whole validation split
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between checkpoints of the latest state (0: at validation only)
+    seed: int = 0  # data order, dropout, numpy
+    gradient_checkpointing: bool = False
+    compile: bool = True
+    # Stop (cleanly, with a checkpoint) after this many optimizer steps of this process; resume continues.
+    stop_after_steps: Optional[int] = None
+    # Generations for a few fixed validation prompts at the end (W&B table + generations.jsonl).
+    num_sample_prompts: int = 3
+    sample_max_new_tokens: int = 32
+    progress: bool = True
+
+
+@dataclass
+class WandbConfig:
+    project: str = "mistral-dolly-qlora"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None  # null: the Optuna study name in a sweep, else none
+    tags: list[str] = field(default_factory=list)
+    log_generations: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    wandb: Optional[WandbConfig] = field(default_factory=WandbConfig)  # null: no W&B (`logger=none`)
+
+
+@dataclass
+class PathsConfig:
+    """Where runs, sweeps and caches go."""
+
+    outputs: str = "outputs"  # single runs: <outputs>/<date>/<time>
+    multirun: str = "multirun"  # sweeps: <multirun>/<date>/<time>/<job>; Optuna's SQLite file lives here
+    cache: str = MISSING  # tokenized data and downloaded models
+    models: str = MISSING  # where `harness.download` puts weights
+
+
+@dataclass
+class TrainRoot:
+    """`conf/train.yaml`: one training run."""
+
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    lora: LoRAConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    # false | true (continue the run in this run dir) | a run directory to continue.
+    resume: Any = False
+    # Free-form tags for the experiment (the `experiment/` configs set it).
+    experiment_name: Optional[str] = None
+
+
+@dataclass
+class GenerateConfig:
+    prompt: Optional[str] = None  # an instruction; null reads them from stdin
+    context: str = ""
+    run_dir: Optional[str] = None  # a training run: base model from its config + its best adapters
+    adapters: str = "best"  # best | latest
+    model_dir: Optional[str] = None  # an exported (merged) HF directory instead of base + adapters
+    max_new_tokens: int = 128
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 0.9
+    seed: int = 0
+
+
+@dataclass
+class GenerateRoot(TrainRoot):
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str = MISSING
+    adapters: str = "best"  # best | latest
+    out_dir: Optional[str] = None  # null: <run_dir>/export
+    dtype: str = "float32"  # dtype of the merged weights: float32 | bfloat16 | float16
+    merged: bool = True
+    peft: bool = True
+
+
+@dataclass
+class ExportRoot(TrainRoot):
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass
+class DownloadRoot:
+    model: ModelConfig = MISSING
+    paths: PathsConfig = MISSING
+    out_dir: Optional[str] = None  # null: <paths.models>/<repo name>
+    revision: Optional[str] = None
+
+
+@dataclass
+class PrepareRoot:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    paths: PathsConfig = MISSING
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    for group, node in (
+        ("model", ModelConfig),
+        ("quant", QuantConfig),
+        ("lora", LoRAConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+        ("paths", PathsConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(name="train_schema", node=TrainRoot)
+    cs.store(name="generate_schema", node=GenerateRoot)
+    cs.store(name="export_schema", node=ExportRoot)
+    cs.store(name="download_schema", node=DownloadRoot)
+    cs.store(name="prepare_schema", node=PrepareRoot)
+
+
+register_configs()

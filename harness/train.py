@@ -1,0 +1,210 @@
+"""Train LoRA adapters on a (quantized) Mistral: `python -m harness.train [overrides]`, also `qlora-train`.
+
+    python -m harness.train                                      # embedded default: tiny model, Dolly sample
+    python -m harness.train lora.rank=16 optim.lr=1e-3            # a single run with overrides
+    python -m harness.train -m hparams_search=tiny_optuna         # an Optuna sweep (SQLite study under multirun/)
+    python -m harness.train experiment=mistral7b_dolly_qlora      # the real thing
+    python -m harness.train resume=outputs/2026-11-26/10-00-00-123456   # continue an interrupted run
+
+`train(cfg)` returns the best validation loss (nan when the run diverged), the value the Optuna sweeper minimizes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import models  # noqa: F401  (first: fast BLAS before mlx)
+import hydra
+import mlx.core as mx
+from omegaconf import DictConfig, OmegaConf
+
+import harness.schema  # noqa: F401  (registers the structured configs)
+from harness import build
+from harness.checkpoints import CheckpointError, load_checkpoint, read_state
+from harness.tracking import Tracker
+from harness.training import LoopSettings, TrainResult, train_loop
+from models.adapters import save_adapters
+from models.backend import describe
+from models.lora import trainable_parameter_count
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def hydra_job_info() -> dict[str, str | None]:
+    """Run directory, override string and sweep/study name of the current Hydra job (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {"run_dir": None, "name": None, "study": None}
+    hc = HydraConfig.get()
+    study = hc.sweeper.get("study_name") if str(hc.mode) == "RunMode.MULTIRUN" else None
+    return {"run_dir": hc.runtime.output_dir, "name": hc.job.override_dirname or None, "study": study}
+
+
+def resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The run directory to continue, from `resume` (false | true | a path)."""
+    value = cfg.resume
+    if value in (False, None, "false", "False", ""):
+        return None
+    if value in (True, "true", "True"):
+        return run_dir
+    path = Path(str(value))
+    if not path.is_dir():
+        raise CheckpointError(f"resume={value}: no such run directory")
+    return path
+
+
+def prepare_data(cfg: DictConfig):
+    """Tokenizer and prepared (cached) splits for `cfg.data`."""
+    from harness.data import load_tokenizer, prepare_dataset
+
+    tokenizer_path = cfg.data.tokenizer_path
+    if tokenizer_path is None and cfg.model.path and Path(cfg.model.path).is_dir():
+        tokenizer_path = cfg.model.path  # a local checkpoint's own tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    data = prepare_dataset(cfg.data, tokenizer, cache_dir=build.data_cache_dir(cfg))
+    return tokenizer, data
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Run one experiment described by `cfg`; return its best validation loss (nan if it diverged).
+
+    `run_dir` defaults to Hydra's output directory for this job.
+    """
+    from harness.data import batch_iterator, num_batches, validation_batches
+
+    job = hydra_job_info()
+    run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
+    continuing = resume_dir(cfg, run_dir)
+    if continuing is not None:
+        run_dir = continuing
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = cfg.trainer
+    build.seed_everything(trainer.seed)
+
+    tokenizer, data = prepare_data(cfg)
+    validation = data.validation
+    if trainer.max_eval_examples is not None:
+        validation = validation[: trainer.max_eval_examples]
+    data_cfg = cfg.data
+
+    def train_batches(epoch: int, start_batch: int = 0):
+        return batch_iterator(data.train, trainer.batch_size, seed=trainer.seed, epoch=epoch, shuffle=True,
+                              sort_by_length=data_cfg.sort_by_length, sort_chunk_batches=data_cfg.sort_chunk_batches,
+                              pad_to_multiple=data_cfg.pad_to_multiple, max_seq_len=data_cfg.max_seq_len,
+                              pack=data_cfg.pack, start_batch=start_batch)
+
+    def val_batches():
+        return validation_batches(validation, trainer.eval_batch_size, pad_to_multiple=data_cfg.pad_to_multiple)
+
+    batches_per_epoch = num_batches(data.train, trainer.batch_size, seed=trainer.seed, pack=data_cfg.pack,
+                                    max_seq_len=data_cfg.max_seq_len, sort_chunk_batches=data_cfg.sort_chunk_batches)
+    total_steps = build.total_optimizer_steps(trainer, cfg.optim, batches_per_epoch)
+    model = build.build_model(cfg, progress=trainer.progress)
+    optimizer = build.build_optimizer(cfg.optim, model, total_steps)
+    spec = build.lora_spec(cfg.lora)
+    base_id = build.base_model_id(cfg.model)
+
+    def save(model, out_dir):
+        save_adapters(model, out_dir, spec, base_model=base_id)
+
+    def load_weights(model, adapters_file):
+        model.load_weights(list(mx.load(str(adapters_file)).items()), strict=False)
+
+    state = None
+    if continuing is not None and read_state(run_dir) is not None:
+        state = load_checkpoint(run_dir, model, optimizer, load_weights)
+        print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+
+    wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(run_dir, wandb=wandb_cfg, config=config, name=job["name"] or cfg.experiment_name,
+                      group=job["study"], resume_step=None if state is None else state.step)
+    result: TrainResult | None = None
+    try:
+        trainable = trainable_parameter_count(model)
+        tracker.log({"model/trainable_parameters": trainable, "data/train_examples": len(data.train),
+                     "data/validation_examples": len(validation), "train/total_steps": total_steps},
+                    step=0 if state is None else state.step)
+        settings = LoopSettings(
+            max_steps=total_steps,
+            grad_accum_steps=cfg.optim.grad_accum_steps,
+            grad_clip=cfg.optim.grad_clip,
+            eval_every=trainer.eval_every,
+            log_every=trainer.log_every,
+            save_every=trainer.save_every,
+            stop_after_steps=trainer.stop_after_steps,
+            compile=trainer.compile,
+            progress=trainer.progress,
+        )
+        result = train_loop(model, optimizer, train_batches, val_batches, tracker, run_dir, settings,
+                            save_adapters=save, state=state)
+        if not result.diverged and not result.stopped_early:
+            log_generations(model, tokenizer, validation, cfg, tracker, step=total_steps)
+        tracker.summary({
+            "best_val_loss": result.best_val_loss,
+            "best_step": result.best_step,
+            "final_val_loss": result.final_val_loss,
+            "first_val_loss": result.first_val_loss,
+            "diverged": result.diverged,
+            "tokens_per_second": result.tokens_per_second,
+            "peak_memory_gb": result.peak_memory_gb,
+            "trainable_parameters": trainable,
+            "wall_seconds": result.wall_seconds,
+        })
+        print_summary(run_dir, result, trainable, tracker)
+    finally:
+        tracker.finish(exit_code=0 if result is not None and not result.diverged else 1)
+    return result.best_val_loss
+
+
+def log_generations(model, tokenizer, validation, cfg: DictConfig, tracker: Tracker, *, step: int) -> None:
+    """Greedy responses to the first few validation prompts: a W&B table and `generations.jsonl`."""
+    count = min(cfg.trainer.num_sample_prompts, len(validation))
+    if count == 0 or (cfg.logger.wandb is not None and not cfg.logger.wandb.log_generations):
+        return
+    from harness.generate import complete
+
+    rows = []
+    for i in range(count):
+        record = validation.records[i] if hasattr(validation, "records") else validation[i]["record"]
+        response = complete(model, tokenizer, record, template=cfg.data.template,
+                            max_new_tokens=cfg.trainer.sample_max_new_tokens)
+        rows.append([record["instruction"], record.get("context", ""), record["response"], response])
+    tracker.log_table("generations", ["instruction", "context", "reference", "generated"], rows, step=step)
+
+
+def print_summary(run_dir: Path, result: TrainResult, trainable: int, tracker: Tracker) -> None:
+    status = "DIVERGED (nan/inf loss)" if result.diverged else ("stopped early (resume to continue)"
+                                                                   if result.stopped_early else "finished")
+    best = "n/a" if math.isnan(result.best_val_loss) else f"{result.best_val_loss:.4f}"
+    first = "n/a" if result.first_val_loss is None else f"{result.first_val_loss:.4f}"
+    lines = [
+        f"run            {status}",
+        f"val loss       first {first}   best {best} (step {result.best_step})   final {result.final_val_loss:.4f}",
+        f"perplexity     best {math.exp(min(result.best_val_loss, 700)):.2f}" if not math.isnan(result.best_val_loss)
+        else "perplexity     n/a",
+        f"steps          {result.steps} in {result.wall_seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s",
+        f"memory         peak {result.peak_memory_gb:.2f} GB   trainable parameters {trainable:,}",
+        f"run dir        {run_dir}",
+        f"metrics        {tracker.metrics_path}",
+    ]
+    if tracker.wandb_dir is not None:
+        lines.append(f"wandb          {tracker.wandb_dir}  (wandb sync to upload)")
+    print("\n".join(lines), file=sys.stderr)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float:
+    return train(cfg)
+
+
+def main() -> None:
+    """Console entry point (`qlora-train`)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

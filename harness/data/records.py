@@ -54,7 +54,7 @@ def validate_record(raw: object, where: str) -> dict[str, str]:
     for name in REQUIRED_FIELDS:
         if raw.get(name) is None:
             raise DataError(f"{where}: missing required field {name!r}")
-    for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
+    for name in ("instruction", "context", "response", "category"):
         value = raw.get(name)
         if value is None:
             value = OPTIONAL_FIELDS[name]

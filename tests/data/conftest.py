@@ -1,0 +1,45 @@
+"""Fixtures of the data-pipeline tests: the real Mistral tokenizer and small Dolly-shaped files under tmp_path."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.data import DataConfig, load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Mistral-7B-v0.1's tokenizer (the copy inside mistral_common)."""
+    return load_tokenizer()
+
+
+def dolly_records(n: int, *, categories=("open_qa", "closed_qa", "summarization")) -> list[dict]:
+    """`n` distinct small records, every third one with a context."""
+    return [
+        {
+            "instruction": f"Question number {i}: what is {i} plus {i}?",
+            "context": f"Some context about the number {i}." if i % 3 == 0 else "",
+            "response": f"{i} plus {i} is {2 * i}.",
+            "category": categories[i % len(categories)],
+        }
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Write rows (dicts are JSON-encoded, strings written as they are) one per line."""
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_source(tmp_path) -> Path:
+    """A 60-record Dolly-format .jsonl file."""
+    return write_jsonl(tmp_path / "dolly.jsonl", dolly_records(60))
+
+
+@pytest.fixture
+def small_config(small_source, tmp_path) -> DataConfig:
+    return DataConfig(source=str(small_source), max_seq_len=64, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))

@@ -249,3 +249,19 @@ def test_repo_id_resolves_to_the_cached_snapshot(hub_cache, small):
         logits_of(load_pretrained("someone/tiny-mistral", progress=False), tokens),
         logits_of(load_pretrained(small, progress=False), tokens),
     )
+
+
+def test_benchmark_checkpoint_writer_output_loads_in_transformers_and_here(tmp_path):
+    """benchmarks/make_checkpoint.py streams its own safetensors; both loaders must read the same weights."""
+    from benchmarks.make_checkpoint import PRESETS, make_checkpoint
+
+    out = make_checkpoint(tmp_path / "random", {**PRESETS["tiny"], "vocab_size": 300}, max_shard_bytes=40_000,
+                          progress=False)
+    assert len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 3
+    reference = transformers.MistralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = parameters(load_pretrained(out, progress=False))
+    theirs = {k: v.numpy() for k, v in reference.state_dict().items()}
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert reference.config.sliding_window == 16 and reference.config.num_key_value_heads == 2

@@ -142,8 +142,21 @@ def _affine_quantize(w: mx.array, group_size: int, bits: int, param_dtype: mx.Dt
     return packed, scale, bias
 
 
-def _affine_dequantize(packed, scales, biases, bits: int, dtype) -> mx.array:
-    """Dense `(out, in)` from packed codes and per-group `scales`/`biases` `(out, groups)`."""
+def _affine_dequantize(packed, scales, biases, bits: int, dtype, native: bool = True) -> mx.array:
+    """Dense `(out, in)` from packed codes and per-group `scales`/`biases` `(out, groups)`.
+
+    `native` uses MLX's `mx.dequantize` kernel (one output buffer, no temporaries) whenever a row splits into
+    MLX groups, broadcasting row-wise parameters over them; otherwise, or with `native=False`, the plain
+    unpack-scale-shift below runs. Both compute `scale * q + bias` in float32, then cast to `dtype`.
+    """
+    in_features = packed.shape[-1] * 32 // bits
+    groups = scales.shape[-1]
+    mlx_group = in_features // groups if groups > 1 else _fused_group_size(in_features)
+    if native and mlx_group in (32, 64, 128):
+        shape = (packed.shape[0], in_features // mlx_group)
+        scales32 = mx.broadcast_to(scales.astype(mx.float32), shape)
+        biases32 = mx.broadcast_to(biases.astype(mx.float32), shape)
+        return mx.dequantize(packed, scales32, biases32, group_size=mlx_group, bits=bits, dtype=dtype)
     q = unpack_codes(packed, bits)
     out_features, in_features = q.shape
     groups = scales.shape[-1]
@@ -163,9 +176,12 @@ def quantize_rowwise(w: mx.array, bits: int = 4) -> tuple[mx.array, mx.array, mx
     return packed, scales, -biases / scales
 
 
-def dequantize_rowwise(packed, scales, zeros, bits: int = 4, dtype=mx.float32) -> mx.array:
-    """Dense `(out, in)` from `quantize_rowwise`'s output: `scales * (q - zeros)` cast to `dtype`."""
-    return _affine_dequantize(packed, scales, -scales * zeros, bits, dtype)
+def dequantize_rowwise(packed, scales, zeros, bits: int = 4, dtype=mx.float32, native: bool = True) -> mx.array:
+    """Dense `(out, in)` from `quantize_rowwise`'s output: `scales * (q - zeros)` cast to `dtype`.
+
+    `native` uses `mx.dequantize` with the row's parameters broadcast over MLX groups (same numbers).
+    """
+    return _affine_dequantize(packed, scales, -scales * zeros, bits, dtype, native=native)
 
 
 def quantize_group(w: mx.array, group_size: int = 64, bits: int = 4, param_dtype=mx.float16):
@@ -177,9 +193,9 @@ def quantize_group(w: mx.array, group_size: int = 64, bits: int = 4, param_dtype
     return _affine_quantize(w, group_size, bits, param_dtype)
 
 
-def dequantize_group(packed, scales, biases, bits: int = 4, dtype=mx.float32) -> mx.array:
+def dequantize_group(packed, scales, biases, bits: int = 4, dtype=mx.float32, native: bool = True) -> mx.array:
     """Dense `(out, in)` from `quantize_group`'s output: `scales * q + biases` per group."""
-    return _affine_dequantize(packed, scales, biases, bits, dtype)
+    return _affine_dequantize(packed, scales, biases, bits, dtype, native=native)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,11 +292,22 @@ def nf4_absmax(arrays: dict[str, mx.array], out_features: int, in_features: int,
 
 def dequantize_nf4(arrays: dict[str, mx.array], block_size: int = NF4_BLOCK, dtype=mx.float32) -> mx.array:
     """Dense `(out, in)` from `quantize_nf4`'s arrays: `code[q] * absmax` per block."""
-    q = unpack_codes(arrays["weight"], 4)
-    out_features, in_features = q.shape
+    out_features, in_features = arrays["weight"].shape[0], arrays["weight"].shape[1] * 8
     absmax = nf4_absmax(arrays, out_features, in_features, block_size)
-    values = _nf4_code_book()[q].reshape(out_features, in_features // block_size, block_size)
-    return (values * absmax[..., None]).reshape(out_features, in_features).astype(dtype)
+    return _nf4_expand(arrays["weight"], absmax, _nf4_code_book(), dtype)
+
+
+@functools.partial(mx.compile, shapeless=False)
+def _nf4_expand_compiled(packed, absmax, code, dtype_probe):
+    q = unpack_codes(packed, 4)
+    out_features, in_features = q.shape
+    values = code[q].reshape(out_features, absmax.shape[-1], -1) * absmax[..., None]
+    return values.reshape(out_features, in_features).astype(dtype_probe.dtype)
+
+
+def _nf4_expand(packed, absmax, code, dtype) -> mx.array:
+    # Compiled so the unpack, look-up and scale fuse instead of materializing three temporaries.
+    return _nf4_expand_compiled(packed, absmax, code, mx.zeros((), dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,19 +325,22 @@ def _fused_group_size(in_features: int) -> int | None:
 def _dequantize_matmul(method: str, bits: int):
     """`x @ W^T` with W rebuilt from packed arrays; the backward pass rebuilds W again rather than saving it."""
 
-    def dense(dtype, arrays):
+    def dense(dtype, arrays, after):
+        # Rebuild W only once `after` exists: the dequantization depends on the packed weights alone, so
+        # without this MLX may schedule every layer's dense W up front and keep them all alive at once.
+        arrays = dict(zip(arrays, mx.depends(list(arrays.values()), after)))
         if method == "nf4":
             return dequantize_nf4(arrays, dtype=dtype)
         return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], bits, dtype)
 
     @mx.custom_function
     def matmul(x, arrays):
-        return x @ dense(x.dtype, arrays).T
+        return x @ dense(x.dtype, arrays, x).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, arrays = primals
-        grad_x = cotangent @ dense(cotangent.dtype, arrays)
+        grad_x = cotangent @ dense(cotangent.dtype, arrays, cotangent)
         return grad_x, {k: mx.zeros_like(v) for k, v in arrays.items()}  # frozen weights: no gradient
 
     return matmul
@@ -381,11 +411,11 @@ class QuantizedLinear(nn.Module):
         """The stored arrays that define the weight (excluding the optional bias)."""
         return {k: v for k, v in self.items() if isinstance(v, mx.array) and k != "bias"}
 
-    def dequantize(self, dtype=mx.float32) -> mx.array:
-        """The dense weight `(out, in)` in `dtype`."""
+    def dequantize(self, dtype=mx.float32, native: bool = True) -> mx.array:
+        """The dense weight `(out, in)` in `dtype` (`native=False`: the plain reference dequantizer)."""
         if self.method == "nf4":
             return dequantize_nf4(self.quantized_arrays(), dtype=dtype)
-        return _affine_dequantize(self.weight, self.scales, self.biases, self.bits, dtype)
+        return _affine_dequantize(self.weight, self.scales, self.biases, self.bits, dtype, native=native)
 
     @property
     def bits_per_weight(self) -> float:
@@ -411,7 +441,7 @@ class QuantizedLinear(nn.Module):
         elif path == "dequantize":
             y = _dequantize_matmul(self.method, self.bits)(x, self.quantized_arrays())
         elif path == "reference":
-            y = x @ self.dequantize(x.dtype).T
+            y = x @ self.dequantize(x.dtype, native=False).T
         else:
             raise ValueError(f"forward_path={path!r}; choose one of {', '.join(FORWARD_PATHS)}")
         if "bias" in self:

@@ -81,9 +81,13 @@ def test_rowwise_uses_mlx_affine_layout():
     groups = (16, 256 // 64)
     mlx_view = mx.dequantize(packed, mx.broadcast_to(scales, groups), mx.broadcast_to(-scales * zeros, groups),
                              group_size=64, bits=4)
-    assert mx.array_equal(mlx_view, dequantize_rowwise(packed, scales, zeros))
+    assert mx.array_equal(mlx_view, dequantize_rowwise(packed, scales, zeros, native=False))
     q, s, b = mx.quantize(w, group_size=64, bits=4)
-    assert mx.allclose(dequantize_group(q, s, b), mx.dequantize(q, s, b, group_size=64, bits=4), atol=1e-6)
+    assert mx.allclose(dequantize_group(q, s, b, native=False), mx.dequantize(q, s, b, group_size=64, bits=4),
+                       atol=1e-6)
+    packed, scales, biases = quantize_group(w, 32)
+    assert mx.array_equal(dequantize_group(packed, scales, biases, native=False),
+                          dequantize_group(packed, scales, biases))
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -281,3 +285,32 @@ def test_spec_rejects_bad_values():
         QuantSpec("group", group_size=48)
     with pytest.raises(ValueError, match="unknown names"):
         QuantSpec(modules=("q_proj", "qproj"))
+
+
+def peak_grad_memory(depth: int, path: str) -> float:
+    """Peak bytes above the resting state for the input gradient through `depth` stacked 512x512 layers."""
+    layers = [QuantizedLinear.from_linear(nn.Linear(512, 512, bias=False), QuantSpec("rowwise")) for _ in range(depth)]
+    for layer in layers:
+        layer.forward_path = path
+    x = mx.random.normal((16, 512))
+    mx.eval(x, [layer.parameters() for layer in layers])
+
+    def f(x):
+        for layer in layers:
+            x = layer(x)
+        return x.sum()
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    resting = mx.get_active_memory()
+    mx.eval(mx.grad(f)(x))
+    return mx.get_peak_memory() - resting
+
+
+def test_dequantize_path_backward_recomputes_instead_of_keeping_dense_weights():
+    dense_weight = 512 * 512 * 4
+    # differentiating the plain path keeps a dense weight per layer alive for the backward pass ...
+    assert peak_grad_memory(32, "reference") > 12 * dense_weight
+    # ... the custom VJP rebuilds each one when needed: peak memory does not grow with depth
+    shallow, deep = peak_grad_memory(8, "dequantize"), peak_grad_memory(32, "dequantize")
+    assert deep < 6 * dense_weight and deep <= shallow + dense_weight

@@ -56,3 +56,23 @@ def test_checkpointing_touches_only_the_given_model_and_keeps_names():
     assert type(other.model.layers[0]) is MistralDecoderLayer
     disable_gradient_checkpointing(model)
     assert type(model.model.layers[0]) is MistralDecoderLayer
+
+
+def peak_training_memory(checkpointing: bool) -> int:
+    """Peak bytes of one loss-and-gradient evaluation of an 8-layer QLoRA model on 4 x 255 tokens."""
+    model = build_tiny_model(num_hidden_layers=8, hidden_size=128, intermediate_size=512, sliding_window=None)
+    quantize_model(model, QuantSpec("rowwise"))
+    apply_lora(model, LoRASpec(rank=4))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    ids = random_ids(batch=4, length=256)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    resting = mx.get_active_memory()
+    loss_and_grads(model, ids)
+    return mx.get_peak_memory() - resting
+
+
+def test_checkpointing_cuts_activation_memory():
+    # measured: about 155 MiB without, 57 MiB with (8 layers' activations vs one layer's plus the inputs)
+    assert peak_training_memory(True) < 0.6 * peak_training_memory(False)

@@ -1,0 +1,96 @@
+"""Tokenized splits are cached under a key of everything that changes them, written atomically, reused."""
+
+import dataclasses
+import os
+import shutil
+
+import pytest
+
+from harness.data import DataConfig, TemplateConfig, load_tokenizer, prepare_dataset
+from harness.data.cache import default_cache_dir, entry_dir, write_entry
+from harness.data.tokenizer import default_tokenizer_path
+
+from tests.data.conftest import dolly_records, write_jsonl
+
+
+def prepare(cfg, tokenizer):
+    return prepare_dataset(cfg, tokenizer, cache_dir=cfg.cache_dir, progress=False)
+
+
+def same_examples(a, b):
+    return [x["input_ids"] for x in a.train] == [x["input_ids"] for x in b.train] and [
+        x["labels"] for x in a.validation
+    ] == [x["labels"] for x in b.validation]
+
+
+def test_second_prepare_reuses_the_cache(small_config, tokenizer):
+    first = prepare(small_config, tokenizer)
+    second = prepare(small_config, tokenizer)
+    assert not first.cache_hit and second.cache_hit
+    assert second.cache_path == first.cache_path
+    assert "tokenize" not in second.timings  # nothing was tokenized
+    assert same_examples(first, second)
+    assert second.stats == first.stats
+    assert [x["record"] for x in second.validation] == [x["record"] for x in first.validation]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_seq_len": 48},
+        {"val_max_seq_len": 128},
+        {"template": TemplateConfig(response_header="\n\nAnswer:\n")},
+        {"split_seed": 1},
+        {"val_fraction": 0.3},
+        {"stratify": False},
+        {"max_records": 50},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_any_key_change_invalidates(small_config, tokenizer, change):
+    before = prepare(small_config, tokenizer)
+    after = prepare(dataclasses.replace(small_config, **change), tokenizer)
+    assert not after.cache_hit and after.cache_path != before.cache_path
+
+
+def test_source_content_and_tokenizer_are_part_of_the_key(small_config, small_source, tokenizer, tmp_path):
+    before = prepare(small_config, tokenizer)
+    write_jsonl(small_source, dolly_records(61))  # same path, different content
+    edited = prepare(small_config, tokenizer)
+    assert not edited.cache_hit and edited.cache_path != before.cache_path
+    shutil.copyfile(default_tokenizer_path().with_name("mistral_instruct_tokenizer_240216.model.v2"), tmp_path / "tokenizer.model")
+    other = prepare(small_config, load_tokenizer(tmp_path))
+    assert not other.cache_hit and other.cache_path != edited.cache_path
+
+
+def test_cache_writes_are_atomic_and_leave_no_temporary_files(small_config, tokenizer):
+    prepared = prepare(small_config, tokenizer)
+    siblings = os.listdir(prepared.cache_path.parent)
+    assert siblings == [prepared.cache_path.name]
+    # An entry without its completion marker (a crashed writer) is rebuilt, not read.
+    (prepared.cache_path / "stats.json").unlink()
+    rebuilt = prepare(small_config, tokenizer)
+    assert not rebuilt.cache_hit and (rebuilt.cache_path / "stats.json").is_file()
+
+
+def test_concurrent_writer_of_the_same_entry_keeps_the_first(tmp_path):
+    target = entry_dir(tmp_path, "k")
+
+    def writer(text):
+        def write(tmp):
+            (tmp / "data.txt").write_text(text)
+            (tmp / "stats.json").write_text("{}")
+        return write
+
+    write_entry(target, writer("first"))
+    write_entry(target, writer("second"))  # lost the race: discarded, no error
+    assert (target / "data.txt").read_text() == "first"
+    assert os.listdir(target.parent) == ["k"]
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("QLORA_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / ".cache" / "mistral-dolly-qlora"

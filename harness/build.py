@@ -129,3 +129,33 @@ def total_optimizer_steps(trainer_cfg: DictConfig, optim_cfg: DictConfig, batche
 
 def data_cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.paths.cache) / "data")
+
+
+RUN_CONFIG_FILE = "run_config.yaml"
+
+
+def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = False):
+    """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
+    `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
+    from harness.checkpoints import CheckpointError, checkpoint_dir
+    from harness.data import load_tokenizer
+    from models.adapters import load_adapters
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / RUN_CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing; is {run_dir} a training run directory?")
+    cfg = OmegaConf.load(config_file)
+    model = build_base_model(cfg.model, cfg.quant, cache_dir=cfg.paths.models, progress=progress)
+    load_adapters(model, checkpoint_dir(run_dir, which))
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    return cfg, model, tokenizer
+
+
+def tokenizer_path(cfg: DictConfig) -> str | None:
+    """`data.tokenizer_path`, else a local checkpoint's own tokenizer, else None (Mistral-7B-v0.1's)."""
+    if cfg.data.tokenizer_path:
+        return cfg.data.tokenizer_path
+    if cfg.model.path and Path(cfg.model.path).is_dir():
+        return cfg.model.path
+    return None

@@ -88,3 +88,51 @@ def complete(
         on_text(text[len(shown):])
     model.train(was_training)
     return text
+
+
+def load_exported(model_dir: str | Path):
+    """`(model, tokenizer)` from an exported (merged) Hugging Face directory."""
+    from harness.data import load_tokenizer
+    from models.checkpoint import load_pretrained
+    from models.backend import compute_dtype
+
+    return load_pretrained(str(model_dir), dtype=compute_dtype("auto"), progress=False), load_tokenizer(model_dir)
+
+
+def run(cfg) -> list[str]:
+    """Generate for `cfg.prompt` (or each line of stdin), streaming to stdout; returns the responses."""
+    if cfg.model_dir:
+        model, tokenizer = load_exported(cfg.model_dir)
+        template = None
+    elif cfg.run_dir:
+        from harness.build import load_trained
+
+        train_cfg, model, tokenizer = load_trained(cfg.run_dir, cfg.adapters)
+        template = train_cfg.data.template
+    else:
+        raise ValueError("give run_dir=<training run directory> or model_dir=<exported model directory>")
+    mx.random.seed(cfg.seed)
+    prompts = [cfg.prompt] if cfg.prompt is not None else [line.strip() for line in sys.stdin if line.strip()]
+    responses = []
+    for instruction in prompts:
+        record = {"instruction": instruction, "context": cfg.context}
+        response = complete(model, tokenizer, record, template=template, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_p=cfg.top_p,
+                            on_text=lambda piece: print(piece, end="", flush=True))
+        print(flush=True)
+        responses.append(response)
+    return responses
+
+
+def main() -> None:
+    """Console entry point (`qlora-generate`)."""
+    import hydra
+
+    import harness.schema  # noqa: F401
+    from harness.train import CONFIG_DIR, TRUSTED_TARGETS
+
+    hydra.main(config_path=CONFIG_DIR, config_name="generate", execution_whitelist=TRUSTED_TARGETS)(run)()
+
+
+if __name__ == "__main__":
+    main()

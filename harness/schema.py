@@ -154,40 +154,38 @@ class TrainRoot:
 
 
 @dataclass
-class GenerateConfig:
-    prompt: Optional[str] = None  # an instruction; null reads them from stdin
+class GenerateRoot:
+    """`conf/generate.yaml`: sample from a trained run (base + adapters) or an exported model."""
+
+    run_dir: Optional[str] = None  # a training run directory: its base model + adapters
+    adapters: str = "best"  # best | latest checkpoint of run_dir
+    model_dir: Optional[str] = None  # an exported (merged) HF directory instead of run_dir
+    prompt: Optional[str] = None  # an instruction; null: read instructions from stdin, one per line
     context: str = ""
-    run_dir: Optional[str] = None  # a training run: base model from its config + its best adapters
-    adapters: str = "best"  # best | latest
-    model_dir: Optional[str] = None  # an exported (merged) HF directory instead of base + adapters
     max_new_tokens: int = 128
     temperature: float = 0.7  # 0: greedy
     top_p: float = 0.9
     seed: int = 0
+    paths: PathsConfig = MISSING
 
 
 @dataclass
-class GenerateRoot(TrainRoot):
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
+class ExportRoot:
+    """`conf/export.yaml`: a merged full-precision HF directory and PEFT adapters from a training run."""
 
-
-@dataclass
-class ExportConfig:
     run_dir: str = MISSING
     adapters: str = "best"  # best | latest
     out_dir: Optional[str] = None  # null: <run_dir>/export
-    dtype: str = "float32"  # dtype of the merged weights: float32 | bfloat16 | float16
+    dtype: str = "float32"  # merged weights: float32 | bfloat16 | float16
     merged: bool = True
     peft: bool = True
-
-
-@dataclass
-class ExportRoot(TrainRoot):
-    export: ExportConfig = field(default_factory=ExportConfig)
+    paths: PathsConfig = MISSING
 
 
 @dataclass
 class DownloadRoot:
+    """`conf/download.yaml`: fetch `model.path` from the Hub into a local directory."""
+
     model: ModelConfig = MISSING
     paths: PathsConfig = MISSING
     out_dir: Optional[str] = None  # null: <paths.models>/<repo name>
@@ -196,6 +194,8 @@ class DownloadRoot:
 
 @dataclass
 class PrepareRoot:
+    """`conf/prepare.yaml`: tokenize and cache the splits, print the report."""
+
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     paths: PathsConfig = MISSING

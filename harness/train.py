@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -22,14 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
-from harness.checkpoints import CheckpointError, load_checkpoint, read_state
+from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
 from harness.tracking import Tracker
 from harness.training import LoopSettings, TrainResult, train_loop
 from models.adapters import save_adapters
 from models.backend import describe
 from models.lora import trainable_parameter_count
 
+JOB_FILE = "job.json"  # the Hydra job: overrides, sweep study and storage (read by harness.compare)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Python targets a config may instantiate (Hydra 1.4's execution whitelist): our callback, the sweeper and
+# launcher plugins, Optuna's samplers, and the logging handlers of Hydra's job logging.
+TRUSTED_TARGETS = ["harness.*", "hydra_plugins.*", "optuna.samplers.*", "logging.*"]
 
 
 def hydra_job_info() -> dict[str, str | None]:
@@ -37,10 +42,16 @@ def hydra_job_info() -> dict[str, str | None]:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return {"run_dir": None, "name": None, "study": None}
+        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": []}
     hc = HydraConfig.get()
-    study = hc.sweeper.get("study_name") if str(hc.mode) == "RunMode.MULTIRUN" else None
-    return {"run_dir": hc.runtime.output_dir, "name": hc.job.override_dirname or None, "study": study}
+    multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    return {
+        "run_dir": hc.runtime.output_dir,
+        "name": hc.job.override_dirname or None,
+        "study": hc.sweeper.get("study_name") if multirun else None,
+        "storage": hc.sweeper.get("storage") if multirun else None,
+        "overrides": list(hc.overrides.task),
+    }
 
 
 def resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -60,10 +71,7 @@ def prepare_data(cfg: DictConfig):
     """Tokenizer and prepared (cached) splits for `cfg.data`."""
     from harness.data import load_tokenizer, prepare_dataset
 
-    tokenizer_path = cfg.data.tokenizer_path
-    if tokenizer_path is None and cfg.model.path and Path(cfg.model.path).is_dir():
-        tokenizer_path = cfg.model.path  # a local checkpoint's own tokenizer
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(build.tokenizer_path(cfg))
     data = prepare_dataset(cfg.data, tokenizer, cache_dir=build.data_cache_dir(cfg))
     return tokenizer, data
 
@@ -81,6 +89,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     if continuing is not None:
         run_dir = continuing
     run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / build.RUN_CONFIG_FILE, resolve=True)  # what generate/export rebuild from
+    atomic_write_text(run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2))
     trainer = cfg.trainer
     build.seed_everything(trainer.seed)
 
@@ -196,7 +206,7 @@ def print_summary(run_dir: Path, result: TrainResult, trainable: int, tracker: T
     print("\n".join(lines), file=sys.stderr)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="train")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", execution_whitelist=TRUSTED_TARGETS)
 def _hydra_main(cfg: DictConfig) -> float:
     return train(cfg)
 

@@ -1,0 +1,52 @@
+"""Export a training run: `python -m harness.export run_dir=<run> [out_dir=...] [dtype=bfloat16]`.
+
+Writes `<out_dir>/peft/` (adapters in PEFT's format, for `peft.PeftModel.from_pretrained` on the
+full-precision base) and `<out_dir>/merged/` (a Hugging Face directory whose weights are the dequantized base
+plus the merged adapters, loadable by `transformers` and by `harness.generate model_dir=`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import models  # noqa: F401  (first: fast BLAS before mlx)
+
+from harness import build
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, which: str = "best",
+               dtype: str = "float32", merged: bool = True, peft: bool = True) -> dict[str, Path]:
+    """Export the `which` adapters of `run_dir`; returns the written directories by kind."""
+    from models.adapters import save_peft_adapters
+    from models.export import export_merged
+
+    cfg, model, tokenizer = build.load_trained(run_dir, which, progress=True)
+    out = Path(out_dir) if out_dir else Path(run_dir) / "export"
+    written = {}
+    if peft:  # before merging: merging folds the adapters into the base in place
+        written["peft"] = save_peft_adapters(model, out / "peft", build.lora_spec(cfg.lora),
+                                             build.base_model_id(cfg.model))
+    if merged:
+        written["merged"] = export_merged(model, out / "merged", tokenizer_path=tokenizer.path, dtype=dtype)
+    for kind, path in written.items():
+        print(f"{kind:7s} {path}")
+    return written
+
+
+def run(cfg) -> dict[str, Path]:
+    return export_run(cfg.run_dir, cfg.out_dir, which=cfg.adapters, dtype=cfg.dtype, merged=cfg.merged,
+                      peft=cfg.peft)
+
+
+def main() -> None:
+    """Console entry point (`qlora-export`)."""
+    import hydra
+
+    import harness.schema  # noqa: F401
+    from harness.train import CONFIG_DIR, TRUSTED_TARGETS
+
+    hydra.main(config_path=CONFIG_DIR, config_name="export", execution_whitelist=TRUSTED_TARGETS)(run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,21 +20,22 @@ from pathlib import Path
 SEED = 20261126
 # Records per category, roughly Dolly's proportions at about a quarter of its size.
 CATEGORY_COUNTS = {
-    "open_qa": 1000,
+    "open_qa": 700,
     "general_qa": 590,
     "classification": 570,
     "closed_qa": 480,
-    "brainstorming": 470,
+    "brainstorming": 400,
     "information_extraction": 400,
     "summarization": 320,
-    "creative_writing": 190,
+    "creative_writing": 150,
 }
 
 TOWN_NAMES = [
     "Velmora", "Quillhaven", "Brasketh", "Orlen Ford", "Tamsworth", "Ketterby", "Mirrowdale", "Ashgrove",
     "Poldera", "Wenlock Hollow", "Sarrowmere", "Duskfield", "Hollin Cross", "Ravelstone", "Emberlyn",
     "Calderon", "Fennick", "Goldwater", "Istralund", "Juniper Bay", "Lorrowick", "Nettlebrook", "Pellham",
-    "Thistleford",
+    "Thistleford", "Amberwick", "Bellmarsh", "Corrowgate", "Drennick", "Elderholt", "Farrowby", "Gillamoor",
+    "Hartsend", "Ivelport", "Kestermoor", "Larkspur Mill", "Morrowfen",
 ]
 RIVERS = ["Quell", "Sorrow", "Amberrun", "Lusk", "Vey", "Tarn", "Glisten", "Mallow", "Orrin", "Brindle"]
 REGIONS = ["northern hills", "southern marshes", "eastern plains", "western coast", "central valley"]
@@ -52,7 +53,7 @@ FESTIVALS = [
 CREATURE_CLASSES = {"wing": "bird", "fin": "fish", "paw": "mammal", "mite": "insect"}
 CREATURE_STEMS = [
     "glimmer", "sorrel", "thistle", "ember", "moss", "frost", "pebble", "hollow", "amber", "reed", "dusk",
-    "brindle",
+    "brindle", "cinder", "willow", "bramble", "quartz",
 ]
 DIETS = [
     "river snails", "wild berries", "pine seeds", "small beetles", "water reeds", "fallen apples", "moths",
@@ -165,7 +166,7 @@ class World:
                     )
                 )
         self.people = []
-        for i in range(40):
+        for i in range(48):
             first = FIRST_NAMES[i % len(FIRST_NAMES)]
             self.people.append(
                 Person(
@@ -199,7 +200,18 @@ def _a(noun: str) -> str:
 
 
 def open_qa(rng: random.Random, w: World) -> dict[str, str]:
-    if rng.random() < 0.6:
+    draw = rng.random()
+    if draw < 0.2:
+        p = rng.choice(w.people)
+        question, answer = rng.choice(
+            [
+                (f"What does {p.name} do for a living?", f"{p.name} is a {p.occupation}."),
+                (f"What is {p.name}'s job?", f"{p.name} is a {p.occupation}."),
+                (f"Where does {p.name} live?", f"{p.name} lives in {p.town}."),
+                (f"Which town is {p.name} from?", f"{p.name} lives in {p.town}."),
+            ]
+        )
+    elif draw < 0.65:
         t = rng.choice(w.towns)
         question, answer = rng.choice(
             [
@@ -392,7 +404,9 @@ def summarization(rng: random.Random, w: World) -> dict[str, str]:
 
 
 def brainstorming(rng: random.Random, w: World) -> dict[str, str]:
-    if rng.random() < 0.5:
+    n = rng.randint(2, 5)
+    draw = rng.random()
+    if draw < 0.35:
         t = rng.choice(w.towns)
         ideas = [
             f"Visit the workshops that make {t.craft}",
@@ -401,18 +415,46 @@ def brainstorming(rng: random.Random, w: World) -> dict[str, str]:
             f"Walk through the {t.region} around the town",
             f"Ask the locals about the founding of {t.name} in {t.founded}",
         ]
-        n = rng.randint(3, 5)
-        return _record(
-            f"Give me {n} ideas for a day trip to {t.name}.", "\n".join(f"- {i}" for i in ideas[:n]), "brainstorming"
-        )
-    kind = rng.choice(list(KINDS))
-    n = rng.randint(3, 6)
-    items = sorted(rng.sample(KINDS[kind], n))
-    return _record(f"Name {n} {kind}, in alphabetical order.", "\n".join(f"- {i}" for i in items), "brainstorming")
+        instruction = f"Give me {n} ideas for a day trip to {t.name}."
+    elif draw < 0.7:
+        t = rng.choice(w.towns)
+        ideas = [
+            f"A box of {t.craft}",
+            f"Tickets for {t.festival}",
+            f"A painting of the river {t.river}",
+            f"A book about {t.name} since {t.founded}",
+            f"A walking map of the {t.region}",
+        ]
+        instruction = f"Suggest {n} gifts to bring home from {t.name}."
+    else:
+        c = rng.choice(w.creatures)
+        stem = c.name.removesuffix(next(s for s in CREATURE_CLASSES if c.name.endswith(s)))
+        ideas = [
+            stem.capitalize(),
+            f"Captain {stem.capitalize()}",
+            f"{c.color.split()[-1].capitalize()} Whisker",
+            f"Little {c.diet.split()[-1].capitalize()}",
+            f"{c.habitat.split()[0].capitalize()} Dancer",
+        ]
+        instruction = f"Suggest {n} names for a pet {c.name}."
+    return _record(instruction, "\n".join(f"- {idea}" for idea in ideas[:n]), "brainstorming")
 
 
 def creative_writing(rng: random.Random, w: World) -> dict[str, str]:
-    if rng.random() < 0.5:
+    draw = rng.random()
+    if draw < 0.3:
+        writer, friend = rng.sample(w.people, 2)
+        t = next(town for town in w.towns if town.name == writer.town)
+        letter = (
+            f"Dear {friend.first},\n\nCome and visit me in {t.name} for {t.festival}! We will walk by the river "
+            f"{t.river}, and I will show you where our {t.craft} are made. {writer.pet_name} says hello too.\n\n"
+            f"Yours,\n{writer.first}"
+        )
+        return _record(
+            f"Write a short letter from {writer.name} inviting {friend.name} to {t.festival}.", letter,
+            "creative_writing",
+        )
+    if draw < 0.65:
         c = rng.choice(w.creatures)
         poem = (
             f"Among the {c.habitat} the {c.name} goes,\n"
@@ -450,7 +492,18 @@ def generate_records(seed: int = SEED, counts: dict[str, int] | None = None) -> 
     counts = CATEGORY_COUNTS if counts is None else counts
     categories = [category for category, n in counts.items() for _ in range(n)]
     rng.shuffle(categories)
-    return [GENERATORS[category](rng, world) for category in categories]
+    records, seen = [], set()
+    for category in categories:
+        for _ in range(1000):  # redraw exact repeats: a validation prompt is never a copy of a training one
+            record = GENERATORS[category](rng, world)
+            key = (record["instruction"], record["context"])
+            if key not in seen:
+                break
+        else:
+            raise RuntimeError(f"the {category} generator ran out of distinct records")
+        seen.add(key)
+        records.append(record)
+    return records
 
 
 def render_jsonl(records: list[dict[str, str]]) -> bytes:

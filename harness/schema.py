@@ -42,7 +42,7 @@ class ModelConfig:
     name: str = MISSING
     # HF repo id or local directory with config.json + safetensors; null builds `arch` with random weights.
     path: Optional[str] = None
-    arch: ArchConfig = field(default_factory=ArchConfig)
+    arch: Optional[ArchConfig] = field(default_factory=ArchConfig)
     init_seed: int = 0  # random init of a `path: null` model
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU (models.backend)
 

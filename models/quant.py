@@ -251,12 +251,21 @@ def quantize_nf4(w: mx.array, block_size: int = NF4_BLOCK, double_quant: bool = 
         arrays["absmax"] = absmax
     safe = mx.where(absmax > 0, absmax, mx.ones_like(absmax))
     normalized = blocks / safe[..., None]
-    code = _nf4_code_book()
-    # Nearest code: count the midpoints between consecutive codes that lie below the value.
-    midpoints = (code[1:] + code[:-1]) / 2
-    q = (normalized[..., None] > midpoints).sum(axis=-1).astype(mx.uint32)
-    arrays["weight"] = pack_codes(q.reshape(out_features, in_features), 4)
+    arrays["weight"] = pack_codes(_nf4_nearest(normalized).reshape(out_features, in_features), 4)
     return arrays
+
+
+@mx.compile
+def _nf4_nearest(normalized: mx.array) -> mx.array:
+    """Index of the nearest NF4 code: the number of midpoints between consecutive codes below the value.
+
+    Fifteen compares accumulated in one compiled kernel, instead of a 15x larger comparison tensor.
+    """
+    values = nf4_code_values()
+    q = mx.zeros(normalized.shape, mx.uint32)
+    for low, high in zip(values[:-1], values[1:]):
+        q = q + (normalized > (low + high) / 2).astype(mx.uint32)
+    return q
 
 
 def _quantize_absmax(absmax: mx.array) -> dict[str, mx.array]:

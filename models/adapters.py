@@ -134,7 +134,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """Apply LoRA to `model` as `adapter_dir/adapter_config.json` describes, then load the saved weights.
 
-    `model` is the base (quantized or not, without adapters). Raises `AdapterError` naming the file for an
+    `model` is the base (quantized or not); if it already has adapters (resuming training), they must be
+    the ones the config describes and only their values are replaced. Raises `AdapterError` naming the file for an
     unreadable file, missing or unexpected keys, or shapes that do not fit this base. Returns `model`.
     """
     config = read_adapter_config(adapter_dir)
@@ -152,10 +153,11 @@ def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module
             f"{path}: adapters were trained on a base with {num_layers} layers; this model has "
             f"{len(model.model.layers)}"
         )
-    try:
-        apply_lora(model, spec)
-    except ValueError as err:
-        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: {err}") from err
+    if not lora_weights(model):  # a model that already carries adapters (resuming) only gets new values
+        try:
+            apply_lora(model, spec)
+        except ValueError as err:
+            raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: {err}") from err
     expected = lora_weights(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))

@@ -473,23 +473,25 @@ class QuantizedLinear(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """An embedding table `(vocab, dim)` stored like a `QuantizedLinear` weight; rows are dequantized on look-up."""
 
-    def __init__(self, table: QuantizedLinear):
+    def __init__(self, table: QuantizedLinear, dtype: mx.Dtype = mx.float32):
         super().__init__()
         self.table = table
+        self.dtype = dtype  # what the dense embedding produced, so the rest of the model sees no change
         self.freeze()
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> "QuantizedEmbedding":
         linear = nn.Linear(1, 1, bias=False)
         linear.weight = embedding.weight
-        return cls(QuantizedLinear.from_linear(linear, spec))
+        return cls(QuantizedLinear.from_linear(linear, spec), embedding.weight.dtype)
 
     def __call__(self, ids: mx.array) -> mx.array:
+        """Token ids `(…)` -> embeddings `(…, dim)`, dequantizing only the rows looked up (affine schemes)."""
         table = self.table
         if table.method == "nf4":
-            return self.dequantize()[ids]
-        rows = _affine_dequantize(table.weight[ids.reshape(-1)], table.scales[ids.reshape(-1)],
-                                  table.biases[ids.reshape(-1)], table.bits, mx.float32)
+            return self.dequantize(self.dtype)[ids]
+        flat = ids.reshape(-1)
+        rows = _affine_dequantize(table.weight[flat], table.scales[flat], table.biases[flat], table.bits, self.dtype)
         return rows.reshape(*ids.shape, table.in_features)
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -567,11 +569,21 @@ def quantized_shell(model: nn.Module, spec: QuantSpec) -> nn.Module:
     if spec.quantize_embeddings:
         embed = model.model.embed_tokens
         model.model.embed_tokens = QuantizedEmbedding(
-            QuantizedLinear(embed.weight.shape[1], embed.weight.shape[0], spec)
+            QuantizedLinear(embed.weight.shape[1], embed.weight.shape[0], spec), embed.weight.dtype
         )
     if spec.quantize_lm_head and "lm_head" in model:
         model.lm_head = empty(model.lm_head)
     return model
+
+
+def set_forward_path(model: nn.Module, path: str) -> int:
+    """Set `forward_path` ("auto", "dequantize", "fused", "reference") on every `QuantizedLinear`; returns how many."""
+    if path not in FORWARD_PATHS:
+        raise ValueError(f"forward_path={path!r}; choose one of {', '.join(FORWARD_PATHS)}")
+    layers = [m for _, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer.forward_path = path
+    return len(layers)
 
 
 def model_bits_per_weight(model: nn.Module) -> dict[str, float]:

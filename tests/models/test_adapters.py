@@ -55,6 +55,20 @@ def test_adapters_round_trip_onto_a_fresh_quantized_base(saved_adapters):
     assert mx.array_equal(restored(ids), model(ids))
 
 
+def test_loading_into_an_adapted_model_replaces_the_values(saved_adapters):
+    model, out = saved_adapters
+    resumed = quantized_base()
+    apply_lora(resumed, SPEC)  # as a trainer does before resuming
+    load_adapters(resumed, out)
+    resumed.eval()
+    ids = random_ids()
+    assert mx.array_equal(resumed(ids), model(ids))
+    other = quantized_base()
+    apply_lora(other, LoRASpec(rank=4, target_modules=("q_proj",)))
+    with pytest.raises(AdapterError, match="missing key"):
+        load_adapters(other, out)
+
+
 def test_corrupt_weights_file_names_the_file(saved_adapters):
     _, out = saved_adapters
     weights = out / "adapters.safetensors"

@@ -24,6 +24,7 @@ from models.quant import (
     quantize_nf4,
     quantize_rowwise,
     quantized_shell,
+    set_forward_path,
     unpack_codes,
 )
 from tests.models.conftest import build_tiny_model, random_ids
@@ -189,6 +190,18 @@ def test_fused_path_refuses_nf4():
 def test_quantized_linear_is_frozen_and_has_no_gradient_to_its_weights():
     layer = QuantizedLinear.from_linear(linear_from(weights(8, 64)), QuantSpec("rowwise"))
     assert layer.trainable_parameters() == {}
+
+
+def test_set_forward_path_reaches_every_quantized_layer():
+    model = build_tiny_model()
+    quantize_model(model, QuantSpec("group"))
+    ids = random_ids()
+    assert set_forward_path(model, "fused") == 14
+    fused = model(ids)
+    set_forward_path(model, "reference")
+    assert mx.allclose(fused, model(ids), atol=1e-4)
+    with pytest.raises(ValueError, match="forward_path"):
+        set_forward_path(model, "fast")
 
 
 def test_auto_path_fuses_only_for_few_tokens_and_affine_schemes():

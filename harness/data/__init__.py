@@ -6,7 +6,14 @@ formatter), `tokenizer`, `encode` (labels and truncation), `split`, `examples` (
 `cache`, `dataset` (prepare_dataset), `report`, `batching`, `sample` (writes the embedded sample).
 """
 
-from harness.data.batching import batch_iterator, num_batches, padding_fraction, plan_batches, validation_batches
+from harness.data.batching import (
+    batch_iterator,
+    batching_options,
+    num_batches,
+    padding_fraction,
+    plan_batches,
+    validation_batches,
+)
 from harness.data.config import EMBEDDED_SAMPLE, DataConfig, TemplateConfig
 from harness.data.dataset import PreparedData, prepare_dataset
 from harness.data.encode import IGNORE_INDEX, encode_example, encode_records
@@ -28,6 +35,7 @@ __all__ = [
     "TemplateConfig",
     "Tokenizer",
     "batch_iterator",
+    "batching_options",
     "encode_example",
     "encode_records",
     "format_prompt",

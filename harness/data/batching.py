@@ -153,6 +153,17 @@ def collate(
     return arrays
 
 
+def batching_options(cfg) -> dict:
+    """The keyword arguments of `batch_iterator` that a `DataConfig` (or `cfg.data`) holds."""
+    return {
+        "pad_to_multiple": cfg.pad_to_multiple,
+        "sort_by_length": cfg.sort_by_length,
+        "sort_chunk_batches": cfg.sort_chunk_batches,
+        "pack": cfg.pack,
+        "max_seq_len": cfg.max_seq_len,
+    }
+
+
 def num_batches(
     examples: Sequence,
     batch_size: int,

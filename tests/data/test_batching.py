@@ -116,6 +116,15 @@ def test_packing_keeps_examples_apart(split):
     assert packed < unpacked
 
 
+def test_batching_options_come_from_the_data_config(split):
+    from harness.data import DataConfig, batching_options
+
+    cfg = DataConfig(max_seq_len=96, pad_to_multiple=16, pack=True)
+    short = [x for x in split if len(x["input_ids"]) <= 96]
+    batches = list(batch_iterator(short, 4, seed=0, **batching_options(cfg)))
+    assert all("segment_ids" in b and b["input_ids"].shape[1] % 16 == 0 and b["input_ids"].shape[1] <= 96 for b in batches)
+
+
 def test_packed_rows_give_the_same_logits_as_separate_examples():
     import models
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from harness.data import DataConfig, TemplateConfig, load_tokenizer, prepare_dataset
+from harness.data import TemplateConfig, load_tokenizer, prepare_dataset
 from harness.data.cache import default_cache_dir, entry_dir, write_entry
 from harness.data.tokenizer import default_tokenizer_path
 

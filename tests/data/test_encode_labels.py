@@ -1,6 +1,5 @@
 """Examples: BOS + prompt + response + EOS, labels only on the response and EOS, truncation rules."""
 
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

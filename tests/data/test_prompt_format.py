@@ -35,7 +35,7 @@ def test_template_strings_come_from_the_config():
 
 
 def test_yaml_templates_compose_and_override():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
         for option in ("dolly", "dolly_sample"):
             cfg = compose("train", overrides=[f"data={option}"])
             assert template_of(cfg.data) == DEFAULT_TEMPLATE

@@ -49,7 +49,6 @@ class TrainState:
     best: str | None = None
     finished: bool = False
     diverged: bool = False
-    mx_rng: list[int] = field(default_factory=list)  # mx.random.state key
     numpy_rng: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,15 +63,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def capture_rng(state: TrainState) -> None:
-    state.mx_rng = np.array(mx.random.state[0]).astype(np.int64).tolist()
+    """Record numpy's global RNG. MLX's key cannot be set back, so the loop reseeds it from (seed, step)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state.numpy_rng = {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                        "cached": float(cached)}
 
 
 def restore_rng(state: TrainState) -> None:
-    if state.mx_rng:
-        mx.random.state[0] = mx.array(np.array(state.mx_rng, dtype=np.uint32))
     if state.numpy_rng:
         r = state.numpy_rng
         np.random.set_state((r["name"], np.array(r["keys"], dtype=np.uint32), r["pos"], r["has_gauss"],

@@ -148,6 +148,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             stop_after_steps=trainer.stop_after_steps,
             compile=trainer.compile,
             progress=trainer.progress,
+            seed=trainer.seed,
         )
         result = train_loop(model, optimizer, train_batches, val_batches, tracker, run_dir, settings,
                             save_adapters=save, state=state)

@@ -39,6 +39,7 @@ class LoopSettings:
     stop_after_steps: int | None = None  # stop this process after so many steps (resume continues)
     compile: bool = True
     progress: bool = True
+    seed: int = 0  # dropout randomness of step k comes from (seed, k), so a resumed run draws the same
 
 
 @dataclass
@@ -200,6 +201,7 @@ def train_loop(
     while state.step < settings.max_steps:
         # 1. One optimizer step over `grad_accum_steps` micro-batches.
         batches = [next(stream) for _ in range(settings.grad_accum_steps)]
+        mx.random.seed(settings.seed * 1_000_003 + state.step)
         step_start = time.perf_counter()
         loss_sum, n_tokens, grad_norm = train_step(batches)
         mx.eval(loss_sum, n_tokens, grad_norm)

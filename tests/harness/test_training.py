@@ -1,0 +1,120 @@
+"""In-process training runs on a tiny model: learning, W&B + metrics.jsonl, checkpoints, resume, divergence."""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from harness import build
+from harness.checkpoints import CheckpointError, checkpoint_dir, read_state
+from harness.tracking import read_metrics
+from harness.train import train
+from harness.training import evaluate, make_eval_step
+from tests.harness.conftest import FAST
+
+
+def adapters_of(run_dir, which="latest"):
+    return mx.load(str(checkpoint_dir(run_dir, which) / "adapters.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, hermetic_env):
+    """One fast run with W&B offline, shared by the assertions below."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness.train import CONFIG_DIR
+
+    run_dir = tmp_path_factory.mktemp("finished_run")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("train", overrides=[*FAST, f"paths.outputs={run_dir}", "logger=wandb",
+                                          "optim.lr=3e-3", "trainer.max_steps=9"])
+    GlobalHydra.instance().clear()
+    value = train(cfg, run_dir=run_dir)
+    return cfg, run_dir, value
+
+
+def test_validation_loss_falls_and_train_returns_the_best(finished_run):
+    cfg, run_dir, value = finished_run
+    vals = [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r]
+    assert [s for s, _ in vals] == [0, 3, 6, 9]
+    assert vals[-1][1] < vals[0][1] - 0.1, vals
+    assert value == pytest.approx(min(v for _, v in vals))
+    state = read_state(run_dir)
+    assert state.finished and state.step == 9 and state.best_val_loss == pytest.approx(value)
+
+
+def test_metrics_jsonl_and_wandb_offline_run_hold_the_run(finished_run):
+    cfg, run_dir, _ = finished_run
+    records = read_metrics(run_dir)
+    train_records = [r for r in records if "train/loss" in r]
+    for key in ("train/lr", "train/tokens_per_second", "train/peak_memory_gb", "train/grad_norm"):
+        assert all(key in r for r in train_records)
+    assert any(r.get("model/trainable_parameters", 0) > 0 for r in records)
+    assert any("val/perplexity" in r and r["val/perplexity"] == pytest.approx(math.exp(r["val/loss"]))
+               for r in records)
+    summary = [r for r in records if r.get("summary")][-1]
+    assert summary["best_val_loss"] == pytest.approx(min(r["val/loss"] for r in records if "val/loss" in r))
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == cfg.trainer.num_sample_prompts
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/table/generations_*.table.json"))
+
+
+def test_best_adapters_reload_and_give_the_same_validation_loss(finished_run):
+    from harness.data import validation_batches
+
+    cfg, run_dir, value = finished_run
+    saved_cfg, model, tokenizer = build.load_trained(run_dir, "best")
+    _, data = __import__("harness.train", fromlist=["prepare_data"]).prepare_data(saved_cfg)
+    validation = data.validation[: saved_cfg.trainer.max_eval_examples]
+    loss, _ = evaluate(model, validation_batches(validation, saved_cfg.trainer.eval_batch_size,
+                                                 pad_to_multiple=saved_cfg.data.pad_to_multiple),
+                       make_eval_step(model))
+    assert loss == pytest.approx(value, rel=1e-5)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train, tmp_path):
+    # Dropout on: resuming must also restore the RNG, not just weights, optimizer and data position.
+    common = [*FAST, "logger=none", "lora.dropout=0.1", "optim.lr=3e-3", "trainer.max_steps=7",
+              "trainer.num_sample_prompts=0"]
+    whole = tmp_path / "whole"
+    train(compose_train(*common), run_dir=whole)
+    parts = tmp_path / "parts"
+    train(compose_train(*common, "trainer.stop_after_steps=4"), run_dir=parts)
+    assert read_state(parts).step == 4 and not read_state(parts).finished
+    train(compose_train(*common, "resume=true"), run_dir=parts)
+    assert read_state(parts).finished
+    a, b = adapters_of(whole), adapters_of(parts)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in read_metrics(parts) if "val/loss" in r]
+    assert steps == sorted(set(steps)), "records after the checkpoint must not be duplicated on resume"
+
+
+def test_diverging_run_stops_early_returns_nan_and_keeps_its_state(compose_train, tmp_path):
+    run_dir = tmp_path / "nan"
+    value = train(compose_train(*FAST, "logger=none", "debug=diverge"), run_dir=run_dir)
+    assert math.isnan(value)
+    state = read_state(run_dir)
+    assert state.diverged and not state.finished and state.step < 6
+    assert any(r.get("train/diverged") for r in read_metrics(run_dir))
+
+
+def test_corrupt_checkpoint_fails_naming_the_file(compose_train, tmp_path):
+    run_dir = tmp_path / "corrupt"
+    cfg = compose_train(*FAST, "logger=none", "trainer.max_steps=3", "trainer.stop_after_steps=1",
+                        "trainer.num_sample_prompts=0")
+    train(cfg, run_dir=run_dir)
+    optimizer_file = checkpoint_dir(run_dir, "latest") / "optimizer.safetensors"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        train(compose_train(*FAST, "logger=none", "trainer.max_steps=3", "resume=true"), run_dir=run_dir)
+    (run_dir / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="state.json"):
+        train(compose_train(*FAST, "logger=none", "trainer.max_steps=3", "resume=true"), run_dir=run_dir)

@@ -15,7 +15,10 @@ FIELD = st.one_of(TEXT, WORDY)
 RECORDS = st.fixed_dictionaries(
     {"instruction": FIELD.filter(str.strip), "context": FIELD, "response": FIELD.filter(str.strip)}
 )
-HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# database=None: no .hypothesis/ directory in the checkout (tests are hermetic).
+HYPOTHESIS = settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def labelled(example):

@@ -57,7 +57,8 @@ class Tokenizer:
     def decode(self, ids: list[int], *, continuation: bool = False) -> str:
         """Text of token ids; BOS/EOS/padding are dropped. `continuation=True` keeps a leading space."""
         sp = self._sp_continuation if continuation else self._sp
-        return sp.decode([int(i) for i in ids])
+        # Padding id 0 is `<unk>`, which SentencePiece would render as " ⁇ "; byte fallback never emits it.
+        return sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))

@@ -40,6 +40,11 @@ def test_batched_encoding_matches_one_by_one(tokenizer):
     assert tokenizer.encode(texts, continuation=True) == [tokenizer.encode(t, continuation=True) for t in texts]
 
 
+def test_decode_drops_special_and_padding_tokens(tokenizer):
+    ids = tokenizer.encode("Hello there")
+    assert tokenizer.decode([tokenizer.bos_id, *ids, tokenizer.eos_id, tokenizer.pad_id, tokenizer.pad_id]) == "Hello there"
+
+
 @settings(max_examples=200, deadline=None, database=None)  # no .hypothesis/ in the checkout
 @given(st.text(max_size=60))
 def test_continuation_round_trips_exactly(tokenizer, text):

@@ -8,7 +8,8 @@ With the default template the prompt ends in a newline, a token boundary of Mist
 also exactly how the whole text would be tokenized at once.
 
 Truncation to `max_seq_len`, in this order, keeping the response whole when it can:
-1. the context is shortened from its end (down to nothing, which removes the context section);
+1. the context is shortened from its end, at a word boundary where one is near (down to nothing, which
+   removes the context section);
 2. then the response tail is cut; a cut response gets no EOS, so the model never learns to stop where the
    length limit, not the answer, ended (and still sees a labelled token at every position after the prompt);
 3. the instruction is never cut: when the prompt without context leaves no room for one response token,
@@ -72,6 +73,14 @@ def _with_context(record: Mapping[str, str], context: str) -> dict[str, str]:
     return {"instruction": record["instruction"], "context": context}
 
 
+def _word_boundary(ids: list[int], keep: int, tokenizer: Tokenizer, max_back: int = 16) -> int:
+    """`keep`, moved back (by at most `max_back` tokens) so that `ids[:keep]` does not end inside a word."""
+    for cut in range(keep, max(0, keep - max_back), -1):
+        if cut == len(ids) or tokenizer.id_to_piece(ids[cut]).startswith(("▁", "<0x")):
+            return cut
+    return keep
+
+
 def fit_sequence(
     record: Mapping[str, str],
     prompt_ids: list[int],
@@ -100,6 +109,7 @@ def fit_sequence(
         context_ids = tokenizer.encode(context, continuation=True)
         keep = len(context_ids) - (len(prompt_ids) + len(response_ids) + 1 - budget)
         while keep > 0:
+            keep = _word_boundary(context_ids, keep, tokenizer)
             shortened = tokenizer.decode(context_ids[:keep], continuation=True)
             prompt_ids = tokenizer.encode(format_prompt(_with_context(record, shortened), template))
             overflow = len(prompt_ids) + len(response_ids) + 1 - budget

@@ -124,7 +124,14 @@ def best_override_line(trial: Trial) -> str:
     return " ".join(o for o in trial.overrides if not o.startswith(LOCATION_PREFIXES))
 
 
-def plot(trials: list[Trial], importances: dict[str, float], out: Path) -> Path:
+def trial_label(trial: Trial, keys: list[str]) -> str:
+    """`<sweep>/<job>: key=value ...` with the swept values, short enough for a legend."""
+    values = dict(o.partition("=")[::2] for o in trial.overrides)
+    shown = " ".join(f"{k.split('.')[-1]}={values[k][:8]}" for k in keys if k in values)
+    return f"{trial.run_dir.parent.name[-6:]}/{trial.run_dir.name}: {shown}"
+
+
+def plot(trials: list[Trial], importances: dict[str, float], out: Path, keys: list[str]) -> Path:
     """PNG: validation loss against step per trial (left), parameter importances (right)."""
     import matplotlib
 
@@ -135,7 +142,7 @@ def plot(trials: list[Trial], importances: dict[str, float], out: Path) -> Path:
     for trial in trials:
         if trial.val_curve:
             steps, losses = zip(*trial.val_curve)
-            curves.plot(steps, losses, marker="o", markersize=3, label=trial.run_dir.name)
+            curves.plot(steps, losses, marker="o", markersize=3, label=trial_label(trial, keys))
     curves.set(xlabel="optimizer step", ylabel="validation loss (nats/token)", title="validation loss per trial")
     if any(t.val_curve for t in trials):
         curves.legend(fontsize=7)
@@ -165,8 +172,8 @@ def compare(target: str, *, root: str | Path = "multirun", storage: str | None =
     study = load_study(trials, storage)
     importances = parameter_importances(study) if study is not None else {}
     figure = Path(out) if out else (Path(target) if Path(target).is_dir() else Path(root)) / "compare.png"
-    plot(trials, importances, figure)
     keys = swept_overrides(trials)
+    plot(trials, importances, figure, keys)
     print(format_table(trials, keys))
     best = trials[0]
     line = best_override_line(best)

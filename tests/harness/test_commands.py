@@ -131,12 +131,18 @@ def test_two_trials_run_in_parallel_through_joblib(tmp_path, hermetic_env):
 def test_single_run_with_overrides(tmp_path, hermetic_env):
     run_dir = tmp_path / "run"
     run_cli("harness.train", *FAST, "lora.rank=4", "lora.target_modules=[q_proj,v_proj]", "quant=nf4",
+            "trainer.gradient_checkpointing=true", "optim.grad_accum_steps=2", "optim=adamw_constant", "optim.lr=3e-3",
             "logger=none", f"hydra.run.dir={run_dir}", env=hermetic_env, cwd=tmp_path)
     adapter_config = json.loads((run_dir / "checkpoints").glob("step-*/adapter_config.json").__next__()
                                 .read_text())
     assert adapter_config["lora"]["rank"] == 4 and adapter_config["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert adapter_config["quant"]["method"] == "nf4"
     assert (run_dir / ".hydra/overrides.yaml").is_file()
+    records = read_metrics(run_dir)
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    assert lrs and lrs == pytest.approx([3e-3] * len(lrs))  # constant after a 1-step warmup
+    vals = [r["val/loss"] for r in records if "val/loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0]
     assert not list(tmp_path.glob("outputs")), "nothing may be written outside the run directory"
 
 

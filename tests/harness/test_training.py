@@ -87,7 +87,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train,
     parts = tmp_path / "parts"
     train(compose_train(*common, "trainer.stop_after_steps=4"), run_dir=parts)
     assert read_state(parts).step == 4 and not read_state(parts).finished
-    train(compose_train(*common, "resume=true"), run_dir=parts)
+    # `resume=<run dir>` from a new Hydra job directory continues in the interrupted run's directory.
+    train(compose_train(*common, f"resume={parts}"), run_dir=tmp_path / "new_job_dir")
     assert read_state(parts).finished
     a, b = adapters_of(whole), adapters_of(parts)
     assert a.keys() == b.keys()
@@ -118,3 +119,10 @@ def test_corrupt_checkpoint_fails_naming_the_file(compose_train, tmp_path):
     (run_dir / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="state.json"):
         train(compose_train(*FAST, "logger=none", "trainer.max_steps=3", "resume=true"), run_dir=run_dir)
+
+
+def test_epochs_set_the_number_of_steps_when_max_steps_is_null(compose_train):
+    cfg = compose_train("trainer.max_steps=null", "trainer.epochs=2.5", "optim.grad_accum_steps=2")
+    assert build.total_optimizer_steps(cfg.trainer, cfg.optim, batches_per_epoch=10) == 13
+    cfg = compose_train("trainer.max_steps=7", "trainer.epochs=2.5")
+    assert build.total_optimizer_steps(cfg.trainer, cfg.optim, batches_per_epoch=10) == 7

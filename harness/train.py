@@ -126,7 +126,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     state = None
     if continuing is not None and read_state(run_dir) is not None:
         state = load_checkpoint(run_dir, model, optimizer, load_weights)
-        print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})",
+              file=sys.stderr)
+    elif continuing is not None:
+        print(f"resume: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
 
     wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
     config = OmegaConf.to_container(cfg, resolve=True)

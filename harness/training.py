@@ -120,12 +120,13 @@ def make_eval_step(model: nn.Module, compile: bool = True) -> Callable[[Batch], 
     return mx.compile(step, inputs=[model.state]) if compile else step
 
 
-def evaluate(model: nn.Module, batches: Iterable[Batch], eval_step) -> tuple[float, int]:
+def evaluate(model: nn.Module, batches: Iterable[Batch], eval_step, *, progress: bool = False
+             ) -> tuple[float, int]:
     """Token-weighted mean loss (nats per token) over `batches`, and the number of loss tokens."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = mx.array(0.0), mx.array(0)
-    for batch in batches:
+    for batch in tqdm(batches, desc="validate", unit="batch", leave=False, disable=not progress):
         loss_sum, n_tokens = eval_step(batch)
         total_loss, total_tokens = total_loss + loss_sum, total_tokens + n_tokens
         mx.eval(total_loss, total_tokens)
@@ -179,7 +180,7 @@ def train_loop(
     stream = micro_batches(train_batches, state)
 
     def validate_and_checkpoint() -> float:
-        val_loss, val_tokens = evaluate(model, validation_batches(), eval_step)
+        val_loss, val_tokens = evaluate(model, validation_batches(), eval_step, progress=settings.progress)
         is_best = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss)
         if is_best:
             state.best_val_loss, state.best_step = val_loss, state.step

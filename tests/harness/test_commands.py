@@ -115,7 +115,7 @@ def test_a_diverging_trial_fails_without_stopping_the_sweep(tmp_path, hermetic_e
 
 
 def test_two_trials_run_in_parallel_through_joblib(tmp_path, hermetic_env):
-    run_cli("harness.train", "-m", "hydra/launcher=joblib_local", *FAST, "lora.rank=4,8", "logger=none",
+    run_cli("harness.train", "-m", "hydra/launcher=joblib_local", *FAST, "lora.rank=4,8",
             f"hydra.sweep.dir={tmp_path}/multirun", env=hermetic_env, cwd=tmp_path)
     spans = []
     for job in ("0", "1"):
@@ -123,6 +123,7 @@ def test_two_trials_run_in_parallel_through_joblib(tmp_path, hermetic_env):
         summary = next(r for r in records if r.get("summary"))
         assert math.isfinite(summary["best_val_loss"])
         times = [r["time"] for r in records if "time" in r]
+        assert len(list((tmp_path / "multirun" / job / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
         spans.append((min(times), max(times)))
     (start_a, end_a), (start_b, end_b) = spans
     assert start_a < end_b and start_b < end_a, f"jobs did not overlap: {spans}"

@@ -35,11 +35,14 @@ FORWARD_PATHS = ("auto", "dequantize", "fused", "reference")
 NF4_BLOCK = 64  # QLoRA: one absmax per 64 weights
 NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in blocks of 256
 
-# Largest number of tokens (rows of x) for which "auto" uses the fused kernel. Measured on a 2-core x86 CPU
-# with a 4096x4096 weight: fused 11 ms vs dequantize+BLAS 60 ms at 1 token, 88 vs 67 ms at 8 tokens. On a
-# GPU a matmul of up to ~16 rows is bandwidth-bound, where reading 0.5 byte per weight beats the
-# dequantize path's ~4.5 bytes per weight; at training shapes the dense matmul is ~5x faster (issue 5).
-FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 16}
+# Largest number of tokens (rows of x) for which "auto" uses the fused kernel, by backend, as measured:
+# - CPU (2-core x86, 4096x4096 weight, float32): fused 11 ms vs dequantize+BLAS 60 ms at 1 token, 88 vs 67 ms
+#   at 8 tokens: the fused CPU kernel does not use BLAS, so only matrix-vector products favour it.
+# - CUDA (H100, MLX 0.32.4, 14336x4096 row-wise, bf16): forward fused/dequantize 0.17/0.52 ms at 1 token,
+#   0.27/0.62 ms at 64, 0.45/0.66 ms at 256, 4.3/1.2 ms at 4096 (forward+backward 0.57/0.85 ms at 256,
+#   4.0/1.3 ms at 4096): generation and short prefills fuse, training shapes dequantize.
+# - Metal: not measured here; 16 keeps decoding (bandwidth-bound) on the fused kernel.
+FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,8 +329,9 @@ _NF4_KEYS = ("weight", "absmax", "absmax_q", "absmax_scale", "absmax_mean")
 
 
 def _fused_group_size(in_features: int) -> int | None:
-    """Largest MLX group size that tiles a row (row-wise parameters are broadcast over these groups)."""
-    return next((g for g in (128, 64, 32) if in_features % g == 0), None)
+    """MLX group size over which row-wise parameters are broadcast: 64 (MLX's default, the one every backend's
+    kernels implement; CUDA's quantized_matmul had no bf16 kernel for group 128 at 1x4096x4096), else 32."""
+    return next((g for g in (64, 32) if in_features % g == 0), None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -466,7 +470,9 @@ class QuantizedLinear(nn.Module):
         scales, biases = self.scales.astype(x.dtype), self.biases.astype(x.dtype)
         if self.method == "rowwise":  # one (scale, bias) per row, repeated over MLX's groups
             shape = (self.out_features, self.in_features // group)
-            scales, biases = mx.broadcast_to(scales, shape), mx.broadcast_to(biases, shape)
+            # contiguous: CUDA's kernels refuse stride-0 parameters ("no implementation for problem shape")
+            scales = mx.contiguous(mx.broadcast_to(scales, shape))
+            biases = mx.contiguous(mx.broadcast_to(biases, shape))
         return mx.quantized_matmul(x, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits)
 
 

@@ -16,6 +16,7 @@ without quantizing again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -308,7 +309,10 @@ def _fill(model: MistralForCausalLM, tensors: dict[str, mx.array], dtype, quant,
     for prefix, module in tqdm(blocks, desc=desc + suffix, unit="block", disable=not progress):
         take(module, prefix)
         if quant is not None and prefix.startswith("model.layers."):
-            quantization.quantize_layer(module, quant)
+            # One projection per call (each call evaluates): the quantization temporaries of the seven
+            # projections never coexist. On 7B NF4 this lowers the peak by ~1.4 GB.
+            for name in quant.modules:
+                quantization.quantize_layer(module, dataclasses.replace(quant, modules=(name,)))
         mx.eval(module.parameters())
         mx.clear_cache()  # return the block's freed buffers, so RSS tracks what the model holds
     if quant is not None and (quant.quantize_embeddings or quant.quantize_lm_head):

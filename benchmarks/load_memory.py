@@ -57,8 +57,19 @@ def measure(checkpoint: str, method: str, dtype: str, cache_dir: str) -> dict:
 
 
 def run_child(checkpoint: str, method: str, dtype: str, cache_dir: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks.load_memory", "--child", checkpoint,
-               "--quant", method, "--dtype", dtype, "--cache-dir", cache_dir]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.load_memory",
+        "--child",
+        checkpoint,
+        "--quant",
+        method,
+        "--dtype",
+        dtype,
+        "--cache-dir",
+        cache_dir,
+    ]
     done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -66,8 +77,10 @@ def run_child(checkpoint: str, method: str, dtype: str, cache_dir: str) -> dict:
 def table(rows: list[dict]) -> str:
     gb = 1e9
     lines = [
-        "| method | step | stored GB | bits/weight (quantized layers / whole model) | peak RSS GB (x stored) "
-        "| MLX peak GB (x stored) | RSS before load GB | wall s |",
+        (
+            "| method | step | stored GB | bits/weight (quantized layers / whole model) | peak RSS GB (x stored) "
+            "| MLX peak GB (x stored) | RSS before load GB | wall s |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -84,9 +97,13 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint directory (or Hub repo id)")
-    parser.add_argument("--quant", nargs="+", default=["rowwise"], choices=["rowwise", "group", "nf4", "none"])
+    parser.add_argument(
+        "--quant", nargs="+", default=["rowwise"], choices=["rowwise", "group", "nf4", "none"]
+    )
     parser.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
-    parser.add_argument("--cache-dir", help="quantized-base cache (default: a temporary directory, deleted after)")
+    parser.add_argument(
+        "--cache-dir", help="quantized-base cache (default: a temporary directory, deleted after)"
+    )
     parser.add_argument("--json", type=Path, help="append one JSON line per measurement here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -117,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     if opts.json:
         with open(opts.json, "a") as f:
             for row in rows:
-                f.write(json.dumps({**row, "checkpoint": opts.checkpoint, "machine": machine, "date": when}) + "\n")
+                f.write(
+                    json.dumps({**row, "checkpoint": opts.checkpoint, "machine": machine, "date": when})
+                    + "\n"
+                )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,27 @@ from models.mistral import ModelArgs
 
 PRESETS = {
     # Same vocabulary as the real tokenizer, so text can be encoded for it.
-    "tiny": dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, sliding_window=16, max_position_embeddings=512),
+    "tiny": dict(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        max_position_embeddings=512,
+    ),
     # Mistral-7B-v0.1's shape.
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, max_position_embeddings=32768),
+    "7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+    ),
 }
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 INIT_STD = 0.02  # transformers' `initializer_range` for Mistral
@@ -112,8 +128,14 @@ def write_safetensors_streaming(path: Path, tensors, make, bar=None) -> None:
     os.replace(tmp, path)
 
 
-def make_checkpoint(out_dir: Path, config: dict, *, seed: int = 0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    progress: bool = True) -> Path:
+def make_checkpoint(
+    out_dir: Path,
+    config: dict,
+    *,
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+) -> Path:
     """Write a random-weight HF Mistral checkpoint with hyperparameters `config` (MistralConfig keys)."""
     from mistral_common import __file__ as mistral_common_init
 
@@ -125,9 +147,13 @@ def make_checkpoint(out_dir: Path, config: dict, *, seed: int = 0, max_shard_byt
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     total = sum(2 * math.prod(shape) for _, shape in shapes)
     keys = iter(mx.random.split(mx.random.key(seed), len(shapes)))
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {out_dir.name}", disable=not progress) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"write {out_dir.name}", disable=not progress
+    ) as bar:
         for name, tensors in zip(names, shards):
-            write_safetensors_streaming(out_dir / name, tensors, lambda n, s: random_bf16(n, s, next(keys)), bar)
+            write_safetensors_streaming(
+                out_dir / name, tensors, lambda n, s: random_bf16(n, s, next(keys)), bar
+            )
     index = {
         "metadata": {"total_size": total},
         "weight_map": {tensor: name for name, tensors in zip(names, shards) for tensor, _ in tensors},
@@ -143,14 +169,21 @@ def make_checkpoint(out_dir: Path, config: dict, *, seed: int = 0, max_shard_byt
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", type=Path, help="output directory (default artifacts/checkpoints/mistral-<preset>-random)")
+    parser.add_argument(
+        "--out", type=Path, help="output directory (default artifacts/checkpoints/mistral-<preset>-random)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3)
     parser.add_argument("--no-progress", action="store_true")
     opts = parser.parse_args(argv)
     out = opts.out or Path("artifacts") / "checkpoints" / f"mistral-{opts.preset}-random"
-    make_checkpoint(out, PRESETS[opts.preset], seed=opts.seed, max_shard_bytes=int(opts.max_shard_gb * 1024**3),
-                    progress=not opts.no_progress)
+    make_checkpoint(
+        out,
+        PRESETS[opts.preset],
+        seed=opts.seed,
+        max_shard_bytes=int(opts.max_shard_gb * 1024**3),
+        progress=not opts.no_progress,
+    )
     print(out)
 
 

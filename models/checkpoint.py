@@ -66,7 +66,9 @@ class CheckpointError(ValueError):
 # Finding the checkpoint directory (local, or a Hugging Face Hub repo)
 
 
-def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, progress: bool = True) -> Path:
+def resolve_model_dir(
+    path_or_repo_id: str | os.PathLike, *, revision: str | None = None, progress: bool = True
+) -> Path:
     """The local directory of a checkpoint: `path_or_repo_id` itself when it is a directory, else the
     Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless already there).
 
@@ -85,7 +87,11 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | Non
 
 
 def download_model(
-    repo_id: str, local_dir: str | os.PathLike | None = None, *, revision: str | None = None, progress: bool = True
+    repo_id: str,
+    local_dir: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Download a Hub checkpoint's config, safetensors weights and tokenizer; return its directory.
 
@@ -175,7 +181,11 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
     if single.is_file():
         return {name: single for name in _open_safetensors(single)}
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    hint = f" (found {', '.join(pickles)}: pickled weights are not loaded, convert them to safetensors)" if pickles else ""
+    hint = (
+        f" (found {', '.join(pickles)}: pickled weights are not loaded, convert them to safetensors)"
+        if pickles
+        else ""
+    )
     raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} and no {INDEX_FILE}{hint}")
 
 
@@ -199,12 +209,17 @@ def _open_tensors(files: dict[str, Path]) -> dict[str, mx.array]:
         try:
             tensors[name] = opened[path][name]
         except KeyError:
-            raise CheckpointError(f"{path}: has no tensor {name!r}, though {INDEX_FILE} says it does") from None
+            raise CheckpointError(
+                f"{path}: has no tensor {name!r}, though {INDEX_FILE} says it does"
+            ) from None
     return tensors
 
 
 def _check_tensors(
-    model_dir: Path, tensors: dict[str, mx.array], files: dict[str, Path], expected: dict[str, tuple[int, ...]]
+    model_dir: Path,
+    tensors: dict[str, mx.array],
+    files: dict[str, Path],
+    expected: dict[str, tuple[int, ...]],
 ) -> None:
     """Raise `CheckpointError` for missing, unexpected, misshapen or non-float tensors, before reading data."""
     extra = sorted(k for k in tensors.keys() - expected.keys() if not _ignored(k, expected))
@@ -235,7 +250,9 @@ def _check_tensors(
 
 def _ignored(name: str, expected) -> bool:
     """Tensors a checkpoint may carry that the model rebuilds: RoPE buffers, a tied lm_head's copy."""
-    return name.endswith(IGNORED_TENSOR_SUFFIXES) or (name == "lm_head.weight" and "lm_head.weight" not in expected)
+    return name.endswith(IGNORED_TENSOR_SUFFIXES) or (
+        name == "lm_head.weight" and "lm_head.weight" not in expected
+    )
 
 
 def _some(names: list[str], limit: int = 5) -> str:
@@ -274,7 +291,9 @@ def load_pretrained(
     cache_path = None
     if quant is not None and cache_dir is not None:
         key = cache_key(model_dir, files, quant, dtype)
-        cache_path = Path(cache_dir) / f"{model_dir.name}-{quant.method}{quant.bits}-{dtype_name(dtype)}-{key[:16]}"
+        cache_path = (
+            Path(cache_dir) / f"{model_dir.name}-{quant.method}{quant.bits}-{dtype_name(dtype)}-{key[:16]}"
+        )
         model = _load_cached(cache_path, key, args, quant)
         if model is not None:
             return model
@@ -289,7 +308,9 @@ def load_pretrained(
     return model.eval()
 
 
-def _fill(model: MistralForCausalLM, tensors: dict[str, mx.array], dtype, quant, desc: str, progress: bool) -> None:
+def _fill(
+    model: MistralForCausalLM, tensors: dict[str, mx.array], dtype, quant, desc: str, progress: bool
+) -> None:
     """Move checkpoint tensors into `model` one block at a time, quantizing each decoder layer after it loads."""
     from tqdm.auto import tqdm
 
@@ -297,8 +318,11 @@ def _fill(model: MistralForCausalLM, tensors: dict[str, mx.array], dtype, quant,
 
     def take(module, prefix: str) -> None:
         # pop() so that no reference to a read tensor outlives its block: the file's bytes can be freed.
-        weights = [(name[len(prefix) :], tensors.pop(name).astype(dtype)) for name in list(tensors)
-                   if name.startswith(prefix)]
+        weights = [
+            (name[len(prefix) :], tensors.pop(name).astype(dtype))
+            for name in list(tensors)
+            if name.startswith(prefix)
+        ]
         module.load_weights(weights, strict=False)
 
     blocks = [(f"model.layers.{i}.", layer) for i, layer in enumerate(model.model.layers)]
@@ -371,7 +395,9 @@ def _load_cached(cache_path: Path, key: str, args: ModelArgs, quant) -> MistralF
         model.load_weights(str(weights_path), strict=True)
         mx.eval(model.parameters())
     except (OSError, RuntimeError, ValueError) as err:
-        warnings.warn(f"ignoring unusable quantized-base cache {cache_path} ({err}); quantizing again", stacklevel=3)
+        warnings.warn(
+            f"ignoring unusable quantized-base cache {cache_path} ({err}); quantizing again", stacklevel=3
+        )
         shutil.rmtree(cache_path, ignore_errors=True)
         return None
     return model.eval()

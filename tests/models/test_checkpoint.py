@@ -56,7 +56,10 @@ def test_load_pretrained_matches_transformers(small):
 def test_sharded_checkpoint_loads_like_a_single_file(small, sharded):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
-    one, many = parameters(load_pretrained(small, progress=False)), parameters(load_pretrained(sharded, progress=False))
+    one, many = (
+        parameters(load_pretrained(small, progress=False)),
+        parameters(load_pretrained(sharded, progress=False)),
+    )
     assert one.keys() == many.keys()
     for name in one:
         np.testing.assert_array_equal(one[name], many[name], err_msg=name)
@@ -103,7 +106,10 @@ def test_quantized_base_is_cached_and_reloaded_without_quantizing(small, tmp_pat
     spec = QuantSpec(method="rowwise")
     first = load_pretrained(small, quant=spec, cache_dir=cache, progress=False)
     entries = list(cache.iterdir())
-    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {"model.safetensors", "quantized_base.json"}
+    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {
+        "model.safetensors",
+        "quantized_base.json",
+    }
 
     def fail(*args, **kwargs):
         raise AssertionError("re-quantized although a cached base exists")
@@ -122,7 +128,9 @@ def test_cache_key_separates_specs_dtypes_and_checkpoints(small, make_mistral_ch
     cache = tmp_path / "cache"
     load_pretrained(small, quant=QuantSpec(method="rowwise"), cache_dir=cache, progress=False)
     load_pretrained(small, quant=QuantSpec(method="group", group_size=32), cache_dir=cache, progress=False)
-    load_pretrained(small, quant=QuantSpec(method="rowwise"), dtype="bfloat16", cache_dir=cache, progress=False)
+    load_pretrained(
+        small, quant=QuantSpec(method="rowwise"), dtype="bfloat16", cache_dir=cache, progress=False
+    )
     assert len(list(cache.iterdir())) == 3
     # Same shapes and file sizes, different weights: must not reuse the cached base of `small`.
     other = make_mistral_checkpoint("small", seed=1, **SMALL)  # overwrites `small` in place
@@ -172,8 +180,15 @@ def test_loading_holds_one_dense_layer_at_a_time(tmp_path, method):
 
     from benchmarks.make_checkpoint import make_checkpoint
 
-    config = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                  num_attention_heads=4, num_key_value_heads=2, sliding_window=64)
+    config = dict(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+    )
     out = make_checkpoint(tmp_path / "eight-layers", config, progress=False)
     gc.collect()
     mx.clear_cache()
@@ -182,7 +197,9 @@ def test_loading_holds_one_dense_layer_at_a_time(tmp_path, method):
     model = load_pretrained(out, dtype="float32", quant=method and QuantSpec(method=method), progress=False)
     peak = mx.get_peak_memory() - before
     final = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    layer = sum(v.nbytes for _, v in tree_flatten(load_pretrained(out, progress=False).layers[0].parameters()))
+    layer = sum(
+        v.nbytes for _, v in tree_flatten(load_pretrained(out, progress=False).layers[0].parameters())
+    )
     # Holding the whole model in float32 while loading would add about 8 layers (and 16 from bfloat16 files).
     assert peak - final < 2 * layer
 
@@ -194,7 +211,9 @@ def test_loading_holds_one_dense_layer_at_a_time(tmp_path, method):
 def test_missing_shard_names_the_shard(sharded):
     shard = sorted(sharded.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(CheckpointError, match=f"shard {shard.name} listed in model.safetensors.index.json is missing"):
+    with pytest.raises(
+        CheckpointError, match=f"shard {shard.name} listed in model.safetensors.index.json is missing"
+    ):
         load_pretrained(sharded, progress=False)
 
 
@@ -206,13 +225,17 @@ def test_shape_mismatch_names_tensor_shapes_and_file(small):
         load_pretrained(small, progress=False)
     message = str(raised.value)
     assert str(small / "model.safetensors") in message
-    assert "model.layers.0.mlp.gate_proj.weight has shape (128, 64), but config.json implies (96, 64)" in message
+    assert (
+        "model.layers.0.mlp.gate_proj.weight has shape (128, 64), but config.json implies (96, 64)" in message
+    )
 
 
 @pytest.mark.parametrize(
     "layers, message",
-    [(3, r"tensors that config.json implies are missing from the weights: model\.layers\.2\."),
-     (1, r"unexpected tensors in model\.safetensors, not part of .*: model\.layers\.1\.")],
+    [
+        (3, r"tensors that config.json implies are missing from the weights: model\.layers\.2\."),
+        (1, r"unexpected tensors in model\.safetensors, not part of .*: model\.layers\.1\."),
+    ],
 )
 def test_missing_and_unexpected_tensors_are_named(small, layers, message):
     config_path = small / "config.json"
@@ -270,7 +293,10 @@ def test_repo_id_offline_and_not_cached_says_how_to_download(hub_cache):
     with pytest.raises(CheckpointError) as raised:
         load_pretrained("mistralai/Mistral-7B-v0.1", progress=False)
     message = str(raised.value)
-    assert "mistralai/Mistral-7B-v0.1 is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set" in message
+    assert (
+        "mistralai/Mistral-7B-v0.1 is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set"
+        in message
+    )
     assert "download_model('mistralai/Mistral-7B-v0.1', <dir>)" in message
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE=1 is set"):
         download_model("mistralai/Mistral-7B-v0.1", hub_cache.parent / "download", progress=False)
@@ -294,9 +320,12 @@ def test_benchmark_checkpoint_writer_output_loads_in_transformers_and_here(tmp_p
     """benchmarks/make_checkpoint.py streams its own safetensors; both loaders must read the same weights."""
     from benchmarks.make_checkpoint import PRESETS, make_checkpoint
 
-    out = make_checkpoint(tmp_path / "random", {**PRESETS["tiny"], "vocab_size": 300}, max_shard_bytes=40_000,
-                          progress=False)
-    assert len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 3
+    out = make_checkpoint(
+        tmp_path / "random", {**PRESETS["tiny"], "vocab_size": 300}, max_shard_bytes=40_000, progress=False
+    )
+    assert (
+        len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 3
+    )
     reference = transformers.MistralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ours = parameters(load_pretrained(out, progress=False))
     theirs = {k: v.numpy() for k, v in reference.state_dict().items()}

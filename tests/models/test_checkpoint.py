@@ -44,9 +44,12 @@ def sharded(make_mistral_checkpoint):
     return make_mistral_checkpoint("sharded", max_shard_size="40KB", **SMALL)
 
 
-def test_load_pretrained_matches_transformers(small):
-    model = load_pretrained(small, progress=False)
-    reference = transformers.MistralForCausalLM.from_pretrained(small, dtype=torch.float32).eval()
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied-embeddings"])
+def test_load_pretrained_matches_transformers(make_mistral_checkpoint, tied):
+    checkpoint = make_mistral_checkpoint("tied" if tied else "untied", tie_word_embeddings=tied, **SMALL)
+    model = load_pretrained(checkpoint, progress=False)
+    assert ("lm_head" in model) != tied
+    reference = transformers.MistralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokens = ids()
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens).long()).logits.numpy()

@@ -17,7 +17,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from models.lora import LoRALinear, LoRASpec, apply_lora
 from models.quant import QuantizedLinear, QuantSpec

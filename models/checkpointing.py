@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _checkpointed_class(cls: type) -> type:
     """A subclass of `cls` whose `__call__` runs the original inside `mx.checkpoint`."""
 

@@ -334,7 +334,7 @@ def _fused_group_size(in_features: int) -> int | None:
     return next((g for g in (64, 32) if in_features % g == 0), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dequantize_matmul(method: str, bits: int):
     """`x @ W^T` with W rebuilt from packed arrays; the backward pass rebuilds W again rather than saving it."""
 
@@ -352,7 +352,7 @@ def _dequantize_matmul(method: str, bits: int):
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        x, arrays = primals
+        _, arrays = primals
         grad_x = cotangent @ dense(cotangent.dtype, arrays, cotangent)
         return grad_x, {k: mx.zeros_like(v) for k, v in arrays.items()}  # frozen weights: no gradient
 
@@ -599,7 +599,6 @@ def model_bits_per_weight(model: nn.Module) -> dict[str, float]:
     `model_bits_per_weight` (all stored bits / all weights, dense parameters included),
     `quantized_bytes` and `total_bytes`.
     """
-    from mlx.utils import tree_flatten
 
     q_bits = q_weights = total_bits = total_weights = 0
     for _, module in model.named_modules():
@@ -609,10 +608,10 @@ def model_bits_per_weight(model: nn.Module) -> dict[str, float]:
     quant_ids = {id(m) for _, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     for _, module in model.named_modules():
         if id(module) in quant_ids:
-            total_weights += module.in_features * module.out_features
+            total_weights += module.in_features * module.out_features + ("bias" in module) * module.out_features
             total_bits += sum(v.nbytes for v in module.parameters().values() if isinstance(v, mx.array)) * 8
             continue
-        for _, value in module.items():
+        for value in module.values():
             if isinstance(value, mx.array):
                 total_weights += value.size
                 total_bits += value.nbytes * 8

@@ -10,8 +10,8 @@ from models.checkpointing import (
     gradient_checkpointing_enabled,
 )
 from models.lora import LoRASpec, apply_lora
-from models.quant import QuantSpec, quantize_model
 from models.mistral import MistralDecoderLayer
+from models.quant import QuantSpec, quantize_model
 from tests.models.conftest import build_tiny_model, random_ids
 
 

@@ -76,3 +76,13 @@ def test_bfloat16_export_stores_bfloat16(tmp_path):
     out = save_pretrained(model, tmp_path / "hf", dtype="bfloat16", progress=False)
     reference = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert reference.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_export_reloads_with_our_loader(tmp_path):
+    from models import load_pretrained
+
+    model = build_tiny_model()
+    out = save_pretrained(model, tmp_path / "hf", dtype="float32", max_shard_bytes=100_000, progress=False)
+    reloaded = load_pretrained(out, dtype="float32", progress=False)
+    ids = random_ids()
+    assert mx.array_equal(reloaded(ids), model(ids))

@@ -106,7 +106,7 @@ def test_only_adapters_change_after_an_optimizer_step():
 
     optimizer = optim.AdamW(learning_rate=1e-2, weight_decay=0.1)
     loss, grads = nn.value_and_grad(model, loss_fn)(model)
-    assert set(k for k, _ in tree_flatten(grads)) == {k for k in before if ".lora_" in k}
+    assert {k for k, _ in tree_flatten(grads)} == {k for k in before if ".lora_" in k}
     optimizer.update(model, grads)
     mx.eval(model.parameters(), optimizer.state)
     after = dict(tree_flatten(model.parameters()))

@@ -159,20 +159,18 @@ def test_corrupt_cache_entry_is_rebuilt_with_a_warning(small, tmp_path):
     load_pretrained(small, quant=spec, cache_dir=cache, progress=False)  # and now reloads cleanly
 
 
-def test_safetensors_open_lazily():
+def test_safetensors_open_lazily(tmp_path):
     """The loader relies on `mx.load` reading a tensor only when it is evaluated."""
     import gc
-    import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/big.safetensors"
-        mx.save_safetensors(path, {"a": mx.ones((1024, 1024)), "b": mx.ones((1024, 1024))})
-        gc.collect()
-        before = mx.get_active_memory()
-        arrays = mx.load(path)
-        assert mx.get_active_memory() - before < 1024**2
-        mx.eval(arrays["a"])
-        assert 4 * 1024**2 <= mx.get_active_memory() - before < 8 * 1024**2
+    path = str(tmp_path / "big.safetensors")
+    mx.save_safetensors(path, {"a": mx.ones((1024, 1024)), "b": mx.ones((1024, 1024))})
+    gc.collect()
+    before = mx.get_active_memory()
+    arrays = mx.load(path)
+    assert mx.get_active_memory() - before < 1024**2
+    mx.eval(arrays["a"])
+    assert 4 * 1024**2 <= mx.get_active_memory() - before < 8 * 1024**2
 
 
 @pytest.mark.parametrize("method", [None, "rowwise", "group"])

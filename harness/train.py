@@ -90,7 +90,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         run_dir = continuing
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / build.RUN_CONFIG_FILE, resolve=True)  # what generate/export rebuild from
-    atomic_write_text(run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2))
+    if continuing is None or not (run_dir / JOB_FILE).exists():  # a resumed run keeps the job that started it
+        atomic_write_text(run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"},
+                                                         indent=2))
     trainer = cfg.trainer
     build.seed_everything(trainer.seed)
 

@@ -51,7 +51,7 @@ class TrainResult:
     steps: int
     diverged: bool
     stopped_early: bool  # stop_after_steps reached; the run can be resumed
-    tokens_per_second: float
+    tokens_per_second: float  # non-padding tokens per second of training steps, compilation excluded
     peak_memory_gb: float
     wall_seconds: float
 
@@ -192,7 +192,8 @@ def train_loop(
     first_val_loss = validate_and_checkpoint() if state.step == 0 else None
     final_val_loss = first_val_loss if first_val_loss is not None else float("nan")
     steps_at_start, steps_this_process = state.step, 0
-    window_loss, window_tokens, window_input_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    # Tokens/s counts batch assembly + the step, not validation or checkpoint time.
+    window_loss, window_tokens, window_input_tokens, window_seconds = 0.0, 0, 0, 0.0
     total_input_tokens, train_seconds = 0, 0.0
     diverged = stopped_early = False
     progress = tqdm(total=settings.max_steps, initial=state.step, desc="train", unit="step",
@@ -201,12 +202,13 @@ def train_loop(
 
     while state.step < settings.max_steps:
         # 1. One optimizer step over `grad_accum_steps` micro-batches.
+        step_start = time.perf_counter()
         batches = [next(stream) for _ in range(settings.grad_accum_steps)]
         mx.random.seed(settings.seed * 1_000_003 + state.step)
-        step_start = time.perf_counter()
         loss_sum, n_tokens, grad_norm = train_step(batches)
         mx.eval(loss_sum, n_tokens, grad_norm)
-        train_seconds += time.perf_counter() - step_start
+        step_seconds = time.perf_counter() - step_start
+        window_seconds += step_seconds
         state.step += 1
         steps_this_process += 1
         loss, tokens = float(loss_sum.item()), int(n_tokens.item())
@@ -214,7 +216,9 @@ def train_loop(
         state.tokens_seen += tokens
         window_loss, window_tokens = window_loss + loss, window_tokens + tokens
         window_input_tokens += input_tokens
-        total_input_tokens += input_tokens
+        if steps_this_process > 1:  # the first step of a process includes compilation
+            total_input_tokens += input_tokens
+            train_seconds += step_seconds
 
         # 2. A diverging run stops here, with its state saved and the failure logged.
         if not math.isfinite(loss):
@@ -226,9 +230,8 @@ def train_loop(
 
         # 3. Logging.
         if state.step % settings.log_every == 0 or state.step == settings.max_steps:
-            elapsed = time.perf_counter() - window_start
             mean_loss = window_loss / max(window_tokens, 1)
-            tokens_per_second = window_input_tokens / elapsed if elapsed > 0 else 0.0
+            tokens_per_second = window_input_tokens / window_seconds if window_seconds > 0 else 0.0
             tracker.log({
                 "train/loss": mean_loss,
                 "train/lr": float(optimizer.learning_rate.item()),
@@ -239,8 +242,7 @@ def train_loop(
             }, step=state.step)
             progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}",
                                  mem=f"{peak_memory_gb():.2f}GB")
-            window_loss, window_tokens, window_input_tokens = 0.0, 0, 0
-            window_start = time.perf_counter()
+            window_loss, window_tokens, window_input_tokens, window_seconds = 0.0, 0, 0, 0.0
         progress.update(1)
 
         # 4. Validation and checkpoints.

@@ -51,9 +51,13 @@ def test_every_sweep_job_gets_its_own_wandb_run_grouped_by_study(sweep):
     runs = [list((job / "wandb").glob("offline-run-*/run-*.wandb")) for job in jobs]
     assert all(len(r) == 1 for r in runs)
     assert len({r[0].name for r in runs}) == 3
-    for job in jobs:
+    for job, run in zip(jobs, runs):
         info = json.loads((job / "job.json").read_text())
         assert info["study"] == STUDY and info["storage"] == storage_of(root)
+        # The run record (protobuf, stored as-is offline) carries the group and the override-derived name.
+        record = run[0].read_bytes()
+        assert STUDY.encode() in record
+        assert next(o for o in info["overrides"] if o.startswith("optim.lr=")).encode() in record
 
 
 def test_compare_ranks_trials_and_prints_the_best_overrides(sweep):
@@ -161,3 +165,11 @@ def test_download_offline_fails_with_a_clear_message(tmp_path, hermetic_env):
     assert proc.returncode != 0 and "not reachable" in proc.stderr and "Mistral-7B-v0.1" in proc.stderr
     proc = run_cli("harness.download", "model=tiny", env=hermetic_env, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "nothing to download" in proc.stderr
+
+
+def test_prepare_tokenizes_caches_and_reports(tmp_path, hermetic_env):
+    env = {**hermetic_env, "QLORA_CACHE_DIR": str(tmp_path / "cache")}
+    proc = run_cli("harness.prepare", "data.max_records=300", "data.max_seq_len=128", env=env, cwd=tmp_path)
+    assert "train" in proc.stdout and "validation" in proc.stdout
+    assert list((tmp_path / "cache").rglob("stats.json")), "the tokenized splits are cached for training"
+    assert not list(tmp_path.glob("outputs"))

@@ -177,7 +177,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 
 
 def log_generations(model, tokenizer, validation, cfg: DictConfig, tracker: Tracker, *, step: int) -> None:
-    """Greedy responses to the first few validation prompts: a W&B table and `generations.jsonl`."""
+    """Greedy responses (final weights) to the first few validation prompts: a W&B table + `generations.jsonl`."""
     count = min(cfg.trainer.num_sample_prompts, len(validation))
     if count == 0 or (cfg.logger.wandb is not None and not cfg.logger.wandb.log_generations):
         return

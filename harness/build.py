@@ -72,9 +72,11 @@ def build_base_model(model_cfg: DictConfig, quant_cfg: DictConfig | None, *, cac
     model = MistralForCausalLM(args)
     if dtype != mx.float32:
         model.set_dtype(dtype)
-    mx.eval(model.parameters())
     if spec is not None and spec.enabled:
+        # The random weights are still lazy: quantizing layer by layer materializes one dense layer at a time,
+        # so a 7B shape never exists in full precision.
         quantize_model(model, spec, progress=progress)
+    mx.eval(model.parameters())
     return model
 
 

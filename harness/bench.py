@@ -1,0 +1,236 @@
+"""Training-step benchmark: our stack beside mlx-lm's trainer on the identical shape, in the same run.
+
+    python -m harness.bench                                   # tiny shape, 8 x 128, rowwise 4-bit, LoRA r=8
+    python -m harness.bench model=mistral-7b-shape --batch 8 --seq 512 --compare-mlx-lm
+    python -m harness.bench model=mistral-7b-shape --batch 4 --seq 512 --checkpointing
+
+Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
+quantization, LoRA and optimizer exactly as `harness.train` does, and times the trainer's own compiled step
+(`harness.training.TrainStep`). Each stack runs in a fresh process so its peak memory and time to first step
+are its own. Reported per stack: median seconds per step after warm-up (every step synchronized), tokens/s,
+model FLOP utilisation against a matmul rate measured in the same run, peak memory, time to first step.
+"""
+
+from __future__ import annotations
+
+import time
+
+_PROCESS_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import models  # noqa: E402,F401  (loads the fast BLAS before MLX)
+import mlx.core as mx  # noqa: E402
+
+from models.backend import backend_name, compute_dtype, describe  # noqa: E402
+from models.mistral import ModelArgs  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class Result:
+    stack: str
+    shape: str
+    batch: int
+    seq: int
+    checkpointing: bool
+    quant: str
+    trainable_params: int
+    step_seconds: float
+    tokens_per_second: float
+    tflops_per_second: float  # model FLOPs (4N + attention + LoRA per token) / step time
+    matmul_tflops: float  # dense matmul rate of this device in the compute dtype, measured in this run
+    mfu: float
+    peak_memory_gb: float
+    first_step_seconds: float  # process start -> end of the first training step (build, compile included)
+    device: str
+    dtype: str
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import harness.schema  # noqa: F401  (registers the structured configs)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def flops_per_token(args: ModelArgs, seq: int, lora_rank: int, lora_layers: int, lora_modules: list[str]) -> float:
+    """Model FLOPs of one LoRA training token: 4N for the frozen matmuls (forward, and backward to the
+    activations; no weight gradients), causal attention forward+backward, and the adapters (6 r (in + out))."""
+    q_dim, kv_dim = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    shapes = {
+        "q_proj": (args.hidden_size, q_dim), "k_proj": (args.hidden_size, kv_dim),
+        "v_proj": (args.hidden_size, kv_dim), "o_proj": (q_dim, args.hidden_size),
+        "gate_proj": (args.hidden_size, args.intermediate_size),
+        "up_proj": (args.hidden_size, args.intermediate_size),
+        "down_proj": (args.intermediate_size, args.hidden_size),
+    }
+    layer_params = sum(i * o for i, o in shapes.values())
+    n = args.num_hidden_layers * layer_params + args.hidden_size * args.vocab_size
+    attention = 3 * 2 * args.num_hidden_layers * q_dim * seq  # QK^T and AV, causal (half), fwd + 2x bwd
+    lora = 6 * lora_rank * lora_layers * sum(sum(shapes[m]) for m in lora_modules)
+    return 4 * n + attention + lora
+
+
+def matmul_tflops(dtype: mx.Dtype) -> float:
+    """Dense matmul rate (TFLOP/s) of the default device in `dtype`, median of a few synchronized runs."""
+    size = 2048 if backend_name() == "cpu" else 8192
+    a = mx.random.normal((size, size)).astype(dtype)
+    b = mx.random.normal((size, size)).astype(dtype)
+    mx.eval(a, b)
+    times = _time(lambda: mx.eval(a @ b), warmup=1, repeat=3 if backend_name() == "cpu" else 10)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def _time(fn, *, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def synthetic_tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> mx.array:
+    """Random token ids `(batch, seq)` (never 0, the padding id): every position is a loss token."""
+    return mx.random.randint(3, vocab, (batch, seq), key=mx.random.key(seed)).astype(mx.int32)
+
+
+def _finish(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str) -> Result:
+    step = statistics.median(times)
+    lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
+    flops = flops_per_token(args, seq, cfg.lora.rank, lora_layers, list(cfg.lora.target_modules))
+    achieved = flops * batch * seq / step / 1e12
+    ceiling = matmul_tflops(compute_dtype("auto"))  # the device's best dense rate, the same for every stack
+    return Result(
+        stack=stack, shape=cfg.model.name, batch=batch, seq=seq, checkpointing=ckpt,
+        quant=quant, trainable_params=trainable, step_seconds=step,
+        tokens_per_second=batch * seq / step, tflops_per_second=achieved, matmul_tflops=ceiling,
+        mfu=achieved / ceiling, peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
+        device=describe()["device"] + f" ({platform.processor() or platform.machine()})",
+        dtype=str(dtype).replace("mlx.core.", ""),
+    )
+
+
+def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
+    """Time `harness.training.TrainStep` on the model `harness.build` makes from `cfg`."""
+    from harness.build import build_model, build_optimizer
+    from harness.training import TrainStep
+    from models.lora import trainable_parameter_count
+
+    model = build_model(cfg, progress=False)
+    optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
+    step = TrainStep(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
+    tokens = synthetic_tokens(batch, seq, model.args.vocab_size)
+    data = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
+    model.train()
+
+    def run():
+        mx.eval(step([data]), model.trainable_parameters(), optimizer.state)
+
+    run()
+    first_step = time.perf_counter() - _PROCESS_START
+    times = _time(run, warmup=max(warmup - 1, 0), repeat=steps)
+    return _finish("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
+                   trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
+                   f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}")
+
+
+def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> dict | None:
+    """Run one stack in a fresh process; returns its result, or None (with the error shown) if it failed."""
+    command = [sys.executable, "-m", "harness.bench", "--stack", stack, "--batch", str(options.batch),
+               "--seq", str(options.seq), "--steps", str(options.steps), "--warmup", str(options.warmup),
+               *(["--checkpointing"] if options.checkpointing else []), *overrides]
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(f"{stack} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n")
+    return None
+
+
+def print_table(results: list[dict]) -> None:
+    columns = [("stack", "{}"), ("shape", "{}"), ("batch", "{}"), ("seq", "{}"), ("checkpointing", "{}"),
+               ("quant", "{}"), ("dtype", "{}"), ("tokens_per_second", "{:,.0f}"), ("step_seconds", "{:.3f}"),
+               ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"), ("peak_memory_gb", "{:.2f}"),
+               ("first_step_seconds", "{:.1f}")]
+    headers = ["stack", "shape", "batch", "seq", "ckpt", "quant", "dtype", "tok/s", "s/step", "TFLOP/s", "MFU",
+               "peak GB", "1st step s"]
+    rows = [[fmt.format(r[key]) for key, fmt in columns] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    if results:
+        r = results[0]
+        print(f"\ndevice: {r['device']}; matmul ceiling {r['matmul_tflops']:.3g} TFLOP/s ({r['dtype']}); "
+              f"trainable params {r['trainable_params']:,}")
+        ours = next((x for x in results if x["stack"] == "ours"), None)
+        for other in results:
+            if ours and other is not ours:
+                print(f"ours / {other['stack']}: {ours['tokens_per_second'] / other['tokens_per_second']:.1f}x "
+                      f"tokens/s, {ours['peak_memory_gb'] / max(other['peak_memory_gb'], 1e-9):.2f}x peak memory")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Time compiled QLoRA training steps (ours, optionally mlx-lm).")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml, e.g. model=mistral-7b-shape")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    parser.add_argument("--compare-mlx-lm", action="store_true", help="also time mlx-lm's trainer")
+    parser.add_argument("--json", type=Path, help="append the results (one JSON object per line) to this file")
+    parser.add_argument("--stack", choices=["ours", "mlx-lm"], help=argparse.SUPPRESS)  # child process
+    options = parser.parse_args(argv)
+
+    overrides = list(options.overrides)
+    if options.checkpointing:
+        overrides.append("trainer.gradient_checkpointing=true")
+    if options.stack:
+        cfg = compose(overrides)
+        if options.stack == "ours":
+            result = bench_ours(cfg, options.batch, options.seq, options.steps, options.warmup)
+        else:
+            from harness.mlx_lm_baseline import bench_mlx_lm
+
+            result = bench_mlx_lm(cfg, options.batch, options.seq, options.steps, options.warmup,
+                                  process_start=_PROCESS_START, finish=_finish)
+        print("RESULT " + json.dumps(asdict(result)), flush=True)
+        return
+
+    results = [r for r in [run_stack("ours", options.overrides, options)] if r]
+    if options.compare_mlx_lm:
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            print("mlx-lm is not installed (pip install -e '.[bench]'); skipping the comparison", file=sys.stderr)
+        else:
+            results += [r for r in [run_stack("mlx-lm", options.overrides, options)] if r]
+    print_table(results)
+    if options.json:
+        with options.json.open("a") as f:
+            for r in results:
+                f.write(json.dumps({**r, "date": time.strftime("%Y-%m-%d")}) + "\n")
+    if not results:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""mlx-lm's QLoRA trainer on the shape `harness.bench` times ours on: the comparison anchor.
+
+Built the way mlx-lm users get it: the Mistral architecture from `mlx_lm.models` (its "llama" module), weights
+in bfloat16 quantized by `mlx.nn.quantize` to 4 bits in groups of 64 (as mlx-community's 4-bit checkpoints
+are: every linear and the embedding), LoRA from `mlx_lm.tuner.utils.linear_to_lora_layers`, the loss
+`mlx_lm.tuner.trainer.default_loss`, gradient checkpointing with `mlx_lm.tuner.trainer.grad_checkpoint`, and a
+step compiled with the model and optimizer state as mlx-lm's trainer compiles its own.
+Only `harness.bench` imports this module (mlx-lm is an optional dependency: `pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from harness.bench import _time, synthetic_tokens
+from harness.build import plain
+from models.mistral import ModelArgs
+
+
+def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict):
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    args = llama.ModelArgs.from_dict({"model_type": "mistral", **arch})
+    model = llama.Model(args)
+    model.set_dtype(mx.bfloat16)
+    # Quantize one block at a time so a 7B model never exists in full precision.
+    for layer in model.model.layers:
+        nn.quantize(layer, group_size=group_size, bits=quant_bits)
+        mx.eval(layer.parameters())
+    nn.quantize(model, group_size=group_size, bits=quant_bits)
+    mx.eval(model.parameters())
+    model.freeze()
+    keys = [f"{'self_attn' if m.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{m}"
+            for m in lora["target_modules"]]
+    linear_to_lora_layers(model, args.num_hidden_layers,
+                          {"rank": lora["rank"], "scale": lora["alpha"] / lora["rank"], "dropout": lora["dropout"],
+                           "keys": keys})
+    return model
+
+
+def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_start: float, finish):
+    from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
+
+    arch = plain(cfg.model.arch)
+    model = build_mlx_lm_model(arch, cfg.quant.bits, 64, plain(cfg.lora))
+    if cfg.trainer.gradient_checkpointing:
+        grad_checkpoint(model.layers[0])
+    optimizer = optim.AdamW(learning_rate=cfg.optim.lr)
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(tokens, lengths):
+        (loss, n_tokens), grads = loss_value_and_grad(model, tokens, lengths)
+        optimizer.update(model, grads)
+        return loss, n_tokens
+
+    tokens = synthetic_tokens(batch, seq, arch["vocab_size"])
+    lengths = mx.array([[0, seq]] * batch)
+    model.train()
+
+    def run():
+        mx.eval(step(tokens, lengths), model.trainable_parameters(), optimizer.state)
+
+    run()
+    first_step = time.perf_counter() - process_start
+    times = _time(run, warmup=max(warmup - 1, 0), repeat=steps)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    args = ModelArgs(**arch)
+    return finish("mlx-lm", cfg, args, batch, seq, cfg.trainer.gradient_checkpointing, trainable, times,
+                  first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64")

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 STATE_FILE = "state.json"
@@ -65,15 +65,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 def capture_rng(state: TrainState) -> None:
     """Record numpy's global RNG. MLX's key cannot be set back, so the loop reseeds it from (seed, step)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state.numpy_rng = {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "cached": float(cached)}
+    state.numpy_rng = {
+        "name": name,
+        "keys": keys.tolist(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def restore_rng(state: TrainState) -> None:
     if state.numpy_rng:
         r = state.numpy_rng
-        np.random.set_state((r["name"], np.array(r["keys"], dtype=np.uint32), r["pos"], r["has_gauss"],
-                             r["cached"]))
+        np.random.set_state(
+            (r["name"], np.array(r["keys"], dtype=np.uint32), r["pos"], r["has_gauss"], r["cached"])
+        )
 
 
 def save_optimizer(optimizer: optim.Optimizer, path: Path) -> None:
@@ -85,14 +91,18 @@ def load_optimizer(optimizer: optim.Optimizer, path: Path, model: nn.Module) -> 
     """Restore `optimizer.state` saved by `save_optimizer`; the tree must match the model's trainable parameters."""
     try:
         flat = mx.load(str(path))
-    except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file
-        raise CheckpointError(f"{path}: cannot read optimizer state ({err}); the checkpoint is corrupt") from err
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot read optimizer state ({err}); the checkpoint is corrupt"
+        ) from err
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     found = {k.rsplit(".", 1)[0] for k in flat if k not in ("step", "learning_rate")}
     if found != expected:
         missing = sorted(expected - found)[:3]
-        raise CheckpointError(f"{path}: optimizer state does not match the model's LoRA parameters "
-                              f"(e.g. missing {missing}); was it written with another lora config?")
+        raise CheckpointError(
+            f"{path}: optimizer state does not match the model's LoRA parameters "
+            f"(e.g. missing {missing}); was it written with another lora config?"
+        )
     optimizer.state = tree_unflatten(list(flat.items()))
     optimizer.init(model.trainable_parameters())
 
@@ -156,7 +166,9 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, load_weights_fn) -> TrainState:
+def load_checkpoint(
+    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, load_weights_fn
+) -> TrainState:
     """Restore the latest checkpoint of `run_dir` into `model` (adapter weights) and `optimizer`; RNGs too.
 
     `load_weights_fn(model, adapters_file)` loads LoRA weights into a model that already has LoRA applied.
@@ -173,7 +185,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
         load_weights_fn(model, adapters)
     except CheckpointError:
         raise
-    except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file
+    except Exception as err:
         raise CheckpointError(f"{adapters}: cannot load adapters ({err}); the checkpoint is corrupt") from err
     load_optimizer(optimizer, ckpt / OPTIMIZER_FILE, model)
     restore_rng(state)

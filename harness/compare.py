@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import models  # noqa: F401  (first: fast BLAS before mlx)
 from harness.tracking import read_metrics
 
 JOB_FILE = "job.json"
@@ -69,8 +68,11 @@ def swept_overrides(trials: list[Trial]) -> list[str]:
         for override in trial.overrides:
             key, _, value = override.partition("=")
             values.setdefault(key, set()).add(value)
-    return [key for key, seen in values.items()
-            if (len(seen) > 1 or len(trials) == 1) and not key.startswith(LOCATION_PREFIXES)]
+    return [
+        key
+        for key, seen in values.items()
+        if (len(seen) > 1 or len(trials) == 1) and not key.startswith(LOCATION_PREFIXES)
+    ]
 
 
 def load_study(trials: list[Trial], storage: str | None):
@@ -111,9 +113,17 @@ def format_table(trials: list[Trial], keys: list[str]) -> str:
     rows = []
     for rank, trial in enumerate(trials, 1):
         values = dict(o.partition("=")[::2] for o in trial.overrides)
-        rows.append([str(rank), *(values.get(k, "") for k in keys), f"{trial.best_val_loss:.4f}",
-                     f"{trial.tokens_per_second:.0f}", f"{trial.peak_memory_gb:.2f}", trial.status,
-                     str(trial.run_dir)])
+        rows.append(
+            [
+                str(rank),
+                *(values.get(k, "") for k in keys),
+                f"{trial.best_val_loss:.4f}",
+                f"{trial.tokens_per_second:.0f}",
+                f"{trial.peak_memory_gb:.2f}",
+                trial.status,
+                str(trial.run_dir),
+            ]
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -143,7 +153,9 @@ def plot(trials: list[Trial], importances: dict[str, float], out: Path, keys: li
         if trial.val_curve:
             steps, losses = zip(*trial.val_curve)
             curves.plot(steps, losses, marker="o", markersize=3, label=trial_label(trial, keys))
-    curves.set(xlabel="optimizer step", ylabel="validation loss (nats/token)", title="validation loss per trial")
+    curves.set(
+        xlabel="optimizer step", ylabel="validation loss (nats/token)", title="validation loss per trial"
+    )
     if any(t.val_curve for t in trials):
         curves.legend(fontsize=7)
     if importances:
@@ -152,8 +164,9 @@ def plot(trials: list[Trial], importances: dict[str, float], out: Path, keys: li
         bars.invert_yaxis()
         bars.set(xlabel="importance (fANOVA)", title="Optuna parameter importances")
     else:
-        bars.text(0.5, 0.5, "importances need an Optuna study\nwith 2+ completed trials", ha="center",
-                  va="center")
+        bars.text(
+            0.5, 0.5, "importances need an Optuna study\nwith 2+ completed trials", ha="center", va="center"
+        )
         bars.set_axis_off()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,12 +175,15 @@ def plot(trials: list[Trial], importances: dict[str, float], out: Path, keys: li
     return out
 
 
-def compare(target: str, *, root: str | Path = "multirun", storage: str | None = None,
-            out: str | Path | None = None) -> dict[str, Any]:
+def compare(
+    target: str, *, root: str | Path = "multirun", storage: str | None = None, out: str | Path | None = None
+) -> dict[str, Any]:
     """Print the comparison and write the figure; returns the sorted trials, best line, importances, figure."""
     trials = find_trials(target, Path(root))
     if not trials:
-        raise SystemExit(f"no trials found for {target!r} (a multirun directory, or a study name under {root})")
+        raise SystemExit(
+            f"no trials found for {target!r} (a multirun directory, or a study name under {root})"
+        )
     trials.sort(key=sort_key)
     study = load_study(trials, storage)
     importances = parameter_importances(study) if study is not None else {}
@@ -177,27 +193,41 @@ def compare(target: str, *, root: str | Path = "multirun", storage: str | None =
     print(format_table(trials, keys))
     best = trials[0]
     line = best_override_line(best)
-    print(f"\nbest: python -m harness.train {line}" if math.isfinite(best.best_val_loss)
-          else "\nno trial finished with a finite validation loss")
+    print(
+        f"\nbest: python -m harness.train {line}"
+        if math.isfinite(best.best_val_loss)
+        else "\nno trial finished with a finite validation loss"
+    )
     if study is not None:
         states: dict[str, int] = {}
         for t in study.trials:
             states[t.state.name] = states.get(t.state.name, 0) + 1
-        print(f"study {study.study_name}: {len(study.trials)} trials " +
-              ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+        print(
+            f"study {study.study_name}: {len(study.trials)} trials "
+            + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
+        )
     if importances:
         print("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     print(f"figure: {figure}")
-    return {"trials": trials, "best_overrides": line, "importances": importances, "figure": figure,
-            "study": study}
+    return {
+        "trials": trials,
+        "best_overrides": line,
+        "importances": importances,
+        "figure": figure,
+        "study": study,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (`qlora-compare`)."""
     parser = argparse.ArgumentParser(prog="python -m harness.compare", description=__doc__.split("\n")[0])
     parser.add_argument("target", help="a multirun directory, or an Optuna study name")
-    parser.add_argument("--root", default="multirun", help="where to look for a study's jobs (paths.multirun)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: the one the sweep used)")
+    parser.add_argument(
+        "--root", default="multirun", help="where to look for a study's jobs (paths.multirun)"
+    )
+    parser.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: the one the sweep used)"
+    )
     parser.add_argument("--out", default=None, help="PNG to write (default: <target or root>/compare.png)")
     args = parser.parse_args(argv)
     compare(args.target, root=args.root, storage=args.storage, out=args.out)

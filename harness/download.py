@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHT_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                   "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+WEIGHT_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
 
 
 class DownloadError(RuntimeError):
@@ -40,15 +48,19 @@ def download_model(repo_id: str, out_dir: str | Path, *, revision: str | None = 
 
 def run(cfg) -> Path:
     if not cfg.model.path:
-        raise DownloadError(f"model={cfg.model.name} has no `path` (it is built with random weights): nothing to "
-                            "download; try model=mistral-7b")
+        raise DownloadError(
+            f"model={cfg.model.name} has no `path` (it is built with random weights): nothing to "
+            "download; try model=mistral-7b"
+        )
     if Path(cfg.model.path).is_dir():
         print(f"{cfg.model.path} is already a local directory")
         return Path(cfg.model.path)
     out = Path(cfg.out_dir or Path(cfg.paths.models) / cfg.model.path.split("/")[-1])
     path = download_model(cfg.model.path, out, revision=cfg.revision)
-    print(f"downloaded {cfg.model.path} to {path}\ntrain with: python -m harness.train model={cfg.model.name} "
-          f"model.path={path}")
+    print(
+        f"downloaded {cfg.model.path} to {path}\ntrain with: python -m harness.train model={cfg.model.name} "
+        f"model.path={path}"
+    )
     return path
 
 

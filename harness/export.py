@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models  # noqa: F401  (first: fast BLAS before mlx)
-
 from harness import build
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, which: str = "best",
-               dtype: str = "float32", merged: bool = True, peft: bool = True) -> dict[str, Path]:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    which: str = "best",
+    dtype: str = "float32",
+    merged: bool = True,
+    peft: bool = True,
+) -> dict[str, Path]:
     """Export the `which` adapters of `run_dir`; returns the written directories by kind."""
     from models.adapters import save_peft_adapters
     from models.export import export_merged
@@ -24,8 +29,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, which:
     out = Path(out_dir) if out_dir else Path(run_dir) / "export"
     written = {}
     if peft:  # before merging: merging folds the adapters into the base in place
-        written["peft"] = save_peft_adapters(model, out / "peft", build.lora_spec(cfg.lora),
-                                             build.base_model_id(cfg.model))
+        written["peft"] = save_peft_adapters(
+            model, out / "peft", build.lora_spec(cfg.lora), build.base_model_id(cfg.model)
+        )
     if merged:
         written["merged"] = export_merged(model, out / "merged", tokenizer_path=tokenizer.path, dtype=dtype)
     for kind, path in written.items():
@@ -34,8 +40,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, which:
 
 
 def run(cfg) -> dict[str, Path]:
-    return export_run(cfg.run_dir, cfg.out_dir, which=cfg.adapters, dtype=cfg.dtype, merged=cfg.merged,
-                      peft=cfg.peft)
+    return export_run(
+        cfg.run_dir, cfg.out_dir, which=cfg.adapters, dtype=cfg.dtype, merged=cfg.merged, peft=cfg.peft
+    )
 
 
 def main() -> None:

@@ -8,12 +8,11 @@ streamed to stdout as they are sampled (temperature / top-p), with a KV cache.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
-import models  # noqa: F401  (first: fast BLAS before mlx)
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 
 def sample_next_token(logits: mx.array, temperature: float, top_p: float) -> mx.array:
@@ -76,16 +75,22 @@ def complete(
     prompt_ids = [tokenizer.bos_id, *tokenizer.encode(format_prompt(record, template))]
     ids: list[int] = []
     shown = ""
-    for token_id in generate_tokens(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, eos_id=tokenizer.eos_id):
+    for token_id in generate_tokens(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_id=tokenizer.eos_id,
+    ):
         ids.append(token_id)
         text = tokenizer.decode(ids, continuation=True)
         if on_text is not None and len(text) > len(shown) and not text.endswith("\ufffd"):
-            on_text(text[len(shown):])
+            on_text(text[len(shown) :])
             shown = text
     text = tokenizer.decode(ids, continuation=True)
     if on_text is not None and len(text) > len(shown):
-        on_text(text[len(shown):])
+        on_text(text[len(shown) :])
     model.train(was_training)
     return text
 
@@ -93,10 +98,12 @@ def complete(
 def load_exported(model_dir: str | Path):
     """`(model, tokenizer)` from an exported (merged) Hugging Face directory."""
     from harness.data import load_tokenizer
-    from models.checkpoint import load_pretrained
     from models.backend import compute_dtype
+    from models.checkpoint import load_pretrained
 
-    return load_pretrained(str(model_dir), dtype=compute_dtype("auto"), progress=False), load_tokenizer(model_dir)
+    return load_pretrained(str(model_dir), dtype=compute_dtype("auto"), progress=False), load_tokenizer(
+        model_dir
+    )
 
 
 def run(cfg) -> list[str]:
@@ -116,9 +123,16 @@ def run(cfg) -> list[str]:
     responses = []
     for instruction in prompts:
         record = {"instruction": instruction, "context": cfg.context}
-        response = complete(model, tokenizer, record, template=template, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_p=cfg.top_p,
-                            on_text=lambda piece: print(piece, end="", flush=True))
+        response = complete(
+            model,
+            tokenizer,
+            record,
+            template=template,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            on_text=lambda piece: print(piece, end="", flush=True),
+        )
         print(flush=True)
         responses.append(response)
     return responses

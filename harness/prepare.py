@@ -6,8 +6,6 @@ template, lengths and split), so running this first only moves the work ahead of
 
 from __future__ import annotations
 
-import models  # noqa: F401  (first: fast BLAS before mlx)
-
 from harness import build
 
 

@@ -8,7 +8,7 @@ fails when Hydra composes the config, with a message naming the key (e.g. `Key '
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -29,7 +29,7 @@ class ArchConfig:
     num_attention_heads: int = 8
     num_key_value_heads: int = 2
     max_position_embeddings: int = 32768
-    sliding_window: Optional[int] = 32768
+    sliding_window: int | None = 32768
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -41,8 +41,8 @@ class ModelConfig:
 
     name: str = MISSING
     # HF repo id or local directory with config.json + safetensors; null builds `arch` with random weights.
-    path: Optional[str] = None
-    arch: Optional[ArchConfig] = field(default_factory=ArchConfig)
+    path: str | None = None
+    arch: ArchConfig | None = field(default_factory=ArchConfig)
     init_seed: int = 0  # random init of a `path: null` model
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU (models.backend)
 
@@ -68,7 +68,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
-    layers: Optional[list[int]] = None  # null: every decoder layer
+    layers: list[int] | None = None  # null: every decoder layer
 
 
 @dataclass
@@ -92,18 +92,18 @@ class TrainerConfig:
     """How long to train, how often to validate/checkpoint, seeds."""
 
     epochs: float = 1.0  # used when max_steps is null
-    max_steps: Optional[int] = None  # optimizer steps; wins over epochs
+    max_steps: int | None = None  # optimizer steps; wins over epochs
     batch_size: int = 4  # examples per micro-batch
     eval_batch_size: int = 8
     eval_every: int = 50  # optimizer steps between validations (0: only at the end)
-    max_eval_examples: Optional[int] = None  # null: the whole validation split
+    max_eval_examples: int | None = None  # null: the whole validation split
     log_every: int = 10
     save_every: int = 0  # optimizer steps between checkpoints of the latest state (0: at validation only)
     seed: int = 0  # data order, dropout, numpy
     gradient_checkpointing: bool = False
     compile: bool = True
     # Stop (cleanly, with a checkpoint) after this many optimizer steps of this process; resume continues.
-    stop_after_steps: Optional[int] = None
+    stop_after_steps: int | None = None
     # Generations for a few fixed validation prompts at the end (W&B table + generations.jsonl).
     num_sample_prompts: int = 3
     sample_max_new_tokens: int = 32
@@ -113,16 +113,16 @@ class TrainerConfig:
 @dataclass
 class WandbConfig:
     project: str = "mistral-dolly-qlora"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "offline"  # offline | online | disabled
-    group: Optional[str] = None  # null: the Optuna study name in a sweep, else none
+    group: str | None = None  # null: the Optuna study name in a sweep, else none
     tags: list[str] = field(default_factory=list)
     log_generations: bool = True
 
 
 @dataclass
 class LoggerConfig:
-    wandb: Optional[WandbConfig] = field(default_factory=WandbConfig)  # null: no W&B (`logger=none`)
+    wandb: WandbConfig | None = field(default_factory=WandbConfig)  # null: no W&B (`logger=none`)
 
 
 @dataclass
@@ -150,17 +150,17 @@ class TrainRoot:
     # false | true (continue the run in this run dir) | a run directory to continue.
     resume: Any = False
     # Free-form tags for the experiment (the `experiment/` configs set it).
-    experiment_name: Optional[str] = None
+    experiment_name: str | None = None
 
 
 @dataclass
 class GenerateRoot:
     """`conf/generate.yaml`: sample from a trained run (base + adapters) or an exported model."""
 
-    run_dir: Optional[str] = None  # a training run directory: its base model + adapters
+    run_dir: str | None = None  # a training run directory: its base model + adapters
     adapters: str = "best"  # best | latest checkpoint of run_dir
-    model_dir: Optional[str] = None  # an exported (merged) HF directory instead of run_dir
-    prompt: Optional[str] = None  # an instruction; null: read instructions from stdin, one per line
+    model_dir: str | None = None  # an exported (merged) HF directory instead of run_dir
+    prompt: str | None = None  # an instruction; null: read instructions from stdin, one per line
     context: str = ""
     max_new_tokens: int = 128
     temperature: float = 0.7  # 0: greedy
@@ -175,7 +175,7 @@ class ExportRoot:
 
     run_dir: str = MISSING
     adapters: str = "best"  # best | latest
-    out_dir: Optional[str] = None  # null: <run_dir>/export
+    out_dir: str | None = None  # null: <run_dir>/export
     dtype: str = "float32"  # merged weights: float32 | bfloat16 | float16
     merged: bool = True
     peft: bool = True
@@ -188,8 +188,8 @@ class DownloadRoot:
 
     model: ModelConfig = MISSING
     paths: PathsConfig = MISSING
-    out_dir: Optional[str] = None  # null: <paths.models>/<repo name>
-    revision: Optional[str] = None
+    out_dir: str | None = None  # null: <paths.models>/<repo name>
+    revision: str | None = None
 
 
 @dataclass

@@ -66,14 +66,15 @@ class Tracker:
             os.replace(tmp, self.metrics_path)
         elif resume_step is None and self.metrics_path.exists():
             self.metrics_path.unlink()
-        self._file = open(self.metrics_path, "a")
+        self._file = open(self.metrics_path, "a")  # noqa: SIM115 - open for the whole run, closed in finish()
         self.wandb_run = None
         self.wandb_dir = None
         if wandb is not None and wandb.get("mode") != "disabled":
             self._start_wandb(wandb, config, name, group)
 
-    def _start_wandb(self, settings: dict[str, Any], config: dict[str, Any], name: str | None,
-                     group: str | None) -> None:
+    def _start_wandb(
+        self, settings: dict[str, Any], config: dict[str, Any], name: str | None, group: str | None
+    ) -> None:
         # Thread start method: the documented fix for hangs under multiprocessing launchers (joblib/loky).
         os.environ.setdefault("WANDB_START_METHOD", "thread")
         import wandb
@@ -113,8 +114,7 @@ class Tracker:
         """A small table (e.g. generations for fixed prompts): W&B Table, and `<key>.jsonl` in the run dir."""
         path = self.run_dir / f"{key.replace('/', '_')}.jsonl"
         with open(path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(dict(zip(columns, row))) + "\n")
+            f.writelines(json.dumps(dict(zip(columns, row))) + "\n" for row in rows)
         if self.wandb_run is not None:
             import wandb
 

@@ -16,7 +16,6 @@ import math
 import sys
 from pathlib import Path
 
-import models  # noqa: F401  (first: fast BLAS before mlx)
 import hydra
 import mlx.core as mx
 from omegaconf import DictConfig, OmegaConf
@@ -91,8 +90,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / build.RUN_CONFIG_FILE, resolve=True)  # what generate/export rebuild from
     if continuing is None or not (run_dir / JOB_FILE).exists():  # a resumed run keeps the job that started it
-        atomic_write_text(run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"},
-                                                         indent=2))
+        atomic_write_text(
+            run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)
+        )
     trainer = cfg.trainer
     build.seed_everything(trainer.seed)
 
@@ -103,16 +103,33 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     data_cfg = cfg.data
 
     def train_batches(epoch: int, start_batch: int = 0):
-        return batch_iterator(data.train, trainer.batch_size, seed=trainer.seed, epoch=epoch, shuffle=True,
-                              sort_by_length=data_cfg.sort_by_length, sort_chunk_batches=data_cfg.sort_chunk_batches,
-                              pad_to_multiple=data_cfg.pad_to_multiple, max_seq_len=data_cfg.max_seq_len,
-                              pack=data_cfg.pack, start_batch=start_batch)
+        return batch_iterator(
+            data.train,
+            trainer.batch_size,
+            seed=trainer.seed,
+            epoch=epoch,
+            shuffle=True,
+            sort_by_length=data_cfg.sort_by_length,
+            sort_chunk_batches=data_cfg.sort_chunk_batches,
+            pad_to_multiple=data_cfg.pad_to_multiple,
+            max_seq_len=data_cfg.max_seq_len,
+            pack=data_cfg.pack,
+            start_batch=start_batch,
+        )
 
     def val_batches():
-        return validation_batches(validation, trainer.eval_batch_size, pad_to_multiple=data_cfg.pad_to_multiple)
+        return validation_batches(
+            validation, trainer.eval_batch_size, pad_to_multiple=data_cfg.pad_to_multiple
+        )
 
-    batches_per_epoch = num_batches(data.train, trainer.batch_size, seed=trainer.seed, pack=data_cfg.pack,
-                                    max_seq_len=data_cfg.max_seq_len, sort_chunk_batches=data_cfg.sort_chunk_batches)
+    batches_per_epoch = num_batches(
+        data.train,
+        trainer.batch_size,
+        seed=trainer.seed,
+        pack=data_cfg.pack,
+        max_seq_len=data_cfg.max_seq_len,
+        sort_chunk_batches=data_cfg.sort_chunk_batches,
+    )
     total_steps = build.total_optimizer_steps(trainer, cfg.optim, batches_per_epoch)
     model = build.build_model(cfg, progress=trainer.progress)
     optimizer = build.build_optimizer(cfg.optim, model, total_steps)
@@ -128,21 +145,35 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     state = None
     if continuing is not None and read_state(run_dir) is not None:
         state = load_checkpoint(run_dir, model, optimizer, load_weights)
-        print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})",
-              file=sys.stderr)
+        print(
+            f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})",
+            file=sys.stderr,
+        )
     elif continuing is not None:
         print(f"resume: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
 
     wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
-    config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(run_dir, wandb=wandb_cfg, config=config, name=job["name"] or cfg.experiment_name,
-                      group=job["study"], resume_step=None if state is None else state.step)
+    config = {**OmegaConf.to_container(cfg, resolve=True), "backend": describe()}
+    tracker = Tracker(
+        run_dir,
+        wandb=wandb_cfg,
+        config=config,
+        name=job["name"] or cfg.experiment_name,
+        group=job["study"],
+        resume_step=None if state is None else state.step,
+    )
     result: TrainResult | None = None
     try:
         trainable = trainable_parameter_count(model)
-        tracker.log({"model/trainable_parameters": trainable, "data/train_examples": len(data.train),
-                     "data/validation_examples": len(validation), "train/total_steps": total_steps},
-                    step=0 if state is None else state.step)
+        tracker.log(
+            {
+                "model/trainable_parameters": trainable,
+                "data/train_examples": len(data.train),
+                "data/validation_examples": len(validation),
+                "train/total_steps": total_steps,
+            },
+            step=0 if state is None else state.step,
+        )
         settings = LoopSettings(
             max_steps=total_steps,
             grad_accum_steps=cfg.optim.grad_accum_steps,
@@ -155,21 +186,32 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             progress=trainer.progress,
             seed=trainer.seed,
         )
-        result = train_loop(model, optimizer, train_batches, val_batches, tracker, run_dir, settings,
-                            save_adapters=save, state=state)
+        result = train_loop(
+            model,
+            optimizer,
+            train_batches,
+            val_batches,
+            tracker,
+            run_dir,
+            settings,
+            save_adapters=save,
+            state=state,
+        )
         if not result.diverged and not result.stopped_early:
             log_generations(model, tokenizer, validation, cfg, tracker, step=total_steps)
-        tracker.summary({
-            "best_val_loss": result.best_val_loss,
-            "best_step": result.best_step,
-            "final_val_loss": result.final_val_loss,
-            "first_val_loss": result.first_val_loss,
-            "diverged": result.diverged,
-            "tokens_per_second": result.tokens_per_second,
-            "peak_memory_gb": result.peak_memory_gb,
-            "trainable_parameters": trainable,
-            "wall_seconds": result.wall_seconds,
-        })
+        tracker.summary(
+            {
+                "best_val_loss": result.best_val_loss,
+                "best_step": result.best_step,
+                "final_val_loss": result.final_val_loss,
+                "first_val_loss": result.first_val_loss,
+                "diverged": result.diverged,
+                "tokens_per_second": result.tokens_per_second,
+                "peak_memory_gb": result.peak_memory_gb,
+                "trainable_parameters": trainable,
+                "wall_seconds": result.wall_seconds,
+            }
+        )
         print_summary(run_dir, result, trainable, tracker)
     finally:
         tracker.finish(exit_code=0 if result is not None and not result.diverged else 1)
@@ -186,21 +228,30 @@ def log_generations(model, tokenizer, validation, cfg: DictConfig, tracker: Trac
     rows = []
     for i in range(count):
         record = validation.records[i] if hasattr(validation, "records") else validation[i]["record"]
-        response = complete(model, tokenizer, record, template=cfg.data.template,
-                            max_new_tokens=cfg.trainer.sample_max_new_tokens)
+        response = complete(
+            model,
+            tokenizer,
+            record,
+            template=cfg.data.template,
+            max_new_tokens=cfg.trainer.sample_max_new_tokens,
+        )
         rows.append([record["instruction"], record.get("context", ""), record["response"], response])
     tracker.log_table("generations", ["instruction", "context", "reference", "generated"], rows, step=step)
 
 
 def print_summary(run_dir: Path, result: TrainResult, trainable: int, tracker: Tracker) -> None:
-    status = "DIVERGED (nan/inf loss)" if result.diverged else ("stopped early (resume to continue)"
-                                                                   if result.stopped_early else "finished")
+    status = (
+        "DIVERGED (nan/inf loss)"
+        if result.diverged
+        else ("stopped early (resume to continue)" if result.stopped_early else "finished")
+    )
     best = "n/a" if math.isnan(result.best_val_loss) else f"{result.best_val_loss:.4f}"
     first = "n/a" if result.first_val_loss is None else f"{result.first_val_loss:.4f}"
     lines = [
         f"run            {status}",
         f"val loss       first {first}   best {best} (step {result.best_step})   final {result.final_val_loss:.4f}",
-        f"perplexity     best {math.exp(min(result.best_val_loss, 700)):.2f}" if not math.isnan(result.best_val_loss)
+        f"perplexity     best {math.exp(min(result.best_val_loss, 700)):.2f}"
+        if not math.isnan(result.best_val_loss)
         else "perplexity     n/a",
         f"steps          {result.steps} in {result.wall_seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s",
         f"memory         peak {result.peak_memory_gb:.2f} GB   trainable parameters {trainable:,}",

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx import nn
 from mlx.utils import tree_map
 from tqdm.auto import tqdm
 
@@ -63,7 +64,9 @@ class TrainStep:
     as MLX's docs describe. With one micro-batch, gradient and update run in a single compiled graph.
     """
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True):
+    def __init__(
+        self, model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True
+    ):
         self.model = model
         self.optimizer = optimizer
         loss_and_grad = nn.value_and_grad(model, causal_lm_loss)
@@ -120,8 +123,9 @@ def make_eval_step(model: nn.Module, compile: bool = True) -> Callable[[Batch], 
     return mx.compile(step, inputs=[model.state]) if compile else step
 
 
-def evaluate(model: nn.Module, batches: Iterable[Batch], eval_step, *, progress: bool = False
-             ) -> tuple[float, int]:
+def evaluate(
+    model: nn.Module, batches: Iterable[Batch], eval_step, *, progress: bool = False
+) -> tuple[float, int]:
     """Token-weighted mean loss (nats per token) over `batches`, and the number of loss tokens."""
     was_training = model.training
     model.eval()
@@ -184,8 +188,10 @@ def train_loop(
         is_best = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss)
         if is_best:
             state.best_val_loss, state.best_step = val_loss, state.step
-        tracker.log({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 700)),
-                     "val/tokens": val_tokens}, step=state.step)
+        tracker.log(
+            {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 700)), "val/tokens": val_tokens},
+            step=state.step,
+        )
         save_checkpoint(run_dir, model, optimizer, state, save_adapters, is_best=is_best)
         return val_loss
 
@@ -196,8 +202,14 @@ def train_loop(
     window_loss, window_tokens, window_input_tokens, window_seconds = 0.0, 0, 0, 0.0
     total_input_tokens, train_seconds = 0, 0.0
     diverged = stopped_early = False
-    progress = tqdm(total=settings.max_steps, initial=state.step, desc="train", unit="step",
-                    disable=not settings.progress, dynamic_ncols=True)
+    progress = tqdm(
+        total=settings.max_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=not settings.progress,
+        dynamic_ncols=True,
+    )
     wall_start = time.perf_counter()
 
     while state.step < settings.max_steps:
@@ -232,16 +244,20 @@ def train_loop(
         if state.step % settings.log_every == 0 or state.step == settings.max_steps:
             mean_loss = window_loss / max(window_tokens, 1)
             tokens_per_second = window_input_tokens / window_seconds if window_seconds > 0 else 0.0
-            tracker.log({
-                "train/loss": mean_loss,
-                "train/lr": float(optimizer.learning_rate.item()),
-                "train/grad_norm": float(grad_norm.item()),
-                "train/tokens_per_second": tokens_per_second,
-                "train/peak_memory_gb": peak_memory_gb(),
-                "train/epoch": state.epoch,
-            }, step=state.step)
-            progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}",
-                                 mem=f"{peak_memory_gb():.2f}GB")
+            tracker.log(
+                {
+                    "train/loss": mean_loss,
+                    "train/lr": float(optimizer.learning_rate.item()),
+                    "train/grad_norm": float(grad_norm.item()),
+                    "train/tokens_per_second": tokens_per_second,
+                    "train/peak_memory_gb": peak_memory_gb(),
+                    "train/epoch": state.epoch,
+                },
+                step=state.step,
+            )
+            progress.set_postfix(
+                loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}", mem=f"{peak_memory_gb():.2f}GB"
+            )
             window_loss, window_tokens, window_input_tokens, window_seconds = 0.0, 0, 0, 0.0
         progress.update(1)
 
@@ -254,7 +270,11 @@ def train_loop(
             save_checkpoint(run_dir, model, optimizer, state, save_adapters, is_best=False)
 
         # 5. A deliberate stop (for interrupted/resumed runs): checkpoint and leave.
-        if settings.stop_after_steps is not None and steps_this_process >= settings.stop_after_steps and not last:
+        if (
+            settings.stop_after_steps is not None
+            and steps_this_process >= settings.stop_after_steps
+            and not last
+        ):
             if not (settings.eval_every and state.step % settings.eval_every == 0):
                 save_checkpoint(run_dir, model, optimizer, state, save_adapters, is_best=False)
             stopped_early = True

@@ -1,7 +1,5 @@
 """Fixtures for the harness tests: hermetic environment, composing configs, a finished tiny training run."""
 
-import models  # noqa: F401  (first: fast BLAS before mlx)
-
 import os
 import subprocess
 import sys
@@ -12,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import harness.schema  # noqa: F401  (registers the structured configs)
+import models  # noqa: F401  (first: fast BLAS before mlx)
 from harness.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,13 +58,30 @@ def compose_train(hermetic_env, tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_cli(module: str, *args: str, env: dict, cwd: Path, check: bool = True, timeout: int = 300,
-            stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str,
+    *args: str,
+    env: dict,
+    cwd: Path,
+    check: bool = True,
+    timeout: int = 300,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run `python -m <module> <args>` in `cwd` with the hermetic environment; fail with its output."""
     full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout, input=stdin)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{module} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
     return proc

@@ -27,9 +27,17 @@ def trial_states(root, study=STUDY):
 def sweep(tmp_path_factory, hermetic_env):
     """A 3-trial Optuna sweep of the tiny model in a fresh directory (the SQLite folder does not exist yet)."""
     root = tmp_path_factory.mktemp("sweep")
-    proc = run_cli("harness.train", "-m", "hparams_search=tiny_optuna", *FAST, "hydra.sweeper.n_trials=3",
-                   f"paths.multirun={root}/multirun", "hydra.sweep.dir=" + str(root / "multirun/first"),
-                   env=hermetic_env, cwd=root)
+    proc = run_cli(
+        "harness.train",
+        "-m",
+        "hparams_search=tiny_optuna",
+        *FAST,
+        "hydra.sweeper.n_trials=3",
+        f"paths.multirun={root}/multirun",
+        "hydra.sweep.dir=" + str(root / "multirun/first"),
+        env=hermetic_env,
+        cwd=root,
+    )
     return root, proc
 
 
@@ -75,8 +83,16 @@ def test_compare_ranks_trials_and_prints_the_best_overrides(sweep):
     png = root / "multirun/first/compare.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "importances:" in out
-    by_name = run_cli("harness.compare", STUDY, "--root", str(root / "multirun"), "--out", str(root / "c.png"),
-                      env={}, cwd=root)
+    by_name = run_cli(
+        "harness.compare",
+        STUDY,
+        "--root",
+        str(root / "multirun"),
+        "--out",
+        str(root / "c.png"),
+        env={},
+        cwd=root,
+    )
     assert line in by_name.stdout
 
 
@@ -88,29 +104,53 @@ def test_generate_and_export_on_the_best_run(sweep, hermetic_env):
     args = ["prompt=Name three rivers.", "temperature=0", "max_new_tokens=6"]
     from_run = run_cli("harness.generate", f"run_dir={best}", *args, env=hermetic_env, cwd=root).stdout
     run_cli("harness.export", f"run_dir={best}", f"out_dir={root / 'export'}", env=hermetic_env, cwd=root)
-    assert (root / "export/merged/config.json").is_file() and (root / "export/merged/tokenizer.model").is_file()
+    assert (root / "export/merged/config.json").is_file() and (
+        root / "export/merged/tokenizer.model"
+    ).is_file()
     peft_config = json.loads((root / "export/peft/adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["r"] == study.best_params["lora.rank"]
-    from_export = run_cli("harness.generate", f"model_dir={root / 'export/merged'}", *args, env=hermetic_env,
-                          cwd=root).stdout
+    from_export = run_cli(
+        "harness.generate", f"model_dir={root / 'export/merged'}", *args, env=hermetic_env, cwd=root
+    ).stdout
     assert from_run.strip() and from_run == from_export  # greedy: merged weights act like base + adapters
 
 
 def test_resumed_sweep_adds_trials(sweep, hermetic_env):
     root, _ = sweep
-    run_cli("harness.train", "-m", "hparams_search=tiny_optuna", *FAST, "hydra.sweeper.n_trials=1",
-            f"paths.multirun={root}/multirun", "hydra.sweep.dir=" + str(root / "multirun/second"),
-            env=hermetic_env, cwd=root)
+    run_cli(
+        "harness.train",
+        "-m",
+        "hparams_search=tiny_optuna",
+        *FAST,
+        "hydra.sweeper.n_trials=1",
+        f"paths.multirun={root}/multirun",
+        "hydra.sweep.dir=" + str(root / "multirun/second"),
+        env=hermetic_env,
+        cwd=root,
+    )
     states, _ = trial_states(root)
     assert states == [optuna.trial.TrialState.COMPLETE] * 4
 
 
 def test_a_diverging_trial_fails_without_stopping_the_sweep(tmp_path, hermetic_env):
     # Grid over two learning rates, the first absurd: its loss turns NaN, Optuna marks it FAIL, the sweep goes on.
-    run_cli("harness.train", "-m", "hparams_search=tiny_optuna", *FAST, "logger=none",
-            "hydra.sweeper.study_name=diverging", "hydra.sweeper.n_trials=2", f"paths.multirun={tmp_path}/multirun",
-            "hydra/sweeper/sampler=grid", "lora.rank=4", "data.max_seq_len=64", "optim.grad_clip=0",
-            "optim.lr=choice(1e30,3e-3)", env=hermetic_env, cwd=tmp_path)
+    run_cli(
+        "harness.train",
+        "-m",
+        "hparams_search=tiny_optuna",
+        *FAST,
+        "logger=none",
+        "hydra.sweeper.study_name=diverging",
+        "hydra.sweeper.n_trials=2",
+        f"paths.multirun={tmp_path}/multirun",
+        "hydra/sweeper/sampler=grid",
+        "lora.rank=4",
+        "data.max_seq_len=64",
+        "optim.grad_clip=0",
+        "optim.lr=choice(1e30,3e-3)",
+        env=hermetic_env,
+        cwd=tmp_path,
+    )
     states, study = trial_states(tmp_path, "diverging")
     assert sorted(s.name for s in states) == ["COMPLETE", "FAIL"]
     failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
@@ -119,8 +159,16 @@ def test_a_diverging_trial_fails_without_stopping_the_sweep(tmp_path, hermetic_e
 
 
 def test_two_trials_run_in_parallel_through_joblib(tmp_path, hermetic_env):
-    run_cli("harness.train", "-m", "hydra/launcher=joblib_local", *FAST, "lora.rank=4,8",
-            f"hydra.sweep.dir={tmp_path}/multirun", env=hermetic_env, cwd=tmp_path)
+    run_cli(
+        "harness.train",
+        "-m",
+        "hydra/launcher=joblib_local",
+        *FAST,
+        "lora.rank=4,8",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        env=hermetic_env,
+        cwd=tmp_path,
+    )
     spans = []
     for job in ("0", "1"):
         records = read_metrics(tmp_path / "multirun" / job)
@@ -135,12 +183,28 @@ def test_two_trials_run_in_parallel_through_joblib(tmp_path, hermetic_env):
 
 def test_single_run_with_overrides(tmp_path, hermetic_env):
     run_dir = tmp_path / "run"
-    run_cli("harness.train", *FAST, "lora.rank=4", "lora.target_modules=[q_proj,v_proj]", "quant=nf4",
-            "trainer.gradient_checkpointing=true", "optim.grad_accum_steps=2", "optim=adamw_constant", "optim.lr=3e-3",
-            "logger=none", f"hydra.run.dir={run_dir}", env=hermetic_env, cwd=tmp_path)
-    adapter_config = json.loads((run_dir / "checkpoints").glob("step-*/adapter_config.json").__next__()
-                                .read_text())
-    assert adapter_config["lora"]["rank"] == 4 and adapter_config["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    run_cli(
+        "harness.train",
+        *FAST,
+        "lora.rank=4",
+        "lora.target_modules=[q_proj,v_proj]",
+        "quant=nf4",
+        "trainer.gradient_checkpointing=true",
+        "optim.grad_accum_steps=2",
+        "optim=adamw_constant",
+        "optim.lr=3e-3",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+        env=hermetic_env,
+        cwd=tmp_path,
+    )
+    adapter_config = json.loads(
+        (run_dir / "checkpoints").glob("step-*/adapter_config.json").__next__().read_text()
+    )
+    assert adapter_config["lora"]["rank"] == 4 and adapter_config["lora"]["target_modules"] == [
+        "q_proj",
+        "v_proj",
+    ]
     assert adapter_config["quant"]["method"] == "nf4"
     assert (run_dir / ".hydra/overrides.yaml").is_file()
     records = read_metrics(run_dir)
@@ -152,16 +216,28 @@ def test_single_run_with_overrides(tmp_path, hermetic_env):
 
 
 def test_misspelled_override_fails_naming_the_key(tmp_path, hermetic_env):
-    proc = run_cli("harness.train", "lora.rnak=4", f"hydra.run.dir={tmp_path}/run", env=hermetic_env,
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        "harness.train",
+        "lora.rnak=4",
+        f"hydra.run.dir={tmp_path}/run",
+        env=hermetic_env,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "rnak" in proc.stderr and "LoRAConfig" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_download_offline_fails_with_a_clear_message(tmp_path, hermetic_env):
-    proc = run_cli("harness.download", "model=mistral-7b", f"out_dir={tmp_path}/m", env=hermetic_env,
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        "harness.download",
+        "model=mistral-7b",
+        f"out_dir={tmp_path}/m",
+        env=hermetic_env,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0 and "not reachable" in proc.stderr and "Mistral-7B-v0.1" in proc.stderr
     proc = run_cli("harness.download", "model=tiny", env=hermetic_env, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "nothing to download" in proc.stderr

@@ -20,12 +20,15 @@ def options(group: str) -> list[str]:
 
 def test_default_is_the_embedded_tiny_qlora_run(compose_train):
     cfg = compose_train()
-    assert cfg.model.path is None and cfg.model.arch.hidden_size == 256 and cfg.model.arch.num_hidden_layers == 4
+    assert (
+        cfg.model.path is None and cfg.model.arch.hidden_size == 256 and cfg.model.arch.num_hidden_layers == 4
+    )
     assert (cfg.model.arch.num_attention_heads, cfg.model.arch.num_key_value_heads) == (8, 2)
     assert cfg.model.arch.intermediate_size == 768 and cfg.model.arch.vocab_size == 32000
     assert cfg.quant.method == "rowwise" and cfg.quant.bits == 4
     assert sorted(cfg.lora.target_modules) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     assert cfg.data.source == "embedded:dolly_sample"
     assert cfg.logger.wandb.mode == "offline"
     assert cfg.resume is False
@@ -53,7 +56,10 @@ def test_real_experiment_reads_like_the_experiment(compose_train):
 def test_optuna_search_configures_the_sweeper(compose_train, search):
     cfg = compose_train(f"hparams_search={search}", hydra_config=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and str(sweeper.direction) in ("minimize", "Direction.minimize")
+    assert sweeper._target_.endswith("OptunaSweeper") and str(sweeper.direction) in (
+        "minimize",
+        "Direction.minimize",
+    )
     assert sweeper.storage.startswith("sqlite:///") and sweeper.storage.endswith("/multirun/optuna.db")
     assert sweeper.study_name and sweeper.sampler.seed is not None and sweeper.max_failure_rate > 0
     assert set(sweeper.params) == {"lora.rank", "optim.lr", "data.max_seq_len"}
@@ -102,7 +108,7 @@ def test_sqlite_storage_folder_is_created_before_the_sweep(tmp_path):
 def test_schedule_warms_up_then_decays_to_the_floor(compose_train):
     cfg = compose_train("optim.lr=1e-3", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1")
     schedule = build.learning_rate_schedule(cfg.optim, total_steps=110)
-    lr = lambda step: float(schedule(mx.array(step)))  # noqa: E731
+    lr = lambda step: float(schedule(mx.array(step)))
     assert lr(0) == pytest.approx(0.0, abs=1e-9)
     assert lr(5) == pytest.approx(5e-4, rel=1e-4)
     assert lr(10) == pytest.approx(1e-3, rel=1e-4)

@@ -1,7 +1,6 @@
 """The objective: next-token cross-entropy, summed over labelled tokens, shifted by one position."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
@@ -24,8 +23,11 @@ def batch(rows: list[list[int]], prompt: list[int], length: int) -> dict:
     for i, (row, p) in enumerate(zip(rows, prompt)):
         ids[i, : len(row)] = row
         labels[i, p : len(row)] = row[p:]
-    return {"input_ids": mx.array(ids), "labels": mx.array(labels),
-            "attention_mask": mx.array((np.arange(length)[None] < np.array([len(r) for r in rows])[:, None]))}
+    return {
+        "input_ids": mx.array(ids),
+        "labels": mx.array(labels),
+        "attention_mask": mx.array(np.arange(length)[None] < np.array([len(r) for r in rows])[:, None]),
+    }
 
 
 def test_loss_is_shifted_token_sum_over_labels_only():
@@ -33,8 +35,11 @@ def test_loss_is_shifted_token_sum_over_labels_only():
     b = batch([[1, 5, 9, 13, 17, 2], [1, 7, 8, 2]], prompt=[3, 1], length=8)
     total, count = causal_lm_loss(model, b)
     logits = np.array(model(b["input_ids"]).astype(mx.float32))
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     labels = np.array(b["labels"])
     expected, n = 0.0, 0
     for r in range(2):
@@ -77,4 +82,6 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     (loss_a, n_a, params_a), (loss_b, n_b, params_b) = results
     assert n_a == n_b == 7 and loss_a == pytest.approx(loss_b, rel=1e-5)
     for key in params_a:
-        np.testing.assert_allclose(np.array(params_a[key]), np.array(params_b[key]), rtol=1e-4, atol=5e-5)  # Adam magnifies float noise in tiny gradients
+        np.testing.assert_allclose(
+            np.array(params_a[key]), np.array(params_b[key]), rtol=1e-4, atol=5e-5
+        )  # Adam magnifies float noise in tiny gradients

@@ -10,7 +10,7 @@ import pytest
 from harness import build
 from harness.checkpoints import CheckpointError, checkpoint_dir, read_state
 from harness.tracking import read_metrics
-from harness.train import train
+from harness.train import prepare_data, train
 from harness.training import evaluate, make_eval_step
 from tests.harness.conftest import FAST
 
@@ -30,15 +30,23 @@ def finished_run(tmp_path_factory, hermetic_env):
     run_dir = tmp_path_factory.mktemp("finished_run")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR):
-        cfg = compose("train", overrides=[*FAST, f"paths.outputs={run_dir}", "logger=wandb",
-                                          "optim.lr=3e-3", "trainer.max_steps=9"])
+        cfg = compose(
+            "train",
+            overrides=[
+                *FAST,
+                f"paths.outputs={run_dir}",
+                "logger=wandb",
+                "optim.lr=3e-3",
+                "trainer.max_steps=9",
+            ],
+        )
     GlobalHydra.instance().clear()
     value = train(cfg, run_dir=run_dir)
     return cfg, run_dir, value
 
 
 def test_validation_loss_falls_and_train_returns_the_best(finished_run):
-    cfg, run_dir, value = finished_run
+    _, run_dir, value = finished_run
     vals = [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r]
     assert [s for s, _ in vals] == [0, 3, 6, 9]
     assert vals[-1][1] < vals[0][1] - 0.1, vals
@@ -54,8 +62,10 @@ def test_metrics_jsonl_and_wandb_offline_run_hold_the_run(finished_run):
     for key in ("train/lr", "train/tokens_per_second", "train/peak_memory_gb", "train/grad_norm"):
         assert all(key in r for r in train_records)
     assert any(r.get("model/trainable_parameters", 0) > 0 for r in records)
-    assert any("val/perplexity" in r and r["val/perplexity"] == pytest.approx(math.exp(r["val/loss"]))
-               for r in records)
+    assert any(
+        "val/perplexity" in r and r["val/perplexity"] == pytest.approx(math.exp(r["val/loss"]))
+        for r in records
+    )
     summary = [r for r in records if r.get("summary")][-1]
     assert summary["best_val_loss"] == pytest.approx(min(r["val/loss"] for r in records if "val/loss" in r))
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -68,20 +78,30 @@ def test_metrics_jsonl_and_wandb_offline_run_hold_the_run(finished_run):
 def test_best_adapters_reload_and_give_the_same_validation_loss(finished_run):
     from harness.data import validation_batches
 
-    cfg, run_dir, value = finished_run
-    saved_cfg, model, tokenizer = build.load_trained(run_dir, "best")
-    _, data = __import__("harness.train", fromlist=["prepare_data"]).prepare_data(saved_cfg)
+    _, run_dir, value = finished_run
+    saved_cfg, model, _ = build.load_trained(run_dir, "best")
+    _, data = prepare_data(saved_cfg)
     validation = data.validation[: saved_cfg.trainer.max_eval_examples]
-    loss, _ = evaluate(model, validation_batches(validation, saved_cfg.trainer.eval_batch_size,
-                                                 pad_to_multiple=saved_cfg.data.pad_to_multiple),
-                       make_eval_step(model))
+    loss, _ = evaluate(
+        model,
+        validation_batches(
+            validation, saved_cfg.trainer.eval_batch_size, pad_to_multiple=saved_cfg.data.pad_to_multiple
+        ),
+        make_eval_step(model),
+    )
     assert loss == pytest.approx(value, rel=1e-5)
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train, tmp_path):
     # Dropout on: resuming must also restore the RNG, not just weights, optimizer and data position.
-    common = [*FAST, "logger=none", "lora.dropout=0.1", "optim.lr=3e-3", "trainer.max_steps=7",
-              "trainer.num_sample_prompts=0"]
+    common = [
+        *FAST,
+        "logger=none",
+        "lora.dropout=0.1",
+        "optim.lr=3e-3",
+        "trainer.max_steps=7",
+        "trainer.num_sample_prompts=0",
+    ]
     whole = tmp_path / "whole"
     train(compose_train(*common), run_dir=whole)
     parts = tmp_path / "parts"
@@ -109,8 +129,13 @@ def test_diverging_run_stops_early_returns_nan_and_keeps_its_state(compose_train
 
 def test_corrupt_checkpoint_fails_naming_the_file(compose_train, tmp_path):
     run_dir = tmp_path / "corrupt"
-    cfg = compose_train(*FAST, "logger=none", "trainer.max_steps=3", "trainer.stop_after_steps=1",
-                        "trainer.num_sample_prompts=0")
+    cfg = compose_train(
+        *FAST,
+        "logger=none",
+        "trainer.max_steps=3",
+        "trainer.stop_after_steps=1",
+        "trainer.num_sample_prompts=0",
+    )
     train(cfg, run_dir=run_dir)
     optimizer_file = checkpoint_dir(run_dir, "latest") / "optimizer.safetensors"
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])

@@ -156,7 +156,9 @@ def test_a_diverging_trial_fails_without_stopping_the_sweep(tmp_path, hermetic_e
     failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
     assert failed.params["optim.lr"] == pytest.approx(1e30)
     assert study.best_trial.params["optim.lr"] == pytest.approx(3e-3)
-    table = run_cli("harness.compare", "diverging", "--root", str(tmp_path / "multirun"), env={}, cwd=tmp_path)
+    table = run_cli(
+        "harness.compare", "diverging", "--root", str(tmp_path / "multirun"), env={}, cwd=tmp_path
+    )
     rows = [line.split() for line in table.stdout.splitlines() if line[:1].isdigit()]
     assert [row[-2] for row in rows] == ["complete", "diverged"]  # the failed trial is listed last
     assert "optim.lr=0.003" in table.stdout.split("best: ")[1].splitlines()[0]

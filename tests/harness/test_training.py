@@ -151,3 +151,25 @@ def test_epochs_set_the_number_of_steps_when_max_steps_is_null(compose_train):
     assert build.total_optimizer_steps(cfg.trainer, cfg.optim, batches_per_epoch=10) == 13
     cfg = compose_train("trainer.max_steps=7", "trainer.epochs=2.5")
     assert build.total_optimizer_steps(cfg.trainer, cfg.optim, batches_per_epoch=10) == 7
+
+
+def test_training_from_a_local_hugging_face_checkpoint(compose_train, tmp_path, tiny_mistral_dir):
+    """`model.path` = a local HF directory: loaded (quantized while loading), its own tokenizer, adapters reload."""
+    run_dir = tmp_path / "hf"
+    cfg = compose_train(
+        "model=mistral-7b",
+        f"model.path={tiny_mistral_dir}",
+        *FAST,
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        "trainer.num_sample_prompts=1",
+    )
+    value = train(cfg, run_dir=run_dir)
+    assert math.isfinite(value)
+    saved_cfg, model, tokenizer = build.load_trained(run_dir, "best")
+    assert saved_cfg.model.path == str(tiny_mistral_dir)
+    assert tokenizer.path == str(tiny_mistral_dir / "tokenizer.model")
+    assert model.args.sliding_window == 16  # the checkpoint's config.json, not a preset
+    adapter_config = json.loads((checkpoint_dir(run_dir, "best") / "adapter_config.json").read_text())
+    assert adapter_config["base_model"] == str(tiny_mistral_dir)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx import nn
 from omegaconf import DictConfig, OmegaConf
 
 from models.backend import compute_dtype
@@ -55,16 +55,40 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def build_base_model(model_cfg: DictConfig, quant_cfg: DictConfig | None, *, cache_dir: str | None = None,
-                     progress: bool = True) -> nn.Module:
-    """The frozen base: loaded from `model.path` (HF id or directory) or built from `model.arch` with random
-    weights (seeded by `model.init_seed`), in the compute dtype, then quantized as `quant` says."""
+def model_source(model_cfg: DictConfig, models_dir: str | Path | None) -> str:
+    """Where to load `model.path` from: a copy made by `harness.download` in `models_dir` when there is one
+    (`<models_dir>/<repo name>/config.json`), else the path or Hub id as given."""
+    path = str(model_cfg.path)
+    if models_dir is not None and not Path(path).is_dir():
+        local = Path(models_dir) / path.rstrip("/").split("/")[-1]
+        if (local / "config.json").is_file():
+            return str(local)
+    return path
+
+
+def quantized_cache_dir(cfg: DictConfig) -> Path:
+    """Quantized bases cached by `models.load_pretrained` (next to, not inside, the downloaded models)."""
+    return Path(cfg.paths.cache) / "quantized"
+
+
+def build_base_model(
+    model_cfg: DictConfig,
+    quant_cfg: DictConfig | None,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    models_dir: str | Path | None = None,
+) -> nn.Module:
+    """The frozen base: loaded from `model.path` (HF id or directory; a `harness.download` copy in
+    `models_dir` first) or built from `model.arch` with random weights (seeded by `model.init_seed`), in the
+    compute dtype, then quantized as `quant` says. `cache_dir` keeps quantized bases for the next run."""
     dtype = compute_dtype(model_cfg.dtype)
     spec = quant_spec(quant_cfg) if quant_cfg is not None else None
     if model_cfg.path:
         from models.checkpoint import load_pretrained
 
-        return load_pretrained(model_cfg.path, dtype=dtype, quant=spec, cache_dir=cache_dir, progress=progress)
+        source = model_source(model_cfg, models_dir)
+        return load_pretrained(source, dtype=dtype, quant=spec, cache_dir=cache_dir, progress=progress)
     if model_cfg.arch is None:
         raise ValueError("model.path is null and model.arch is not set: nothing to build")
     args = ModelArgs(**plain(model_cfg.arch))
@@ -82,7 +106,13 @@ def build_base_model(model_cfg: DictConfig, quant_cfg: DictConfig | None, *, cac
 
 def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     """Base model (quantized) with fresh LoRA adapters on it; only the adapters are trainable."""
-    model = build_base_model(cfg.model, cfg.quant, cache_dir=cfg.paths.models, progress=progress)
+    model = build_base_model(
+        cfg.model,
+        cfg.quant,
+        cache_dir=quantized_cache_dir(cfg),
+        progress=progress,
+        models_dir=cfg.paths.models,
+    )
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))
     if cfg.trainer.gradient_checkpointing:
@@ -98,7 +128,7 @@ def learning_rate_schedule(optim_cfg: DictConfig, total_steps: int):
     if optim_cfg.schedule == "cosine":
         main = optim.cosine_decay(lr, max(total_steps - warmup, 1), end=lr * optim_cfg.min_lr_ratio)
     elif optim_cfg.schedule == "constant":
-        main = lambda step: mx.array(lr, dtype=mx.float32)  # noqa: E731
+        main = lambda step: mx.array(lr, dtype=mx.float32)
     else:
         raise ValueError(f"optim.schedule={optim_cfg.schedule!r}; choose cosine or constant")
     if warmup == 0:
@@ -148,7 +178,13 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; is {run_dir} a training run directory?")
     cfg = OmegaConf.load(config_file)
-    model = build_base_model(cfg.model, cfg.quant, cache_dir=cfg.paths.models, progress=progress)
+    model = build_base_model(
+        cfg.model,
+        cfg.quant,
+        cache_dir=quantized_cache_dir(cfg),
+        progress=progress,
+        models_dir=cfg.paths.models,
+    )
     load_adapters(model, checkpoint_dir(run_dir, which))
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     return cfg, model, tokenizer
@@ -158,6 +194,8 @@ def tokenizer_path(cfg: DictConfig) -> str | None:
     """`data.tokenizer_path`, else a local checkpoint's own tokenizer, else None (Mistral-7B-v0.1's)."""
     if cfg.data.tokenizer_path:
         return cfg.data.tokenizer_path
-    if cfg.model.path and Path(cfg.model.path).is_dir():
-        return cfg.model.path
+    if cfg.model.path:
+        source = Path(model_source(cfg.model, cfg.paths.models))
+        if (source / "tokenizer.model").is_file():
+            return str(source)
     return None

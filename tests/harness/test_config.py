@@ -116,3 +116,12 @@ def test_schedule_warms_up_then_decays_to_the_floor(compose_train):
     assert lr(110) == pytest.approx(1e-4, rel=1e-3)
     constant = build.learning_rate_schedule(compose_train("optim=adamw_constant", "optim.lr=1e-3").optim, 110)
     assert float(constant(mx.array(100))) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_a_downloaded_copy_is_used_before_the_hub(compose_train, tmp_path):
+    cfg = compose_train("model=mistral-7b", f"paths.models={tmp_path}/models")
+    assert build.model_source(cfg.model, cfg.paths.models) == "mistralai/Mistral-7B-v0.1"
+    local = tmp_path / "models" / "Mistral-7B-v0.1"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text("{}")
+    assert build.model_source(cfg.model, cfg.paths.models) == str(local)

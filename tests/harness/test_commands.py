@@ -244,7 +244,7 @@ def test_download_offline_fails_with_a_clear_message(tmp_path, hermetic_env):
         cwd=tmp_path,
         check=False,
     )
-    assert proc.returncode != 0 and "not reachable" in proc.stderr and "Mistral-7B-v0.1" in proc.stderr
+    assert proc.returncode != 0 and "HF_HUB_OFFLINE=1 is set" in proc.stderr and "Mistral-7B-v0.1" in proc.stderr
     proc = run_cli("harness.download", "model=tiny", env=hermetic_env, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "nothing to download" in proc.stderr
 

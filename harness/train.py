@@ -80,7 +80,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 
     `run_dir` defaults to Hydra's output directory for this job.
     """
-    from harness.data import batch_iterator, num_batches, validation_batches
+    from harness.data import batch_iterator, batching_options, num_batches, validation_batches
 
     job = hydra_job_info()
     run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
@@ -109,17 +109,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             seed=trainer.seed,
             epoch=epoch,
             shuffle=True,
-            sort_by_length=data_cfg.sort_by_length,
-            sort_chunk_batches=data_cfg.sort_chunk_batches,
-            pad_to_multiple=data_cfg.pad_to_multiple,
-            max_seq_len=data_cfg.max_seq_len,
-            pack=data_cfg.pack,
             start_batch=start_batch,
+            **batching_options(data_cfg),
         )
 
     def val_batches():
         return validation_batches(
-            validation, trainer.eval_batch_size, pad_to_multiple=data_cfg.pad_to_multiple
+            validation,
+            trainer.eval_batch_size,
+            pad_to_multiple=data_cfg.pad_to_multiple,
+            max_seq_len=data_cfg.val_max_seq_len or data_cfg.max_seq_len,
         )
 
     batches_per_epoch = num_batches(

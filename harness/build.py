@@ -71,24 +71,20 @@ def quantized_cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache) / "quantized"
 
 
-def build_base_model(
-    model_cfg: DictConfig,
-    quant_cfg: DictConfig | None,
-    *,
-    cache_dir: str | None = None,
-    progress: bool = True,
-    models_dir: str | Path | None = None,
-) -> nn.Module:
-    """The frozen base: loaded from `model.path` (HF id or directory; a `harness.download` copy in
-    `models_dir` first) or built from `model.arch` with random weights (seeded by `model.init_seed`), in the
-    compute dtype, then quantized as `quant` says. `cache_dir` keeps quantized bases for the next run."""
+def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
+    """The frozen base of `cfg.model`: loaded from `model.path` (HF id or directory; a `harness.download` copy
+    in `paths.models` first) or built from `model.arch` with random weights (seeded by `model.init_seed`), in
+    the compute dtype, then quantized as `cfg.quant` says. Quantized bases are cached for the next run."""
+    model_cfg = cfg.model
     dtype = compute_dtype(model_cfg.dtype)
-    spec = quant_spec(quant_cfg) if quant_cfg is not None else None
+    spec = quant_spec(cfg.quant)
     if model_cfg.path:
         from models.checkpoint import load_pretrained
 
-        source = model_source(model_cfg, models_dir)
-        return load_pretrained(source, dtype=dtype, quant=spec, cache_dir=cache_dir, progress=progress)
+        source = model_source(model_cfg, cfg.paths.models)
+        return load_pretrained(
+            source, dtype=dtype, quant=spec, cache_dir=quantized_cache_dir(cfg), progress=progress
+        )
     if model_cfg.arch is None:
         raise ValueError("model.path is null and model.arch is not set: nothing to build")
     args = ModelArgs(**plain(model_cfg.arch))
@@ -96,7 +92,7 @@ def build_base_model(
     model = MistralForCausalLM(args)
     if dtype != mx.float32:
         model.set_dtype(dtype)
-    if spec is not None and spec.enabled:
+    if spec.enabled:
         # The random weights are still lazy: quantizing layer by layer materializes one dense layer at a time,
         # so a 7B shape never exists in full precision.
         quantize_model(model, spec, progress=progress)
@@ -106,13 +102,7 @@ def build_base_model(
 
 def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     """Base model (quantized) with fresh LoRA adapters on it; only the adapters are trainable."""
-    model = build_base_model(
-        cfg.model,
-        cfg.quant,
-        cache_dir=quantized_cache_dir(cfg),
-        progress=progress,
-        models_dir=cfg.paths.models,
-    )
+    model = build_base_model(cfg, progress=progress)
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))
     if cfg.trainer.gradient_checkpointing:
@@ -178,13 +168,7 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; is {run_dir} a training run directory?")
     cfg = OmegaConf.load(config_file)
-    model = build_base_model(
-        cfg.model,
-        cfg.quant,
-        cache_dir=quantized_cache_dir(cfg),
-        progress=progress,
-        models_dir=cfg.paths.models,
-    )
+    model = build_base_model(cfg, progress=progress)
     load_adapters(model, checkpoint_dir(run_dir, which))
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     return cfg, model, tokenizer

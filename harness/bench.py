@@ -62,7 +62,7 @@ def compose(overrides: list[str]):
 
     import harness.schema  # noqa: F401  (registers the structured configs)
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
         return hydra_compose(config_name="train", overrides=overrides)
 
 

@@ -101,7 +101,11 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
 
 
 def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
-    """Base model (quantized) with fresh LoRA adapters on it; only the adapters are trainable."""
+    """Base model (quantized) with fresh LoRA adapters on it; only the adapters are trainable.
+
+    Also applies `trainer.memory_limit_gb` (MLX's memory limit) before anything is allocated."""
+    if cfg.trainer.memory_limit_gb:
+        mx.set_memory_limit(int(cfg.trainer.memory_limit_gb * 1e9))
     model = build_base_model(cfg, progress=progress)
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))

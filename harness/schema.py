@@ -102,6 +102,9 @@ class TrainerConfig:
     seed: int = 0  # data order, dropout, numpy
     gradient_checkpointing: bool = False
     compile: bool = True
+    # Cap on MLX's memory (GB; null = none). GPUs run a step's kernels long after they are queued and their
+    # temporaries stay allocated until then; under the cap MLX waits for queued work instead (slower, smaller).
+    memory_limit_gb: float | None = None
     # Stop (cleanly, with a checkpoint) after this many optimizer steps of this process; resume continues.
     stop_after_steps: int | None = None
     # Generations for a few fixed validation prompts at the end (W&B table + generations.jsonl).

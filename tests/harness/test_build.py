@@ -1,0 +1,27 @@
+"""harness.build: what the config makes of the model before training starts."""
+
+import mlx.core as mx
+
+from harness.build import build_model
+from models.lora import LoRALinear
+from models.quant import QuantizedLinear
+
+from .conftest import FAST
+
+
+def test_memory_limit_from_the_config_reaches_mlx(compose_train):
+    cfg = compose_train(*FAST, "trainer.memory_limit_gb=1.5")
+    previous = mx.set_memory_limit(1 << 40)  # the limit in force, restored below
+    try:
+        build_model(cfg, progress=False)
+        assert mx.set_memory_limit(previous) == int(1.5e9)
+    finally:
+        mx.set_memory_limit(previous)
+
+
+def test_random_base_is_quantized_and_wrapped_in_lora_on_every_target(compose_train):
+    cfg = compose_train(*FAST)
+    model = build_model(cfg, progress=False)
+    targets = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(targets) == 7 * cfg.model.arch.num_hidden_layers
+    assert all(isinstance(m.base_layer, QuantizedLinear) for m in targets)

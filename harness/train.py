@@ -28,6 +28,7 @@ from harness.training import LoopSettings, TrainResult, train_loop
 from models.adapters import save_adapters
 from models.backend import describe
 from models.lora import trainable_parameter_count
+from models.quant import model_bits_per_weight
 
 JOB_FILE = "job.json"  # the Hydra job: overrides, sweep study and storage (read by harness.compare)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -164,9 +165,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     result: TrainResult | None = None
     try:
         trainable = trainable_parameter_count(model)
+        storage = model_bits_per_weight(model)
         tracker.log(
             {
                 "model/trainable_parameters": trainable,
+                "model/bits_per_weight": storage["model_bits_per_weight"],
+                "model/bytes": storage["total_bytes"],
+                **(
+                    {"model/quantized_bits_per_weight": storage["quantized_bits_per_weight"]}
+                    if math.isfinite(storage["quantized_bits_per_weight"])
+                    else {}
+                ),
                 "data/train_examples": len(data.train),
                 "data/validation_examples": len(validation),
                 "train/total_steps": total_steps,
@@ -211,7 +220,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
                 "wall_seconds": result.wall_seconds,
             }
         )
-        print_summary(run_dir, result, trainable, tracker)
+        print_summary(run_dir, result, trainable, storage, tracker)
     finally:
         tracker.finish(exit_code=0 if result is not None and not result.diverged else 1)
     return result.best_val_loss
@@ -238,7 +247,9 @@ def log_generations(model, tokenizer, validation, cfg: DictConfig, tracker: Trac
     tracker.log_table("generations", ["instruction", "context", "reference", "generated"], rows, step=step)
 
 
-def print_summary(run_dir: Path, result: TrainResult, trainable: int, tracker: Tracker) -> None:
+def print_summary(
+    run_dir: Path, result: TrainResult, trainable: int, storage: dict[str, float], tracker: Tracker
+) -> None:
     status = (
         "DIVERGED (nan/inf loss)"
         if result.diverged
@@ -254,6 +265,12 @@ def print_summary(run_dir: Path, result: TrainResult, trainable: int, tracker: T
         else "perplexity     n/a",
         f"steps          {result.steps} in {result.wall_seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s",
         f"memory         peak {result.peak_memory_gb:.2f} GB   trainable parameters {trainable:,}",
+        f"base model     {storage['total_bytes'] / 1e9:.3f} GB, {storage['model_bits_per_weight']:.2f} bits/weight"
+        + (
+            f" ({storage['quantized_bits_per_weight']:.3f} in quantized linears)"
+            if math.isfinite(storage["quantized_bits_per_weight"])
+            else " (not quantized)"
+        ),
         f"run dir        {run_dir}",
         f"metrics        {tracker.metrics_path}",
     ]

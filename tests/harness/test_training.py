@@ -62,6 +62,15 @@ def test_metrics_jsonl_and_wandb_offline_run_hold_the_run(finished_run):
     for key in ("train/lr", "train/tokens_per_second", "train/peak_memory_gb", "train/grad_norm"):
         assert all(key in r for r in train_records)
     assert any(r.get("model/trainable_parameters", 0) > 0 for r in records)
+    stored = next(r for r in records if "model/quantized_bits_per_weight" in r)
+    # Row-wise 4-bit: 4 bits per weight plus a float32 scale and bias (64 bits) per output row of each projection.
+    arch = cfg.model.arch
+    h, inter = arch.hidden_size, arch.intermediate_size
+    kv = arch.num_key_value_heads * h // arch.num_attention_heads
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]  # (out, in)
+    expected = 4 + 64 * sum(o for o, _ in shapes) / sum(o * i for o, i in shapes)
+    assert stored["model/quantized_bits_per_weight"] == pytest.approx(expected)
+    assert stored["model/bits_per_weight"] > expected  # dense embeddings and norms count too
     assert any(
         "val/perplexity" in r and r["val/perplexity"] == pytest.approx(math.exp(r["val/loss"]))
         for r in records

@@ -3,7 +3,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from models.cross_entropy import IGNORE_INDEX, linear_cross_entropy, polynomial_exp, reference_cross_entropy
+from models.cross_entropy import (
+    IGNORE_INDEX,
+    default_chunk_size,
+    default_vocab_block,
+    linear_cross_entropy,
+    polynomial_exp,
+    reference_cross_entropy,
+)
 
 
 def _problem(n=300, d=48, vocab=1000, ignored=0.3, seed=0):
@@ -38,6 +45,41 @@ def test_fused_loss_and_gradient_match_reference(exp, chunk_size):
     np.testing.assert_allclose(np.array(grad), np.array(ref_grad), rtol=1e-4, atol=1e-7)
     ignored = np.array(labels) == IGNORE_INDEX
     assert np.all(np.array(grad)[ignored] == 0)
+
+
+@pytest.mark.parametrize("exp", ["native", "polynomial"])
+@pytest.mark.parametrize("chunk_size, vocab_block", [(64, 256), (300, 333), (7, 999)])
+def test_vocabulary_blocks_match_reference(exp, chunk_size, vocab_block):
+    hidden, weight, labels = _problem(seed=3)
+    hidden = hidden * 3  # wide logits: the blocks' maxima differ, so their rescaling matters
+
+    def mean_loss(fn, h, **kw):
+        loss, count = fn(h, weight, labels, **kw)
+        return loss / count
+
+    ref, ref_grad = mx.value_and_grad(lambda h: mean_loss(reference_cross_entropy, h))(hidden)
+    step = mx.compile(
+        mx.value_and_grad(
+            lambda h: mean_loss(linear_cross_entropy, h, chunk_size=chunk_size, vocab_block=vocab_block, exp=exp)
+        )
+    )
+    got, grad = step(hidden)
+    assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item())
+    np.testing.assert_allclose(np.array(grad), np.array(ref_grad), rtol=1e-4, atol=1e-6)
+    assert np.all(np.array(grad)[np.array(labels) == IGNORE_INDEX] == 0)
+    loss_sum, count = linear_cross_entropy(
+        hidden, weight, labels, chunk_size=chunk_size, vocab_block=vocab_block, exp=exp, with_grad=False
+    )
+    assert abs(loss_sum.item() / count.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_cpu_blocks_stay_small_and_gpu_blocks_cover_the_vocabulary():
+    chunk = default_chunk_size(4096, 32000)
+    if mx.default_device() == mx.cpu:
+        assert chunk * default_vocab_block(chunk, 32000) * 4 <= 2_000_000
+        assert default_vocab_block(1, 500) == 500
+    else:
+        assert default_vocab_block(chunk, 32000) == 32000
 
 
 def test_loss_without_gradient_and_token_count():

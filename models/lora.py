@@ -103,7 +103,11 @@ class LoRALinear(nn.Module):
         """`x (…, in) -> (…, out)` in x's dtype."""
         y = self.base_layer(x)
         h = self.dropout(x) if self.dropout is not None else x
-        update = (h @ self.lora_A.astype(x.dtype).T) @ self.lora_B.astype(x.dtype).T
+        down = h @ self.lora_A.astype(x.dtype).T  # (…, rank)
+        if y.dtype == x.dtype:
+            # y + scale * down @ B^T in one GEMM (BLAS beta = 1): no separate pass over the (…, out) update.
+            return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)
+        update = down @ self.lora_B.astype(x.dtype).T
         return y + (self.scale * update).astype(y.dtype)
 
     def delta_weight(self, dtype=mx.float32) -> mx.array:

@@ -90,11 +90,12 @@ def matmul_tflops(dtype: mx.Dtype) -> float:
     a = mx.random.normal((size, size)).astype(dtype)
     b = mx.random.normal((size, size)).astype(dtype)
     mx.eval(a, b)
-    times = _time(lambda: mx.eval(a @ b), warmup=1, repeat=3 if backend_name() == "cpu" else 10)
+    times = timed_runs(lambda: mx.eval(a @ b), warmup=1, repeat=3 if backend_name() == "cpu" else 10)
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
-def _time(fn, *, warmup: int, repeat: int) -> list[float]:
+def timed_runs(fn, *, warmup: int, repeat: int) -> list[float]:
+    """Seconds of each of `repeat` calls of `fn` (which must synchronize), after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -110,7 +111,8 @@ def synthetic_tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> mx.arra
     return mx.random.randint(3, vocab, (batch, seq), key=mx.random.key(seed)).astype(mx.int32)
 
 
-def _finish(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str) -> Result:
+def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str) -> Result:
+    """A `Result` from the step times of one stack, with FLOPs and the matmul ceiling measured now."""
     step = statistics.median(times)
     lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
     flops = flops_per_token(args, seq, cfg.lora.rank, lora_layers, list(cfg.lora.target_modules))
@@ -144,8 +146,8 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
 
     run()
     first_step = time.perf_counter() - _PROCESS_START
-    times = _time(run, warmup=max(warmup - 1, 0), repeat=steps)
-    return _finish("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
+    times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
+    return make_result("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
                    f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}")
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             from harness.mlx_lm_baseline import bench_mlx_lm
 
             result = bench_mlx_lm(cfg, options.batch, options.seq, options.steps, options.warmup,
-                                  process_start=_PROCESS_START, finish=_finish)
+                                  process_start=_PROCESS_START)
         print("RESULT " + json.dumps(asdict(result)), flush=True)
         return
 

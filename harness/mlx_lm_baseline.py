@@ -18,7 +18,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from harness.bench import _time, synthetic_tokens
+from harness.bench import make_result, synthetic_tokens, timed_runs
 from harness.build import plain
 from models.mistral import ModelArgs
 
@@ -45,7 +45,8 @@ def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict)
     return model
 
 
-def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_start: float, finish):
+def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_start: float):
+    """Time mlx-lm's compiled LoRA step on `cfg`'s model shape; `process_start` is when the process began."""
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 
     arch = plain(cfg.model.arch)
@@ -71,8 +72,8 @@ def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_
 
     run()
     first_step = time.perf_counter() - process_start
-    times = _time(run, warmup=max(warmup - 1, 0), repeat=steps)
+    times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = ModelArgs(**arch)
-    return finish("mlx-lm", cfg, args, batch, seq, cfg.trainer.gradient_checkpointing, trainable, times,
+    return make_result("mlx-lm", cfg, args, batch, seq, cfg.trainer.gradient_checkpointing, trainable, times,
                   first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64")

@@ -1,0 +1,35 @@
+"""harness.bench: the FLOP count behind MFU, and an end-to-end run of the benchmark command."""
+
+import json
+
+import pytest
+
+from harness.bench import flops_per_token
+from models.mistral import ModelArgs
+
+from .conftest import run_cli
+
+SMALL = ["model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+         "model.arch.num_attention_heads=4", "model.arch.vocab_size=512"]
+
+
+def test_flops_per_token_counts_frozen_matmuls_attention_and_adapters():
+    args = ModelArgs(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)  # head_dim 4: q 8 wide, k/v 4 wide
+    matmul_weights = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16 + 8 * 100
+    attention = 3 * 2 * 1 * 8 * 10  # seq 10: QK^T and AV, causal half, forward + backward
+    lora = 6 * 2 * 1 * ((8 + 8) + (16 + 8))  # rank 2 on q_proj (8 -> 8) and down_proj (16 -> 8)
+    assert flops_per_token(args, 10, 2, 1, ["q_proj", "down_proj"]) == 4 * matmul_weights + attention + lora
+
+
+@pytest.mark.slow
+def test_bench_command_times_our_step_and_writes_json(tmp_path, hermetic_env):
+    out = tmp_path / "bench.jsonl"
+    proc = run_cli("harness.bench", *SMALL, "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1",
+                   "--json", str(out), env=hermetic_env, cwd=tmp_path)
+    assert "tok/s" in proc.stdout and "ours" in proc.stdout
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["stack"] == "ours" and result["trainable_params"] > 0
+    assert result["tokens_per_second"] == pytest.approx(2 * 32 / result["step_seconds"])
+    assert 0 < result["mfu"] < 1 and result["peak_memory_gb"] > 0
+

@@ -182,23 +182,18 @@ def merge_lora(model: nn.Module, dtype=mx.float32) -> nn.Module:
 
         dtype = compute_dtype(dtype)
 
-    def replace_children(parent: nn.Module) -> None:
-        for key, child in list(parent.items()):
+    def replace_children(parent: nn.Module | list) -> None:
+        slots = list(parent.items()) if isinstance(parent, dict) else list(enumerate(parent))
+        for key, child in slots:
             if isinstance(child, nn.Module):
                 dense = _dense_replacement(child, dtype)
                 if dense is not None:
                     parent[key] = dense
+                    mx.eval(dense.parameters())  # one dense weight at a time, never the whole model
                 else:
                     replace_children(child)
             elif isinstance(child, list):
-                for i, item in enumerate(child):
-                    if isinstance(item, nn.Module):
-                        dense = _dense_replacement(item, dtype)
-                        if dense is not None:
-                            child[i] = dense
-                        else:
-                            replace_children(item)
-                        mx.eval(child[i].parameters())
+                replace_children(child)
 
     replace_children(model)
     model.unfreeze()

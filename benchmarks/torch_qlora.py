@@ -24,7 +24,7 @@ SHAPES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(shape: str, base: str, rank: int, checkpointing: bool):
+def build(shape: str, base: str, rank: int, checkpointing: bool, device: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import MistralConfig, MistralForCausalLM
@@ -33,7 +33,7 @@ def build(shape: str, base: str, rank: int, checkpointing: bool):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # never materialize a float32 7B model
-    with torch.device("cuda"):
+    with torch.device(device):
         model = MistralForCausalLM(config)
     torch.set_default_dtype(torch.float32)
     if base == "nf4":
@@ -47,10 +47,11 @@ def build(shape: str, base: str, rank: int, checkpointing: bool):
                                               compute_dtype=torch.bfloat16, quant_type="nf4",
                                               compress_statistics=True, device="meta")
                         q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                                     quant_type="nf4", compress_statistics=True).to("cuda")
+                                                     quant_type="nf4", compress_statistics=True).to(device)
                         setattr(parent, name, q)
                         del child
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     for p in model.parameters():
         p.requires_grad_(False)
     if checkpointing:
@@ -61,15 +62,19 @@ def build(shape: str, base: str, rank: int, checkpointing: bool):
     return model
 
 
-def run(shape: str, base: str, batch: int, seq: int, checkpointing: bool, rank: int, steps: int) -> dict:
+def run(shape: str, base: str, batch: int, seq: int, checkpointing: bool, rank: int, steps: int,
+        device: str = "cuda") -> dict:
     import torch
 
-    torch.cuda.reset_peak_memory_stats()
-    model = build(shape, base, rank, checkpointing)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = build(shape, base, rank, checkpointing, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(3, 32000, (batch, seq), device="cuda", generator=gen)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device, generator=gen)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -80,10 +85,10 @@ def run(shape: str, base: str, batch: int, seq: int, checkpointing: bool, rank: 
 
     times = []
     for i in range(steps + 2):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         if i >= 2:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
@@ -92,8 +97,8 @@ def run(shape: str, base: str, batch: int, seq: int, checkpointing: bool, rank: 
         "shape": shape, "batch": batch, "seq": seq, "checkpointing": checkpointing,
         "trainable_params": sum(p.numel() for p in trainable),
         "tokens_per_s": batch * seq / median, "step_s": median,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "device": torch.cuda.get_device_name(),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 
 
@@ -106,8 +111,10 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test, bf16 base)")
     args = parser.parse_args()
-    print(json.dumps(run(args.shape, args.base, args.batch, args.seq, args.checkpointing, args.rank, args.steps)))
+    print(json.dumps(run(args.shape, args.base, args.batch, args.seq, args.checkpointing, args.rank, args.steps,
+                         args.device)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 from mlx import nn
 from omegaconf import DictConfig, OmegaConf
 
+from models.activations import use_fast_activations
 from models.backend import compute_dtype
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
@@ -82,9 +83,11 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
         from models.checkpoint import load_pretrained
 
         source = model_source(model_cfg, cfg.paths.models)
-        return load_pretrained(
+        model = load_pretrained(
             source, dtype=dtype, quant=spec, cache_dir=quantized_cache_dir(cfg), progress=progress
         )
+        use_fast_activations(model)
+        return model
     if model_cfg.arch is None:
         raise ValueError("model.path is null and model.arch is not set: nothing to build")
     args = ModelArgs(**plain(model_cfg.arch))
@@ -97,6 +100,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
         # so a 7B shape never exists in full precision.
         quantize_model(model, spec, progress=progress)
     mx.eval(model.parameters())
+    use_fast_activations(model)  # on the CPU only: MLX's sigmoid is a scalar loop there
     return model
 
 

@@ -1,0 +1,50 @@
+"""Activation functions for backends where MLX's own are slow, swapped into a model from outside.
+
+MLX's CPU backend computes `sigmoid` (hence SiLU) as a scalar loop, about 10 ns per element: a SiLU forward and
+backward over the MLP of a tiny model's 8 x 128 batch took 11.8 ms, against 2.3 ms for the version here, built on
+`polynomial_exp` from vectorizable arithmetic and given a hand-written backward. GPUs keep `nn.SiLU`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from models.cross_entropy import default_exp, polynomial_exp
+
+
+def _sigmoid(x: mx.array) -> mx.array:
+    # exp(-x) is clamped below float32 overflow: for x < -87 the sigmoid is ~1e-38 either way.
+    return 1.0 / (1.0 + polynomial_exp(mx.minimum(-x.astype(mx.float32), 87.0)))
+
+
+@mx.custom_function
+def polynomial_silu(x: mx.array) -> mx.array:
+    """`x * sigmoid(x)` in x's dtype, computed in float32 (relative error about 1e-6)."""
+    return (x.astype(mx.float32) * _sigmoid(x)).astype(x.dtype)
+
+
+@polynomial_silu.vjp
+def _polynomial_silu_vjp(x, cotangent, output):  # one argument: MLX passes the array itself, not a tuple
+    s = _sigmoid(x)
+    return (cotangent.astype(mx.float32) * s * (1 + x.astype(mx.float32) * (1 - s))).astype(x.dtype)
+
+
+class PolynomialSiLU(nn.Module):
+    """`nn.SiLU` with `polynomial_silu`: the same function to float32 rounding, several times faster on the CPU."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return polynomial_silu(x)
+
+
+def use_fast_activations(model: nn.Module, backend_exp: str | None = None) -> int:
+    """Where `exp` is slow (the CPU, see `models.cross_entropy.default_exp`), give every decoder MLP a
+    `PolynomialSiLU`; elsewhere leave the model alone. Returns how many activations were swapped."""
+    if (backend_exp or default_exp()) != "polynomial":
+        return 0
+    swapped = 0
+    for layer in model.model.layers:
+        if isinstance(layer.mlp.act_fn, nn.SiLU):
+            layer.mlp.act_fn = PolynomialSiLU()
+            swapped += 1
+    return swapped

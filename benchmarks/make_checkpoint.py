@@ -137,7 +137,7 @@ def make_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Write a random-weight HF Mistral checkpoint with hyperparameters `config` (MistralConfig keys)."""
-    from mistral_common import __file__ as mistral_common_init
+    from harness.data.tokenizer import default_tokenizer_path
 
     args = ModelArgs.from_hf_config({"model_type": "mistral", **config})
     out_dir = Path(out_dir)
@@ -161,8 +161,7 @@ def make_checkpoint(
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     hf_config = {**args.to_hf_config(), "torch_dtype": "bfloat16", "dtype": "bfloat16"}
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    tokenizer = Path(mistral_common_init).parent / "data" / "tokenizer.model.v1"
-    shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+    shutil.copyfile(default_tokenizer_path(), out_dir / "tokenizer.model")
     return out_dir
 
 

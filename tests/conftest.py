@@ -33,9 +33,9 @@ TINY_MISTRAL_CONFIG = dict(
 
 def mistral_tokenizer_path() -> Path:
     """The real Mistral-7B-v0.1 `tokenizer.model` that `mistral_common` ships (vocabulary of 32000)."""
-    import mistral_common
+    from harness.data.tokenizer import default_tokenizer_path
 
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return default_tokenizer_path()
 
 
 def write_hf_mistral(

@@ -19,7 +19,6 @@ _PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -157,7 +156,7 @@ def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> 
     command = [sys.executable, "-m", "harness.bench", "--stack", stack, "--batch", str(options.batch),
                "--seq", str(options.seq), "--steps", str(options.steps), "--warmup", str(options.warmup),
                *(["--checkpointing"] if options.checkpointing else []), *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(command, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -16,7 +16,7 @@ import numpy as np
 from mlx import nn
 from omegaconf import DictConfig, OmegaConf
 
-from models.activations import use_fast_activations
+from models.cpu_paths import use_cpu_paths
 from models.backend import compute_dtype
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
@@ -86,7 +86,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
         model = load_pretrained(
             source, dtype=dtype, quant=spec, cache_dir=quantized_cache_dir(cfg), progress=progress
         )
-        use_fast_activations(model)
+        use_cpu_paths(model)
         return model
     if model_cfg.arch is None:
         raise ValueError("model.path is null and model.arch is not set: nothing to build")
@@ -100,7 +100,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
         # so a 7B shape never exists in full precision.
         quantize_model(model, spec, progress=progress)
     mx.eval(model.parameters())
-    use_fast_activations(model)  # on the CPU only: MLX's sigmoid is a scalar loop there
+    use_cpu_paths(model)  # on the CPU only: MLX's exp is a scalar loop there
     return model
 
 

@@ -2,7 +2,8 @@
 
 MLX's CPU backend computes `sigmoid` (hence SiLU) as a scalar loop, about 10 ns per element: a SiLU forward and
 backward over the MLP of a tiny model's 8 x 128 batch took 11.8 ms, against 2.3 ms for the version here, built on
-`polynomial_exp` from vectorizable arithmetic and given a hand-written backward. GPUs keep `nn.SiLU`.
+`polynomial_exp` from vectorizable arithmetic and given a hand-written backward.
+`models.cpu_paths` swaps it in on the CPU; GPUs keep `nn.SiLU`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.cross_entropy import default_exp, polynomial_exp
+from models.cross_entropy import polynomial_exp
 
 
 def _sigmoid(x: mx.array) -> mx.array:
@@ -35,16 +36,3 @@ class PolynomialSiLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return polynomial_silu(x)
-
-
-def use_fast_activations(model: nn.Module, backend_exp: str | None = None) -> int:
-    """Where `exp` is slow (the CPU, see `models.cross_entropy.default_exp`), give every decoder MLP a
-    `PolynomialSiLU`; elsewhere leave the model alone. Returns how many activations were swapped."""
-    if (backend_exp or default_exp()) != "polynomial":
-        return 0
-    swapped = 0
-    for layer in model.model.layers:
-        if isinstance(layer.mlp.act_fn, nn.SiLU):
-            layer.mlp.act_fn = PolynomialSiLU()
-            swapped += 1
-    return swapped

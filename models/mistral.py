@@ -14,6 +14,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.attention import fused_attention
+
 SUPPORTED_MODEL_TYPES = ("mistral",)
 
 
@@ -182,6 +184,9 @@ class MistralAttention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, args.hidden_size, bias=False)
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)
+        # A plain function attribute (not a parameter), like `act_fn` in the MLP, so a backend-specific
+        # attention (models.cpu_paths) can be swapped in from outside.
+        self.attention_fn = fused_attention
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None = None) -> mx.array:
         batch, length, _ = x.shape
@@ -193,7 +198,7 @@ class MistralAttention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = self.attention_fn(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 

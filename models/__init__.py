@@ -3,9 +3,10 @@
 `models` never imports `harness`: it knows nothing of Hydra, W&B or Dolly, so it can be used alone.
 """
 
-from models import blas
+from models import blas, malloc
 
 blas.load_fast_blas()  # must run before the first `import mlx` (see models/blas.py)
+malloc.tune_malloc()  # reuse freed CPU buffers instead of fresh pages (see models/malloc.py)
 
 from models.mistral import ConfigError, KVCache, MistralForCausalLM, ModelArgs  # noqa: E402
 

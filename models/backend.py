@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from models import blas
+from models import blas, malloc
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -43,4 +43,5 @@ def describe() -> dict[str, str | None]:
         "backend": backend_name(),
         "device": str(mx.default_device()),
         "blas": blas.loaded_blas,
+        "malloc": "tuned" if malloc.tuned else "default",
     }

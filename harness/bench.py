@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-mlx-lm", action="store_true", help="also time mlx-lm's trainer")
     parser.add_argument("--json", type=Path, help="append the results (one JSON object per line) to this file")
     parser.add_argument("--stack", choices=["ours", "mlx-lm"], help=argparse.SUPPRESS)  # child process
-    options = parser.parse_args(argv)
+    options = parser.parse_intermixed_args(argv)
 
     overrides = list(options.overrides)
     if options.checkpointing:

@@ -61,7 +61,10 @@ class TrainStep:
     """One optimizer step over a list of micro-batches: `step(batches) -> (loss_sum, n_tokens, grad_norm)`.
 
     Compiled with the model's and optimizer's state (and the RNG, for dropout) as implicit inputs and outputs,
-    as MLX's docs describe. With one micro-batch, gradient and update run in a single compiled graph.
+    as MLX's docs describe. Gradients and the update are two compiled graphs, and the gradients are scheduled
+    (`mx.async_eval`) before the update is built: in one graph, with gradient clipping (the update waits for the
+    norm of all gradients), MLX kept part of every layer's backward pass alive until the end of the step; with
+    checkpointing that grew the step's memory by a few activations per layer (tests/harness/test_train_step_memory.py).
     """
 
     def __init__(
@@ -84,25 +87,19 @@ class TrainStep:
             optimizer.update(model, grads)
             return norm
 
-        def fused(batch: Batch):
-            loss_sum, n_tokens, grads = gradients(batch)
-            return loss_sum, n_tokens, update(grads, n_tokens)
-
         if compile:
             state = [model.state, optimizer.state, mx.random.state]
             gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)
             update = partial(mx.compile, inputs=state, outputs=state)(update)
-            fused = partial(mx.compile, inputs=state, outputs=state)(fused)
-        self._gradients, self._update, self._fused = gradients, update, fused
+        self._gradients, self._update = gradients, update
 
     def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        if len(batches) == 1:
-            return self._fused(batches[0])
         loss_sum, n_tokens, grads = self._gradients(batches[0])
         for batch in batches[1:]:
             more_loss, more_tokens, more_grads = self._gradients(batch)
             loss_sum, n_tokens = loss_sum + more_loss, n_tokens + more_tokens
             grads = tree_map(mx.add, grads, more_grads)
+        mx.async_eval(loss_sum, n_tokens, grads)
         return loss_sum, n_tokens, self._update(grads, n_tokens)
 
 

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--limits", type=float, nargs="+", default=[0.0], help="GB; 0 = MLX's default")
     parser.add_argument("--chunks", type=int, nargs="+", default=[0], help="CE rows per chunk; 0 = default")
-    options = parser.parse_args()
+    options = parser.parse_intermixed_args()
     overrides = options.overrides + (["trainer.gradient_checkpointing=true"] if options.checkpointing else [])
     cfg = compose(overrides)
     model = build_model(cfg, progress=False)

@@ -1,0 +1,37 @@
+"""TrainStep's memory with gradient checkpointing and clipping: the step's peak must not grow with every layer's
+activations (in one compiled graph, clipping made MLX keep part of each layer's backward pass alive)."""
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from harness.training import TrainStep
+from models.checkpointing import enable_gradient_checkpointing
+from models.lora import LoRASpec, apply_lora
+from models.mistral import MistralForCausalLM, ModelArgs
+
+
+def _peak_above_model(num_layers: int) -> int:
+    mx.random.seed(0)
+    args = ModelArgs(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
+                     num_attention_heads=4, num_key_value_heads=2)
+    model = MistralForCausalLM(args)
+    apply_lora(model, LoRASpec(rank=4))
+    enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = optim.AdamW(learning_rate=1e-3)
+    step = TrainStep(model, optimizer, grad_clip=1.0)
+    tokens = mx.random.randint(1, args.vocab_size, (4, 256))
+    batch = {"input_ids": tokens, "labels": tokens}
+    mx.eval(model.parameters(), tokens)
+    mx.eval(step([batch]), model.parameters(), optimizer.state)  # compile, create the optimizer state
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(step([batch]), model.parameters(), optimizer.state)
+    return mx.get_peak_memory() - before
+
+
+def test_checkpointed_clipped_step_keeps_about_one_boundary_per_extra_layer():
+    boundary = 4 * 256 * 256 * 4  # one layer's stored input: batch x seq x hidden float32
+    growth = (_peak_above_model(10) - _peak_above_model(2)) / 8
+    # The checkpoint inputs cost one boundary per layer; the bug kept several activations per layer.
+    assert growth < 2 * boundary, f"peak grows by {growth / boundary:.1f} boundaries per layer"

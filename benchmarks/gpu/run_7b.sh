@@ -8,6 +8,6 @@ mkdir -p "$OUT"
 source "$(dirname "$0")/common.sh"
 bench 200 --stack ours --batch 8 --seq 512
 python3 -m benchmarks.gpu.memory_probe model=mistral-7b-shape --batch 4 --seq 512 --checkpointing \
-  --limits 0 "$LIMIT" --chunks 0 512 2>>"$OUT/log.txt" | tee -a "$OUT/probe.txt"
+  --limits 0 "$LIMIT" 6.5 2>>"$OUT/log.txt" | tee -a "$OUT/probe.txt"
 bench 120 --stack ours --batch 4 --seq 512 --checkpointing "trainer.memory_limit_gb=$LIMIT"
 save_kernel_cache

@@ -2,6 +2,8 @@
 
 Each decoder layer's forward runs inside `mx.checkpoint`: its activations are dropped after the forward
 pass and recomputed during the backward pass, so activation memory grows with one layer, not the model.
+Inside the checkpointed layer, quantized linears keep their rebuilt dense weights from the recomputation for
+the backward pass (one layer's worth at a time) instead of rebuilding them once more.
 Only the instances passed in are changed (their class is swapped for a checkpointing subclass), so other
 models in the process and the model file are untouched; parameter names stay the same.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 import functools
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
+
+from models.quant import dense_weights_kept_for_backward
 
 
 @functools.cache
@@ -21,7 +25,10 @@ def _checkpointed_class(cls: type) -> type:
     def __call__(self, x, *args, **kwargs):
         def forward(params, x):
             self.update(params)  # the checkpointed function must see parameters as inputs to recompute with them
-            return cls.__call__(self, x, *args, **kwargs)
+            # Recomputation runs right before this layer's backward pass: quantized linears may keep their
+            # dense weights for it rather than rebuild them again (models.quant, "dequantize_saved").
+            with dense_weights_kept_for_backward():
+                return cls.__call__(self, x, *args, **kwargs)
 
         return mx.checkpoint(forward)(self.trainable_parameters(), x)
 

@@ -8,7 +8,7 @@ versions built on `models.cross_entropy.polynomial_exp`: `PolynomialSiLU` as the
 
 from __future__ import annotations
 
-import mlx.nn as nn
+from mlx import nn
 
 from models.activations import PolynomialSiLU
 from models.attention import fused_attention, polynomial_attention

@@ -10,6 +10,10 @@ Forward paths of `QuantizedLinear` (see `QuantizedLinear.__call__`):
 - "dequantize": rebuild the dense weight in x's dtype and run a dense matmul, inside an `mx.custom_function`
   whose backward pass rebuilds the weight again instead of keeping it alive (the weight is frozen, so only
   the gradient with respect to x is needed). Fast when many tokens share a weight (training, prefill).
+- "dequantize_saved": the same dense matmul differentiated by MLX, which keeps the dense weight for the backward
+  pass. "auto" picks it inside a gradient-checkpointed layer (`dense_weights_kept_for_backward`): there the
+  layer's forward pass is recomputed right before its backward pass, so keeping the weight costs one layer's
+  dense weights for a moment and saves rebuilding them a third time.
 - "fused": `mx.quantized_matmul` on the packed weight (affine schemes only). Fast when few tokens are
   multiplied (generation), where reading 4-bit weights beats writing and re-reading a dense copy.
 - "reference": plain dequantize-then-matmul, differentiated by MLX itself; the readable baseline.
@@ -17,6 +21,8 @@ Forward paths of `QuantizedLinear` (see `QuantizedLinear.__call__`):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -24,13 +30,13 @@ from statistics import NormalDist
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from models.backend import backend_name
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("rowwise", "group", "nf4", "none")
-FORWARD_PATHS = ("auto", "dequantize", "fused", "reference")
+FORWARD_PATHS = ("auto", "dequantize", "dequantize_saved", "fused", "reference")
 
 NF4_BLOCK = 64  # QLoRA: one absmax per 64 weights
 NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in blocks of 256
@@ -43,6 +49,19 @@ NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in b
 #   4.0/1.3 ms at 4096): generation and short prefills fuse, training shapes dequantize.
 # - Metal: not measured here; 16 keeps decoding (bandwidth-bound) on the fused kernel.
 FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 256}
+
+_KEEP_DENSE_FOR_BACKWARD = contextvars.ContextVar("keep_dense_for_backward", default=False)
+
+
+@contextlib.contextmanager
+def dense_weights_kept_for_backward():
+    """Within this block "auto" uses "dequantize_saved" instead of "dequantize" (see the module docstring);
+    `models.checkpointing` runs each checkpointed layer's forward pass (and its recomputation) inside it."""
+    token = _KEEP_DENSE_FOR_BACKWARD.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_DENSE_FOR_BACKWARD.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +104,7 @@ class QuantSpec:
         return {**dataclasses.asdict(self), "modules": list(self.modules)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "QuantSpec":
+    def from_dict(cls, values: dict[str, Any]) -> QuantSpec:
         return cls(**{**values, "modules": tuple(values.get("modules", PROJECTIONS))})
 
 
@@ -399,7 +418,7 @@ class QuantizedLinear(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantizedLinear":
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantizedLinear:
         """Quantize an `nn.Linear` (weight `(out, in)`) according to `spec`."""
         out_features, in_features = linear.weight.shape
         has_bias = "bias" in linear
@@ -444,7 +463,7 @@ class QuantizedLinear(nn.Module):
         fusable = self.method != "nf4" and _fused_group_size(self.in_features) is not None
         if fusable and tokens <= FUSED_MAX_TOKENS.get(backend_name(), 4):
             return "fused"
-        return "dequantize"
+        return "dequantize_saved" if _KEEP_DENSE_FOR_BACKWARD.get() else "dequantize"
 
     def __call__(self, x: mx.array) -> mx.array:
         """`x (…, in) -> (…, out)` in x's dtype."""
@@ -453,6 +472,8 @@ class QuantizedLinear(nn.Module):
             y = self._fused(x)
         elif path == "dequantize":
             y = _dequantize_matmul(self.method, self.bits)(x, self.quantized_arrays())
+        elif path == "dequantize_saved":
+            y = x @ self.dequantize(x.dtype).T
         elif path == "reference":
             y = x @ self.dequantize(x.dtype, native=False).T
         else:
@@ -486,7 +507,7 @@ class QuantizedEmbedding(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> "QuantizedEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> QuantizedEmbedding:
         linear = nn.Linear(1, 1, bias=False)
         linear.weight = embedding.weight
         return cls(QuantizedLinear.from_linear(linear, spec), embedding.weight.dtype)
@@ -583,7 +604,7 @@ def quantized_shell(model: nn.Module, spec: QuantSpec) -> nn.Module:
 
 
 def set_forward_path(model: nn.Module, path: str) -> int:
-    """Set `forward_path` ("auto", "dequantize", "fused", "reference") on every `QuantizedLinear`; returns how many."""
+    """Set `forward_path` (one of `FORWARD_PATHS`) on every `QuantizedLinear`; returns how many."""
     if path not in FORWARD_PATHS:
         raise ValueError(f"forward_path={path!r}; choose one of {', '.join(FORWARD_PATHS)}")
     layers = [m for _, m in model.named_modules() if isinstance(m, QuantizedLinear)]

@@ -16,13 +16,13 @@ import argparse
 import statistics
 import time
 
-import models  # noqa: F401  (loads the fast BLAS before MLX)
+import models  # noqa: F401, I001  (loads the fast BLAS before MLX)
 import mlx.core as mx
 
-import models.cross_entropy as cross_entropy
 from harness.bench import compose, synthetic_tokens
 from harness.build import build_model, build_optimizer
 from harness.training import TrainStep
+from models import cross_entropy
 
 
 def main() -> None:
@@ -70,7 +70,6 @@ def main() -> None:
             tok_s = options.batch * options.seq / statistics.median(times)
             used = chunk or default_chunk(model.args.hidden_size, model.args.vocab_size)
             print(f"{used} | {limit or 'default'} | {tok_s:,.0f} | {mx.get_peak_memory() / 1e9:.2f}", flush=True)
-            del step, optimizer
             mx.clear_cache()
     mx.set_memory_limit(default_limit)
 

@@ -1,7 +1,7 @@
 """Gradient checkpointing changes memory, never results."""
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from models.checkpointing import (
@@ -11,7 +11,7 @@ from models.checkpointing import (
 )
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralDecoderLayer
-from models.quant import QuantSpec, quantize_model
+from models.quant import QuantizedLinear, QuantSpec, quantize_model
 from tests.models.conftest import build_tiny_model, random_ids
 
 
@@ -34,13 +34,19 @@ def loss_and_grads(model, ids):
     return loss, dict(tree_flatten(grads))
 
 
-def test_gradients_identical_with_and_without_checkpointing():
+def test_gradients_identical_with_and_without_checkpointing(monkeypatch):
+    paths = []
+    choose_path = QuantizedLinear.choose_path
+    monkeypatch.setattr(QuantizedLinear, "choose_path", lambda self, x: paths.append(choose_path(self, x)) or paths[-1])
     model = adapted_model()
     ids = random_ids(length=16)
     loss_plain, grads_plain = loss_and_grads(model, ids)
+    assert set(paths) == {"dequantize"}  # the backward pass rebuilds each dense weight
     enable_gradient_checkpointing(model)
     assert gradient_checkpointing_enabled(model)
+    paths.clear()
     loss_ckpt, grads_ckpt = loss_and_grads(model, ids)
+    assert set(paths) == {"dequantize_saved"}  # recomputation keeps them for the backward pass instead
     assert loss_ckpt.item() == loss_plain.item()
     assert grads_ckpt.keys() == grads_plain.keys() and len(grads_plain) == 2 * 2 * 7
     for key in grads_plain:

@@ -1,10 +1,10 @@
-import models  # noqa: F401  (loads the fast BLAS before MLX)
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx import nn
 from mlx.utils import tree_flatten
 
+import models  # noqa: F401  (loads the fast BLAS before MLX)
 from models.activations import PolynomialSiLU, polynomial_silu
 from models.attention import fused_attention, polynomial_attention
 from models.cpu_paths import use_cpu_paths
@@ -85,7 +85,9 @@ def test_polynomial_attention_gradients_match_the_fused_kernel(mask_kind):
     cotangent = mx.random.normal(q.shape, key=mx.random.key(2))
 
     def grads(attention):
-        loss = lambda q, k, v: (attention(q, k, v, 0.25, mask) * cotangent).sum()  # noqa: E731
+        def loss(q, k, v):
+            return (attention(q, k, v, 0.25, mask) * cotangent).sum()
+
         return mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     for got, ref in zip(grads(polynomial_attention), grads(fused_attention)):

@@ -25,6 +25,7 @@ from models.quant import (
     quantize_nf4,
     quantize_rowwise,
     quantized_shell,
+    dense_weights_kept_for_backward,
     set_forward_path,
     unpack_codes,
 )
@@ -154,7 +155,7 @@ SPECS = {
 }
 
 
-PATHS = [(name, path) for name in SPECS for path in ("dequantize", "fused", "reference")
+PATHS = [(name, path) for name in SPECS for path in ("dequantize", "dequantize_saved", "fused", "reference")
          if not (name == "nf4" and path == "fused")]  # nf4 has no fused kernel
 
 
@@ -215,6 +216,10 @@ def test_auto_path_fuses_only_for_few_tokens_and_affine_schemes():
     assert rowwise.choose_path(one_token) == "fused"
     assert rowwise.choose_path(many_tokens) == "dequantize"
     assert nf4.choose_path(one_token) == "dequantize"
+    with dense_weights_kept_for_backward():  # inside a checkpointed layer
+        assert rowwise.choose_path(many_tokens) == "dequantize_saved"
+        assert rowwise.choose_path(one_token) == "fused"
+    assert rowwise.choose_path(many_tokens) == "dequantize"
     rowwise.forward_path = "reference"
     assert rowwise.choose_path(one_token) == "reference"
 

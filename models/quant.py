@@ -445,9 +445,12 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype=mx.float32, native: bool = True) -> mx.array:
         """The dense weight `(out, in)` in `dtype` (`native=False`: the plain reference dequantizer)."""
+        return self._dense_from(self.quantized_arrays(), dtype, native)
+
+    def _dense_from(self, arrays: dict[str, mx.array], dtype, native: bool = True) -> mx.array:
         if self.method == "nf4":
-            return dequantize_nf4(self.quantized_arrays(), dtype=dtype)
-        return _affine_dequantize(self.weight, self.scales, self.biases, self.bits, dtype, native=native)
+            return dequantize_nf4(arrays, dtype=dtype)
+        return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], self.bits, dtype, native)
 
     @property
     def bits_per_weight(self) -> float:
@@ -473,7 +476,10 @@ class QuantizedLinear(nn.Module):
         elif path == "dequantize":
             y = _dequantize_matmul(self.method, self.bits)(x, self.quantized_arrays())
         elif path == "dequantize_saved":
-            y = x @ self.dequantize(x.dtype).T
+            # As in "dequantize": rebuild W only once x exists, or MLX may schedule the recomputation's dense
+            # weights of every layer long before their backward passes and keep them all alive.
+            arrays = dict(zip(self.quantized_arrays(), mx.depends(list(self.quantized_arrays().values()), x)))
+            y = x @ mx.stop_gradient(self._dense_from(arrays, x.dtype)).T  # frozen: no gradient through W
         elif path == "reference":
             y = x @ self.dequantize(x.dtype, native=False).T
         else:

@@ -6,7 +6,7 @@
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
 quantization, LoRA and optimizer exactly as `harness.train` does, and times the trainer's own compiled step
-(`harness.training.TrainStep`). Each stack runs in a fresh process so its peak memory and time to first step
+(`harness.training.make_train_step`). Each stack runs in a fresh process so its peak memory and time to first step
 are its own. Reported per stack: median seconds per step after warm-up (every step synchronized), tokens/s,
 model FLOP utilisation against a matmul rate measured in the same run, peak memory, time to first step.
 """
@@ -128,14 +128,14 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
 
 
 def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
-    """Time `harness.training.TrainStep` on the model `harness.build` makes from `cfg`."""
+    """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`."""
     from harness.build import build_model, build_optimizer
-    from harness.training import TrainStep
+    from harness.training import make_train_step
     from models.lora import trainable_parameter_count
 
     model = build_model(cfg, progress=False)
     optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
-    step = TrainStep(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
+    step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
     tokens = synthetic_tokens(batch, seq, model.args.vocab_size)
     data = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
     model.train()

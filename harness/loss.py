@@ -28,9 +28,14 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.arr
     gradient with respect to the hidden states is computed in the same pass; `model.eval()` skips that work.
     """
     hidden = model.model(batch["input_ids"], segment_ids=batch.get("segment_ids"))  # (B, L, H)
+    return loss_from_hidden(model, hidden, batch["labels"])
+
+
+def loss_from_hidden(model: nn.Module, hidden: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
+    """`causal_lm_loss` from the final (normed) hidden states `(B, L, H)` and the unshifted `labels (B, L)`."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B * (L-1), H)
-    targets = batch["labels"][:, 1:].reshape(-1)  # (B * (L-1),)
+    targets = labels[:, 1:].reshape(-1)  # (B * (L-1),)
     return linear_cross_entropy(hidden, lm_head_weight(model), targets, with_grad=model.training)
 
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "lm_head_weight"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "lm_head_weight", "loss_from_hidden"]

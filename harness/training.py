@@ -78,20 +78,10 @@ class TrainStep:
             (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
             return loss_sum, n_tokens, grads
 
-        def update(grads: dict, n_tokens: mx.array) -> mx.array:
-            grads = tree_map(lambda g: g / mx.maximum(n_tokens, 1).astype(g.dtype), grads)
-            if grad_clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, grad_clip)
-            else:
-                norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in _leaves(grads)))
-            optimizer.update(model, grads)
-            return norm
-
         if compile:
             state = [model.state, optimizer.state, mx.random.state]
             gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)
-            update = partial(mx.compile, inputs=state, outputs=state)(update)
-        self._gradients, self._update = gradients, update
+        self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile)
 
     def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
         loss_sum, n_tokens, grads = self._gradients(batches[0])
@@ -101,6 +91,35 @@ class TrainStep:
             grads = tree_map(mx.add, grads, more_grads)
         mx.async_eval(loss_sum, n_tokens, grads)
         return loss_sum, n_tokens, self._update(grads, n_tokens)
+
+
+def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):
+    """`update(grads, n_tokens) -> grad_norm`: divide summed gradients by the loss tokens, clip their global norm
+    to `grad_clip` (0 = off), apply the optimizer to `model`. Compiled with the model and optimizer state."""
+
+    def update(grads: dict, n_tokens: mx.array) -> mx.array:
+        grads = tree_map(lambda g: g / mx.maximum(n_tokens, 1).astype(g.dtype), grads)
+        if grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, grad_clip)
+        else:
+            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in _leaves(grads)))
+        optimizer.update(model, grads)
+        return norm
+
+    if compile:
+        state = [model.state, optimizer.state, mx.random.state]
+        update = partial(mx.compile, inputs=state, outputs=state)(update)
+    return update
+
+
+def make_train_step(model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True):
+    """The training step for `model`: `LayerwiseTrainStep` when it has gradient checkpointing on (and no
+    adapter dropout, whose random masks a recomputation would redraw), else `TrainStep`."""
+    from harness.layerwise_step import LayerwiseTrainStep
+
+    if LayerwiseTrainStep.supports(model):
+        return LayerwiseTrainStep(model, optimizer, grad_clip=grad_clip, compile=compile)
+    return TrainStep(model, optimizer, grad_clip=grad_clip, compile=compile)
 
 
 def _leaves(tree: Any) -> Iterator[mx.array]:
@@ -176,7 +195,7 @@ def train_loop(
     state = state or TrainState()
     run_dir = Path(run_dir)
     model.train()
-    train_step = TrainStep(model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile)
+    train_step = make_train_step(model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile)
     eval_step = make_eval_step(model, compile=settings.compile)
     stream = micro_batches(train_batches, state)
 

@@ -4,7 +4,7 @@
         --limits 0 8 7 6 --chunks 0 512
 
 Builds the model once (as `harness.bench` does, from the training configs), then for every (chunk, limit) pair
-compiles a fresh `TrainStep`, runs 2 warm-up and `--steps` timed steps and prints tokens/s and
+compiles a fresh training step (`make_train_step`, or `TrainStep` with `--single-graph`), runs 2 warm-up and `--steps` timed steps and prints tokens/s and
 `mx.get_peak_memory()`. Limit 0 = MLX's default; chunk 0 = `models.cross_entropy.default_chunk_size`.
 On a GPU most of an unlimited peak is memory still held by queued work; the limit makes MLX wait for that work,
 so the limited peaks show how large the live set really is and what bounding it costs.
@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from harness.bench import compose, synthetic_tokens
 from harness.build import build_model, build_optimizer
-from harness.training import TrainStep
+from harness.training import TrainStep, make_train_step
 from models import cross_entropy
 
 
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--limits", type=float, nargs="+", default=[0.0], help="GB; 0 = MLX's default")
+    parser.add_argument("--single-graph", action="store_true", help="TrainStep with mx.checkpoint, not layerwise")
     parser.add_argument("--chunks", type=int, nargs="+", default=[0], help="CE rows per chunk; 0 = default")
     options = parser.parse_intermixed_args()
     overrides = options.overrides + (["trainer.gradient_checkpointing=true"] if options.checkpointing else [])
@@ -52,7 +53,8 @@ def main() -> None:
         for limit in options.limits:
             mx.set_memory_limit(int(limit * 1e9) if limit else default_limit)
             optimizer = build_optimizer(cfg.optim, model, total_steps=100)
-            step = TrainStep(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
+            make = TrainStep if options.single_graph else make_train_step
+            step = make(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
             model.train()
 
             def run():

@@ -4,13 +4,16 @@ activations (in one compiled graph, clipping made MLX keep part of each layer's 
 import mlx.core as mx
 import mlx.optimizers as optim
 
+import pytest
+
+from harness.layerwise_step import LayerwiseTrainStep
 from harness.training import TrainStep
 from models.checkpointing import enable_gradient_checkpointing
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
 
 
-def _peak_above_model(num_layers: int) -> int:
+def _peak_above_model(num_layers: int, step_class) -> int:
     mx.random.seed(0)
     args = ModelArgs(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -19,7 +22,7 @@ def _peak_above_model(num_layers: int) -> int:
     enable_gradient_checkpointing(model)
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-3)
-    step = TrainStep(model, optimizer, grad_clip=1.0)
+    step = step_class(model, optimizer, grad_clip=1.0)
     tokens = mx.random.randint(1, args.vocab_size, (4, 256))
     batch = {"input_ids": tokens, "labels": tokens}
     mx.eval(model.parameters(), tokens)
@@ -30,8 +33,9 @@ def _peak_above_model(num_layers: int) -> int:
     return mx.get_peak_memory() - before
 
 
-def test_checkpointed_clipped_step_keeps_about_one_boundary_per_extra_layer():
+@pytest.mark.parametrize("step_class", [TrainStep, LayerwiseTrainStep])
+def test_checkpointed_clipped_step_keeps_about_one_boundary_per_extra_layer(step_class):
     boundary = 4 * 256 * 256 * 4  # one layer's stored input: batch x seq x hidden float32
-    growth = (_peak_above_model(10) - _peak_above_model(2)) / 8
+    growth = (_peak_above_model(10, step_class) - _peak_above_model(2, step_class)) / 8
     # The checkpoint inputs cost one boundary per layer; the bug kept several activations per layer.
     assert growth < 2 * boundary, f"peak grows by {growth / boundary:.1f} boundaries per layer"

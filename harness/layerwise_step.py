@@ -1,0 +1,194 @@
+"""Gradient checkpointing by hand: the training step runs forward, then backward, one decoder layer at a time.
+
+`mx.checkpoint` inside one compiled step keeps only each layer's input, in theory. On a GPU MLX queues the whole
+step at once and every queued kernel keeps its inputs alive until it has run, so a Mistral-7B step at 4 x 512
+(H100) peaked at 17-29 GB although its live data fit in about 7 GB; a memory limit made MLX wait for the queue,
+at a third of the speed. Here each layer's forward pass, and each layer's recomputation with its backward pass,
+is its own compiled graph, and at most two layers' graphs are queued at once: memory stays at the frozen base,
+the layer inputs, and about two layers' temporaries, while the GPU is never left waiting for the CPU.
+
+Forward: embed, then each layer (its input kept); the head computes the loss and its gradient in one pass
+(`models.cross_entropy`). Backward: from the last layer to the first, recompute the layer and pull the
+cotangent through it (`mx.vjp`), which gives the layer's adapter gradients and the next cotangent. The
+optimizer update is `harness.training.make_update`, as in `TrainStep`; the numbers are the same
+(tests/harness/test_layerwise_step.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from harness.loss import loss_from_hidden
+from models.checkpointing import gradient_checkpointing_enabled
+from models.lora import LoRALinear
+from models.mistral import attention_mask
+from models.quant import dense_weights_kept_for_backward
+
+Batch = dict[str, mx.array]
+_IN_FLIGHT = 2  # layers queued on the device at once: one running, one being queued
+
+
+class LayerwiseTrainStep:
+    """`step(batches) -> (loss_sum, n_tokens, grad_norm)`, like `harness.training.TrainStep`."""
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Checkpointed models whose trainable parameters all sit in decoder layers, without adapter dropout."""
+        if not gradient_checkpointing_enabled(model):
+            return False
+        trainable = [name for name, _ in tree_flatten(model.trainable_parameters())]
+        dropout = any(isinstance(m, LoRALinear) and m.dropout is not None for _, m in model.named_modules())
+        return bool(trainable) and not dropout and all(n.startswith("model.layers.") for n in trainable)
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True):
+        from harness.training import make_update
+
+        if not self.supports(model):
+            raise ValueError("LayerwiseTrainStep needs gradient checkpointing on and no adapter dropout")
+        self.model = model
+        self.layers = model.model.layers
+        self._compile = compile
+        self._update = make_update(model, optimizer, grad_clip, compile)
+        # Layers of one structure (the same parameter names: adapters or none) share one compiled forward and
+        # backward: the first such layer is the template whose arrays are swapped for the given layer's.
+        self._templates: dict[tuple[str, ...], nn.Module] = {}
+        for layer in self.layers:
+            self._templates.setdefault(tuple(sorted(self._structure(layer))), layer)
+        self._layer_call = getattr(type(self.layers[0]), "_checkpointed_base", type(self.layers[0])).__call__
+        self._functions: dict[tuple, tuple[Callable, Callable, Callable]] = {}
+        self._head = self._maybe_compile(self._head_loss_and_cotangent)
+
+    def _maybe_compile(self, fn):
+        return mx.compile(fn) if self._compile else fn
+
+    @staticmethod
+    def _structure(layer: nn.Module) -> tuple[str, ...]:
+        return tuple(name for name, _ in tree_flatten(layer.parameters()))
+
+    def _split(self, layer: nn.Module) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+        trainable = dict(tree_flatten(layer.trainable_parameters()))
+        frozen = {k: v for k, v in tree_flatten(layer.parameters()) if k not in trainable}
+        return frozen, trainable
+
+    def _run_template(self, frozen: dict, trainable: dict, x: mx.array, mask) -> mx.array:
+        template = self._templates[tuple(sorted({**frozen, **trainable}))]
+        original = template.parameters()
+        try:
+            template.update(tree_unflatten(list({**frozen, **trainable}.items())))
+            return self._layer_call(template, x, mask)
+        finally:
+            template.update(original)
+
+    def _layer_functions(self, mask, structure: tuple[str, ...]) -> tuple[Callable, Callable, Callable]:
+        """Compiled (forward, backward, backward without the input's gradient) for one mask kind.
+
+        Each takes `(frozen, trainable, x[, cotangent], mask_array)`; an array mask (packed sequences) is a
+        compiled input, while None and "causal" are closed over. The first layer's input is the frozen
+        embedding, which needs no gradient: its backward pass skips that matmul chain.
+        """
+        key = ("array" if isinstance(mask, mx.array) else mask, structure)
+        if key not in self._functions:
+            static = None if isinstance(mask, mx.array) else mask
+
+            def forward(frozen, trainable, x, mask_array):
+                return self._run_template(frozen, trainable, x, static if mask_array is None else mask_array)
+
+            def backward(frozen, trainable, x, cotangent, mask_array, input_grad: bool):
+                names, layer_mask = list(trainable), static if mask_array is None else mask_array
+
+                def layer_fn(*arrays):
+                    params, layer_input = dict(zip(names, arrays[: len(names)])), arrays[-1] if input_grad else x
+                    with dense_weights_kept_for_backward():  # recomputed right before its backward pass
+                        return self._run_template(frozen, params, layer_input, layer_mask)
+
+                primals = [*trainable.values(), x] if input_grad else list(trainable.values())
+                _, vjps = mx.vjp(layer_fn, primals, [cotangent])
+                return dict(zip(names, vjps[: len(names)])), (vjps[-1] if input_grad else None)
+
+            if isinstance(mask, mx.array):
+                functions = (
+                    self._maybe_compile(forward),
+                    self._maybe_compile(lambda f, t, x, c, m: backward(f, t, x, c, m, True)),
+                    self._maybe_compile(lambda f, t, x, c, m: backward(f, t, x, c, m, False)[0]),
+                )
+            else:  # None cannot be a compiled input
+                fwd = self._maybe_compile(lambda f, t, x: forward(f, t, x, None))
+                bwd = self._maybe_compile(lambda f, t, x, c: backward(f, t, x, c, None, True))
+                first = self._maybe_compile(lambda f, t, x, c: backward(f, t, x, c, None, False)[0])
+                functions = (
+                    lambda f, t, x, _m: fwd(f, t, x),
+                    lambda f, t, x, c, _m: bwd(f, t, x, c),
+                    lambda f, t, x, c, _m: first(f, t, x, c),
+                )
+            self._functions[key] = functions
+        return self._functions[key]
+
+    def _head_loss_and_cotangent(self, last: mx.array, labels: mx.array):
+        """Loss sum, loss tokens and the cotangent for the last layer's output (final norm + fused head)."""
+
+        def head(last):
+            return loss_from_hidden(self.model, self.model.model.norm(last), labels)
+
+        (loss_sum, n_tokens), (cotangent,) = mx.vjp(head, [last], [mx.array(1.0), mx.array(0.0)])
+        return loss_sum, n_tokens, cotangent
+
+    def _gradients(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
+        ids = batch["input_ids"]
+        segment_ids = batch.get("segment_ids")
+        mask = attention_mask(ids.shape[1], ids.shape[1], self.model.args.sliding_window, segment_ids)
+        mask_array = mask if isinstance(mask, mx.array) else None
+        queue = _Queue()
+        inputs = [self.model.model.embed_tokens(ids)]
+        parameters = [self._split(layer) for layer in self.layers]
+        structures = [tuple(sorted(self._structure(layer))) for layer in self.layers]
+        for (frozen, trainable), structure in zip(parameters, structures):
+            forward = self._layer_functions(mask, structure)[0]
+            inputs.append(forward(frozen, trainable, inputs[-1], mask_array))
+            queue.push(inputs[-1])
+        loss_sum, n_tokens, cotangent = self._head(inputs.pop(), batch["labels"])
+        queue.push(loss_sum, n_tokens, cotangent)
+        flat_grads = {}
+        for i in reversed(range(len(self.layers))):
+            frozen, trainable = parameters[i]
+            _, backward, backward_first = self._layer_functions(mask, structures[i])
+            if i > 0:
+                grads, cotangent = backward(frozen, trainable, inputs.pop(), cotangent, mask_array)
+                queue.push(cotangent, *grads.values())
+            elif trainable:
+                grads = backward_first(frozen, trainable, inputs.pop(), cotangent, mask_array)
+                queue.push(*grads.values())
+            else:
+                grads = {}
+            flat_grads.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
+        queue.drain()
+        return loss_sum, n_tokens, tree_unflatten(list(flat_grads.items()))
+
+    def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
+        loss_sum, n_tokens, grads = self._gradients(batches[0])
+        for batch in batches[1:]:
+            more_loss, more_tokens, more_grads = self._gradients(batch)
+            loss_sum, n_tokens = loss_sum + more_loss, n_tokens + more_tokens
+            grads = tree_map(mx.add, grads, more_grads)
+        return loss_sum, n_tokens, self._update(grads, n_tokens)
+
+
+class _Queue:
+    """Queue work on the device (`mx.async_eval`), waiting for the oldest once `_IN_FLIGHT` are queued."""
+
+    def __init__(self) -> None:
+        self._pending: list[list[mx.array]] = []
+
+    def push(self, *arrays: mx.array) -> None:
+        mx.async_eval(*arrays)
+        self._pending.append(list(arrays))
+        if len(self._pending) > _IN_FLIGHT:
+            mx.eval(self._pending.pop(0))
+
+    def drain(self) -> None:
+        while self._pending:
+            mx.eval(self._pending.pop(0))

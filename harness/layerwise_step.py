@@ -30,7 +30,7 @@ from models.mistral import attention_mask
 from models.quant import dense_weights_kept_for_backward
 
 Batch = dict[str, mx.array]
-_IN_FLIGHT = 2  # layers queued on the device at once: one running, one being queued
+IN_FLIGHT = 2  # layers queued on the device at once by default: one running, one being queued
 
 
 class LayerwiseTrainStep:
@@ -45,13 +45,25 @@ class LayerwiseTrainStep:
         dropout = any(isinstance(m, LoRALinear) and m.dropout is not None for _, m in model.named_modules())
         return bool(trainable) and not dropout and all(n.startswith("model.layers.") for n in trainable)
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        *,
+        grad_clip: float,
+        compile: bool = True,
+        in_flight: int = IN_FLIGHT,
+        keep_dense: bool = True,
+    ):
+        """`in_flight`: layers queued on the device at once (more: fewer idle gaps, more memory).
+        `keep_dense`: the recomputation keeps dense weights for the backward pass ("dequantize_saved")."""
         from harness.training import make_update
 
         if not self.supports(model):
             raise ValueError("LayerwiseTrainStep needs gradient checkpointing on and no adapter dropout")
         self.model = model
         self.layers = model.model.layers
+        self._in_flight, self._keep_dense = in_flight, keep_dense
         self._compile = compile
         self._update = make_update(model, optimizer, grad_clip, compile)
         # Layers of one structure (the same parameter names: adapters or none) share one compiled forward and
@@ -103,6 +115,8 @@ class LayerwiseTrainStep:
 
                 def layer_fn(*arrays):
                     params, layer_input = dict(zip(names, arrays[: len(names)])), arrays[-1] if input_grad else x
+                    if not self._keep_dense:
+                        return self._run_template(frozen, params, layer_input, layer_mask)
                     with dense_weights_kept_for_backward():  # recomputed right before its backward pass
                         return self._run_template(frozen, params, layer_input, layer_mask)
 
@@ -142,7 +156,7 @@ class LayerwiseTrainStep:
         segment_ids = batch.get("segment_ids")
         mask = attention_mask(ids.shape[1], ids.shape[1], self.model.args.sliding_window, segment_ids)
         mask_array = mask if isinstance(mask, mx.array) else None
-        queue = _Queue()
+        queue = _Queue(self._in_flight)
         inputs = [self.model.model.embed_tokens(ids)]
         parameters = [self._split(layer) for layer in self.layers]
         structures = [tuple(sorted(self._structure(layer))) for layer in self.layers]
@@ -178,15 +192,16 @@ class LayerwiseTrainStep:
 
 
 class _Queue:
-    """Queue work on the device (`mx.async_eval`), waiting for the oldest once `_IN_FLIGHT` are queued."""
+    """Queue work on the device (`mx.async_eval`), waiting for the oldest once `limit` are queued."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
         self._pending: list[list[mx.array]] = []
 
     def push(self, *arrays: mx.array) -> None:
         mx.async_eval(*arrays)
         self._pending.append(list(arrays))
-        if len(self._pending) > _IN_FLIGHT:
+        if len(self._pending) > self._limit:
             mx.eval(self._pending.pop(0))
 
     def drain(self) -> None:

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from harness.bench import compose, synthetic_tokens
 from harness.build import build_model, build_optimizer
+from harness.layerwise_step import IN_FLIGHT, LayerwiseTrainStep
 from harness.training import TrainStep, make_train_step
 from models import cross_entropy
 
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--limits", type=float, nargs="+", default=[0.0], help="GB; 0 = MLX's default")
     parser.add_argument("--single-graph", action="store_true", help="TrainStep with mx.checkpoint, not layerwise")
+    parser.add_argument("--in-flight", type=int, default=0, help="LayerwiseTrainStep: layers queued at once")
+    parser.add_argument("--rebuild-dense", action="store_true", help="LayerwiseTrainStep: no dequantize_saved")
     parser.add_argument("--chunks", type=int, nargs="+", default=[0], help="CE rows per chunk; 0 = default")
     options = parser.parse_intermixed_args()
     overrides = options.overrides + (["trainer.gradient_checkpointing=true"] if options.checkpointing else [])
@@ -53,8 +56,14 @@ def main() -> None:
         for limit in options.limits:
             mx.set_memory_limit(int(limit * 1e9) if limit else default_limit)
             optimizer = build_optimizer(cfg.optim, model, total_steps=100)
-            make = TrainStep if options.single_graph else make_train_step
-            step = make(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
+            if options.single_graph:
+                step = TrainStep(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
+            elif options.in_flight or options.rebuild_dense:
+                step = LayerwiseTrainStep(model, optimizer, grad_clip=cfg.optim.grad_clip,
+                                          in_flight=options.in_flight or IN_FLIGHT,
+                                          keep_dense=not options.rebuild_dense)
+            else:
+                step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
             model.train()
 
             def run():

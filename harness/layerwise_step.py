@@ -73,7 +73,7 @@ class LayerwiseTrainStep:
         # backward: the first such layer is the template whose arrays are swapped for the given layer's.
         self._templates: dict[tuple[str, ...], nn.Module] = {}
         for layer in self.layers:
-            self._templates.setdefault(tuple(sorted(self._structure(layer))), layer)
+            self._templates.setdefault(self._structure(layer), layer)
         self._layer_call = getattr(type(self.layers[0]), "_checkpointed_base", type(self.layers[0])).__call__
         self._functions: dict[tuple, tuple[Callable, Callable, Callable]] = {}
         self._head = self._maybe_compile(self._head_loss_and_cotangent)
@@ -83,7 +83,8 @@ class LayerwiseTrainStep:
 
     @staticmethod
     def _structure(layer: nn.Module) -> tuple[str, ...]:
-        return tuple(name for name, _ in tree_flatten(layer.parameters()))
+        """The sorted names of a layer's arrays: layers with equal structures share compiled functions."""
+        return tuple(sorted(name for name, _ in tree_flatten(layer.parameters())))
 
     def _split(self, layer: nn.Module) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
         trainable = dict(tree_flatten(layer.trainable_parameters()))
@@ -162,7 +163,7 @@ class LayerwiseTrainStep:
         queue = _Queue(self._in_flight)
         inputs = [self.model.model.embed_tokens(ids)]
         parameters = [self._split(layer) for layer in self.layers]
-        structures = [tuple(sorted(self._structure(layer))) for layer in self.layers]
+        structures = [self._structure(layer) for layer in self.layers]
         for (frozen, trainable), structure in zip(parameters, structures):
             forward = self._layer_functions(mask, structure)[0]
             inputs.append(forward(frozen, trainable, inputs[-1], mask_array))

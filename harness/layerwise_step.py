@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from harness.loss import loss_from_hidden
+from harness.training import accumulate_gradients, make_update
 from models.checkpointing import gradient_checkpointing_enabled
 from models.lora import LoRALinear
 from models.mistral import attention_mask
@@ -60,8 +61,6 @@ class LayerwiseTrainStep:
     ):
         """`in_flight`: layers queued on the device at once (more: fewer idle gaps, more memory).
         `keep_dense`: the recomputation keeps dense weights for the backward pass ("dequantize_saved")."""
-        from harness.training import make_update
-
         if not self.supports(model):
             raise ValueError("LayerwiseTrainStep needs gradient checkpointing on and no adapter dropout")
         self.model = model
@@ -73,7 +72,7 @@ class LayerwiseTrainStep:
         # backward: the first such layer is the template whose arrays are swapped for the given layer's.
         self._templates: dict[tuple[str, ...], nn.Module] = {}
         for layer in self.layers:
-            self._templates.setdefault(self._structure(layer), layer)
+            self._templates.setdefault(self._structure(*self._split(layer)), layer)
         self._layer_call = getattr(type(self.layers[0]), "_checkpointed_base", type(self.layers[0])).__call__
         self._functions: dict[tuple, tuple[Callable, Callable, Callable]] = {}
         self._head = self._maybe_compile(self._head_loss_and_cotangent)
@@ -82,9 +81,9 @@ class LayerwiseTrainStep:
         return mx.compile(fn) if self._compile else fn
 
     @staticmethod
-    def _structure(layer: nn.Module) -> tuple[str, ...]:
+    def _structure(frozen: dict, trainable: dict) -> tuple[str, ...]:
         """The sorted names of a layer's arrays: layers with equal structures share compiled functions."""
-        return tuple(sorted(name for name, _ in tree_flatten(layer.parameters())))
+        return tuple(sorted([*frozen, *trainable]))
 
     def _split(self, layer: nn.Module) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
         trainable = dict(tree_flatten(layer.trainable_parameters()))
@@ -92,10 +91,10 @@ class LayerwiseTrainStep:
         return frozen, trainable
 
     def _run_template(self, frozen: dict, trainable: dict, x: mx.array, mask) -> mx.array:
-        template = self._templates[tuple(sorted({**frozen, **trainable}))]
+        template = self._templates[self._structure(frozen, trainable)]
         original = template.parameters()
         try:
-            template.update(tree_unflatten(list({**frozen, **trainable}.items())))
+            template.update(tree_unflatten([*frozen.items(), *trainable.items()]))
             return self._layer_call(template, x, mask)
         finally:
             template.update(original)
@@ -163,7 +162,7 @@ class LayerwiseTrainStep:
         queue = _Queue(self._in_flight)
         inputs = [self.model.model.embed_tokens(ids)]
         parameters = [self._split(layer) for layer in self.layers]
-        structures = [self._structure(layer) for layer in self.layers]
+        structures = [self._structure(frozen, trainable) for frozen, trainable in parameters]
         for (frozen, trainable), structure in zip(parameters, structures):
             forward = self._layer_functions(mask, structure)[0]
             inputs.append(forward(frozen, trainable, inputs[-1], mask_array))
@@ -187,11 +186,7 @@ class LayerwiseTrainStep:
         return loss_sum, n_tokens, tree_unflatten(list(flat_grads.items()))
 
     def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        loss_sum, n_tokens, grads = self._gradients(batches[0])
-        for batch in batches[1:]:
-            more_loss, more_tokens, more_grads = self._gradients(batch)
-            loss_sum, n_tokens = loss_sum + more_loss, n_tokens + more_tokens
-            grads = tree_map(mx.add, grads, more_grads)
+        loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
         return loss_sum, n_tokens, self._update(grads, n_tokens)
 
 

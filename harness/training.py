@@ -84,13 +84,21 @@ class TrainStep:
         self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile)
 
     def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        loss_sum, n_tokens, grads = self._gradients(batches[0])
-        for batch in batches[1:]:
-            more_loss, more_tokens, more_grads = self._gradients(batch)
-            loss_sum, n_tokens = loss_sum + more_loss, n_tokens + more_tokens
-            grads = tree_map(mx.add, grads, more_grads)
+        loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
         mx.async_eval(loss_sum, n_tokens, grads)
         return loss_sum, n_tokens, self._update(grads, n_tokens)
+
+
+def accumulate_gradients(
+    gradients: Callable[[Batch], tuple], batches: list[Batch]
+) -> tuple[mx.array, mx.array, dict]:
+    """Summed `(loss_sum, n_tokens, grads)` of `gradients(batch)` over the micro-batches of one step."""
+    loss_sum, n_tokens, grads = gradients(batches[0])
+    for batch in batches[1:]:
+        more_loss, more_tokens, more_grads = gradients(batch)
+        loss_sum, n_tokens = loss_sum + more_loss, n_tokens + more_tokens
+        grads = tree_map(mx.add, grads, more_grads)
+    return loss_sum, n_tokens, grads
 
 
 def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-from mlx import nn
 import mlx.optimizers as optim
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from harness.loss import loss_from_hidden

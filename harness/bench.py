@@ -29,6 +29,8 @@ from pathlib import Path  # noqa: E402
 import models  # noqa: E402,F401  (loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
+from harness.cpu_streams import cpu_cores  # noqa: E402
+from models import blas  # noqa: E402
 from models.backend import backend_name, compute_dtype, describe  # noqa: E402
 from models.mistral import ModelArgs  # noqa: E402
 
@@ -53,6 +55,7 @@ class Result:
     first_step_seconds: float  # process start -> end of the first training step (build, compile included)
     device: str
     dtype: str
+    streams: int = 1  # CPU streams sharing each batch's rows (harness/cpu_streams.py)
 
 
 def compose(overrides: list[str]):
@@ -89,7 +92,13 @@ def matmul_tflops(dtype: mx.Dtype) -> float:
     a = mx.random.normal((size, size)).astype(dtype)
     b = mx.random.normal((size, size)).astype(dtype)
     mx.eval(a, b)
-    times = timed_runs(lambda: mx.eval(a @ b), warmup=1, repeat=3 if backend_name() == "cpu" else 10)
+    threads = blas.blas_threads()
+    blas.set_blas_threads(cpu_cores())  # every core, whatever the training step used (no-op without a BLAS)
+    try:
+        times = timed_runs(lambda: mx.eval(a @ b), warmup=1, repeat=3 if backend_name() == "cpu" else 10)
+    finally:
+        if threads is not None:
+            blas.set_blas_threads(threads)
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
@@ -110,7 +119,8 @@ def synthetic_tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> mx.arra
     return mx.random.randint(3, vocab, (batch, seq), key=mx.random.key(seed)).astype(mx.int32)
 
 
-def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str) -> Result:
+def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
+                streams: int = 1) -> Result:
     """A `Result` from the step times of one stack, with FLOPs and the matmul ceiling measured now."""
     step = statistics.median(times)
     lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
@@ -123,19 +133,23 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
         tokens_per_second=batch * seq / step, tflops_per_second=achieved, matmul_tflops=ceiling,
         mfu=achieved / ceiling, peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
         device=describe()["device"] + f" ({platform.processor() or platform.machine()})",
-        dtype=str(dtype).replace("mlx.core.", ""),
+        dtype=str(dtype).replace("mlx.core.", ""), streams=streams,
     )
 
 
 def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`."""
     from harness.build import build_model, build_optimizer
+    from harness.cpu_streams import plan_cpu_streams
     from harness.training import make_train_step
     from models.lora import trainable_parameter_count
 
+    # Before the model is built: the plan may set MLX's evaluation order, read at the first evaluation.
+    streams = plan_cpu_streams(cfg.trainer.cpu_streams, batch, checkpointing=cfg.trainer.gradient_checkpointing)
     model = build_model(cfg, progress=False)
     optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
-    step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile)
+    step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
+                           streams=streams)
     tokens = synthetic_tokens(batch, seq, model.args.vocab_size)
     data = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
     model.train()
@@ -148,7 +162,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     return make_result("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
-                   f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}")
+                   f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams)
 
 
 def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> dict | None:
@@ -166,12 +180,12 @@ def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> 
 
 def print_table(results: list[dict]) -> None:
     columns = [("stack", "{}"), ("shape", "{}"), ("batch", "{}"), ("seq", "{}"), ("checkpointing", "{}"),
-               ("quant", "{}"), ("dtype", "{}"), ("tokens_per_second", "{:,.0f}"), ("step_seconds", "{:.3f}"),
+               ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"), ("step_seconds", "{:.3f}"),
                ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"), ("peak_memory_gb", "{:.2f}"),
                ("first_step_seconds", "{:.1f}")]
-    headers = ["stack", "shape", "batch", "seq", "ckpt", "quant", "dtype", "tok/s", "s/step", "TFLOP/s", "MFU",
+    headers = ["stack", "shape", "batch", "seq", "ckpt", "quant", "dtype", "streams", "tok/s", "s/step", "TFLOP/s", "MFU",
                "peak GB", "1st step s"]
-    rows = [[fmt.format(r[key]) for key, fmt in columns] for r in results]
+    rows = [[fmt.format(r.get(key, 1)) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
     print("-|-".join("-" * w for w in widths))

@@ -102,6 +102,9 @@ class TrainerConfig:
     seed: int = 0  # data order, dropout, numpy
     gradient_checkpointing: bool = False
     compile: bool = True
+    # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
+    # the BLAS's threads can be set; 1: off). GPUs use one. See harness/cpu_streams.py.
+    cpu_streams: int | None = None
     # Cap on MLX's memory (GB; null = none). GPUs run a step's kernels long after they are queued and their
     # temporaries stay allocated until then; under the cap MLX waits for queued work instead (slower, smaller).
     memory_limit_gb: float | None = None

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
 from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
+from harness.cpu_streams import plan_cpu_streams
 from harness.tracking import Tracker
 from harness.training import LoopSettings, TrainResult, train_loop
 from models.adapters import save_adapters
@@ -96,6 +97,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         )
     trainer = cfg.trainer
     build.seed_everything(trainer.seed)
+    # Before anything is evaluated: it may set MLX's evaluation order, which MLX reads once (harness/cpu_streams.py).
+    cpu_streams = plan_cpu_streams(
+        trainer.cpu_streams, trainer.batch_size, checkpointing=trainer.gradient_checkpointing
+    )
 
     tokenizer, data = prepare_data(cfg)
     validation = data.validation
@@ -191,6 +196,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             save_every=trainer.save_every,
             stop_after_steps=trainer.stop_after_steps,
             compile=trainer.compile,
+            cpu_streams=cpu_streams,
             progress=trainer.progress,
             seed=trainer.seed,
         )

@@ -23,6 +23,7 @@ from mlx.utils import tree_map
 from tqdm.auto import tqdm
 
 from harness.checkpoints import TrainState, save_checkpoint
+from harness.cpu_streams import new_streams, split_rows
 from harness.loss import causal_lm_loss
 from harness.tracking import Tracker
 
@@ -39,6 +40,7 @@ class LoopSettings:
     save_every: int = 0  # optimizer steps; 0 = whenever validation runs
     stop_after_steps: int | None = None  # stop this process after so many steps (resume continues)
     compile: bool = True
+    cpu_streams: int = 1  # streams sharing each micro-batch's rows (`harness.cpu_streams`)
     progress: bool = True
     seed: int = 0  # dropout randomness of step k comes from (seed, k), so a resumed run draws the same
 
@@ -68,7 +70,13 @@ class TrainStep:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        *,
+        grad_clip: float,
+        compile: bool = True,
+        streams: int = 1,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -78,6 +86,8 @@ class TrainStep:
             (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
             return loss_sum, n_tokens, grads
 
+        self.streams = new_streams(streams)
+        gradients = rows_on_streams(gradients, self.streams)
         if compile:
             state = [model.state, optimizer.state, mx.random.state]
             gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)
@@ -101,6 +111,24 @@ def accumulate_gradients(
     return loss_sum, n_tokens, grads
 
 
+def rows_on_streams(gradients: Callable[[Batch], tuple], streams: list[mx.Stream]) -> Callable[[Batch], tuple]:
+    """`gradients` with each batch's rows split over `streams`, one piece each, and the pieces' results summed
+    (`harness.cpu_streams`). No streams: `gradients` itself."""
+    if not streams:
+        return gradients
+
+    def split_gradients(batch: Batch):
+        pieces = split_rows(batch, len(streams))
+
+        def piece_gradients(index: int):
+            with mx.stream(streams[index]):
+                return gradients(pieces[index])
+
+        return accumulate_gradients(piece_gradients, list(range(len(pieces))))
+
+    return split_gradients
+
+
 def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):
     """`update(grads, n_tokens) -> grad_norm`: divide summed gradients by the loss tokens, clip their global norm
     to `grad_clip` (0 = off), apply the optimizer to `model`. Compiled with the model and optimizer state."""
@@ -120,14 +148,17 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, 
     return update
 
 
-def make_train_step(model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True):
+def make_train_step(
+    model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True, streams: int = 1
+):
     """The training step for `model`: `LayerwiseTrainStep` when it has gradient checkpointing on (and no
-    adapter dropout, whose random masks a recomputation would redraw), else `TrainStep`."""
+    adapter dropout, whose random masks a recomputation would redraw), else `TrainStep` with each micro-batch's
+    rows split over `streams` streams (`harness.cpu_streams.plan_cpu_streams` chooses how many)."""
     from harness.layerwise_step import LayerwiseTrainStep
 
     if LayerwiseTrainStep.supports(model):
         return LayerwiseTrainStep(model, optimizer, grad_clip=grad_clip, compile=compile)
-    return TrainStep(model, optimizer, grad_clip=grad_clip, compile=compile)
+    return TrainStep(model, optimizer, grad_clip=grad_clip, compile=compile, streams=streams)
 
 
 def _leaves(tree: Any) -> Iterator[mx.array]:
@@ -203,7 +234,9 @@ def train_loop(
     state = state or TrainState()
     run_dir = Path(run_dir)
     model.train()
-    train_step = make_train_step(model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile)
+    train_step = make_train_step(
+        model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile, streams=settings.cpu_streams
+    )
     eval_step = make_eval_step(model, compile=settings.compile)
     stream = micro_batches(train_batches, state)
 

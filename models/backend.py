@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from models import blas, malloc
@@ -44,4 +46,6 @@ def describe() -> dict[str, str | None]:
         "device": str(mx.default_device()),
         "blas": blas.loaded_blas,
         "malloc": "tuned" if malloc.tuned else "default",
+        "blas_threads": blas.blas_threads(),
+        "eval_order_width": os.environ.get("MLX_BFS_MAX_WIDTH"),
     }

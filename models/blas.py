@@ -55,3 +55,38 @@ def load_fast_blas() -> str | None:
         loaded_blas = path
         return path
     return None
+
+
+# Thread-count entry points: (setter, getter) of each library `load_fast_blas` can load.
+_THREAD_FUNCTIONS = (
+    ("openblas_set_num_threads", "openblas_get_num_threads"),  # OpenBLAS
+    ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),  # MKL's single dynamic library
+)
+
+
+def _thread_functions():
+    if loaded_blas is None:
+        return None
+    library = ctypes.CDLL(loaded_blas)  # already open: the same handle
+    for setter, getter in _THREAD_FUNCTIONS:
+        if hasattr(library, setter) and hasattr(library, getter):
+            return getattr(library, setter), getattr(library, getter)
+    return None
+
+
+def blas_threads() -> int | None:
+    """How many threads the loaded BLAS uses for one call; None when no BLAS of known kind was loaded."""
+    functions = _thread_functions()
+    return int(functions[1]()) if functions else None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Make each call of the loaded BLAS use `n` threads; False (and nothing changed) when that cannot be set.
+
+    Applies to calls that start after it; call it only while no matmul runs (e.g. after `mx.synchronize()`).
+    """
+    functions = _thread_functions()
+    if functions is None:
+        return False
+    functions[0](int(n))
+    return True

@@ -94,21 +94,29 @@ def _chunk_loss_and_grad(h, weight, labels, exp, with_grad):
     return loss, mx.where(valid[:, None], grad, mx.zeros_like(grad))
 
 
-def _blocked_chunk_loss_and_grad(h, weight, labels, exp, with_grad, vocab_block):
+def _blocked_chunk_loss_and_grad(h, weight, labels, exp, with_grad, vocab_block, after=None):
     """`_chunk_loss_and_grad` over vocabulary blocks: each block keeps its own row maximum, exponential sum and
     unnormalized `exp(logits - max) @ W_block`; the blocks are then rescaled to the common maximum and summed
-    (the online-softmax identity), so no array is larger than one block of logits."""
+    (the online-softmax identity), so no array is larger than one block of logits.
+
+    Each block's logits wait for the previous block's results (and the first block's for `after`, the previous
+    chunk's): however wide MLX's evaluation order is (`harness/cpu_streams.py`), one block of logits and its
+    temporaries are alive at a time. Returns `(loss, grad, last)`, `last` for the next chunk."""
     maxes, sums, partials = [], [], []
     ones = mx.ones((vocab_block, 1), dtype=mx.float32)
     for start in range(0, weight.shape[0], vocab_block):
         w_block = weight[start : start + vocab_block]
+        if after:
+            (h,) = mx.depends([h], after)
         logits = (h @ w_block.T).astype(mx.float32)
         block_max = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
         e = exp(logits - block_max)
         maxes.append(block_max)
         sums.append(e @ ones[: w_block.shape[0]])  # a BLAS matrix-vector product: several times a sum's speed
+        after = [sums[-1]]  # every consumer of this block's exponentials: then they can be freed
         if with_grad:
             partials.append(e.astype(h.dtype) @ w_block)
+            after.append(partials[-1])
     maxes = mx.concatenate(maxes, axis=-1)  # (rows, blocks)
     row_max = maxes.max(axis=-1, keepdims=True)
     rescale = exp(maxes - row_max)  # exp(block max - row max) <= 1
@@ -120,19 +128,21 @@ def _blocked_chunk_loss_and_grad(h, weight, labels, exp, with_grad, vocab_block)
     target = (h.astype(mx.float32) * target_rows.astype(mx.float32)).sum(axis=-1)  # the label's logit
     loss = mx.where(valid, lse - target, 0.0).sum()
     if not with_grad:
-        return loss, None
+        return loss, None, after
     weights = (rescale / total).astype(h.dtype)  # (rows, blocks): softmax normalization of each block
     grad = partials[0] * weights[:, :1]
     for i, partial in enumerate(partials[1:], start=1):
         grad = grad + partial * weights[:, i : i + 1]
     grad = grad - target_rows
-    return loss, mx.where(valid[:, None], grad, mx.zeros_like(grad))
+    return loss, mx.where(valid[:, None], grad, mx.zeros_like(grad)), after
 
 
-def _loss_and_grad_of_chunk(h, weight, labels, exp, with_grad, vocab_block):
+def _loss_and_grad_of_chunk(h, weight, labels, exp, with_grad, vocab_block, after=None):
+    """`(loss, grad, last)` of one chunk of positions; `last`, arrays of this chunk's last block, goes in as
+    the next chunk's `after` (the blocked path evaluates the chunks one after another; see there)."""
     if vocab_block >= weight.shape[0]:
-        return _chunk_loss_and_grad(h, weight, labels, exp, with_grad)
-    return _blocked_chunk_loss_and_grad(h, weight, labels, exp, with_grad, vocab_block)
+        return (*_chunk_loss_and_grad(h, weight, labels, exp, with_grad), None)
+    return _blocked_chunk_loss_and_grad(h, weight, labels, exp, with_grad, vocab_block, after)
 
 
 def _fused(exp_name: str, chunk_size: int, vocab_block: int):
@@ -140,11 +150,11 @@ def _fused(exp_name: str, chunk_size: int, vocab_block: int):
 
     @mx.custom_function
     def loss_and_grad(hidden, weight, labels):
-        losses, grads = [], []
+        losses, grads, last = [], [], None
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
-            loss, grad = _loss_and_grad_of_chunk(
-                hidden[start:stop], weight, labels[start:stop], exp, True, vocab_block
+            loss, grad, last = _loss_and_grad_of_chunk(
+                hidden[start:stop], weight, labels[start:stop], exp, True, vocab_block, last
             )
             losses.append(loss)
             grads.append(grad)
@@ -190,12 +200,12 @@ def linear_cross_entropy(
     n_tokens = (labels != IGNORE_INDEX).sum().astype(mx.float32)
     if not with_grad:
         fn = polynomial_exp if exp == "polynomial" else mx.exp
-        losses = [
-            _loss_and_grad_of_chunk(
-                hidden[s : s + chunk_size], weight, labels[s : s + chunk_size], fn, False, vocab_block
-            )[0]
-            for s in range(0, n, chunk_size)
-        ]
+        losses, last = [], None
+        for s in range(0, n, chunk_size):
+            loss, _, last = _loss_and_grad_of_chunk(
+                hidden[s : s + chunk_size], weight, labels[s : s + chunk_size], fn, False, vocab_block, last
+            )
+            losses.append(loss)
         return sum(losses[1:], losses[0]), n_tokens
     key = (exp, chunk_size, vocab_block)
     if key not in _FUSED_CACHE:

@@ -8,6 +8,17 @@ from pathlib import Path
 
 import pytest
 
+@pytest.fixture(autouse=True)
+def _restore_blas_threads():
+    """Training in-process may set the BLAS's threads for its CPU streams (harness/cpu_streams.py): undo it."""
+    from models import blas
+
+    threads = blas.blas_threads()
+    yield
+    if threads is not None:
+        blas.set_blas_threads(threads)
+
+
 # Hermetic: no test may reach the network or a real W&B account.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -38,3 +38,19 @@ def test_nothing_is_loaded_once_mlx_is_imported():
     code = "import mlx.core, models.blas as b; print(b.load_fast_blas())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert proc.stdout.strip() == "None"
+
+
+def test_thread_count_can_be_set_and_read_back_where_a_blas_was_loaded():
+    from models import blas
+
+    before = blas.blas_threads()
+    if before is None:
+        assert blas.set_blas_threads(1) is False  # nothing to set: MLX's own BLAS or Accelerate
+        return
+    try:
+        assert blas.set_blas_threads(1) is True
+        assert blas.blas_threads() == 1
+        assert blas.set_blas_threads(2) is True
+        assert blas.blas_threads() == 2
+    finally:
+        blas.set_blas_threads(before)

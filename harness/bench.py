@@ -180,11 +180,11 @@ def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> 
 
 def print_table(results: list[dict]) -> None:
     columns = [("stack", "{}"), ("shape", "{}"), ("batch", "{}"), ("seq", "{}"), ("checkpointing", "{}"),
-               ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"), ("step_seconds", "{:.3f}"),
-               ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"), ("peak_memory_gb", "{:.2f}"),
-               ("first_step_seconds", "{:.1f}")]
-    headers = ["stack", "shape", "batch", "seq", "ckpt", "quant", "dtype", "streams", "tok/s", "s/step", "TFLOP/s", "MFU",
-               "peak GB", "1st step s"]
+               ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"),
+               ("step_seconds", "{:.3f}"), ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"),
+               ("peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
+    headers = ["stack", "shape", "batch", "seq", "ckpt", "quant", "dtype", "streams", "tok/s", "s/step", "TFLOP/s",
+               "MFU", "peak GB", "1st step s"]
     rows = [[fmt.format(r.get(key, 1)) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))

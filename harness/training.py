@@ -67,6 +67,7 @@ class TrainStep:
     (`mx.async_eval`) before the update is built: in one graph, with gradient clipping (the update waits for the
     norm of all gradients), MLX kept part of every layer's backward pass alive until the end of the step; with
     checkpointing that grew the step's memory by a few activations per layer (tests/harness/test_train_step_memory.py).
+    `streams > 1` splits each micro-batch's rows over that many streams (`harness.cpu_streams`).
     """
 
     def __init__(
@@ -111,22 +112,21 @@ def accumulate_gradients(
     return loss_sum, n_tokens, grads
 
 
-def rows_on_streams(gradients: Callable[[Batch], tuple], streams: list[mx.Stream]) -> Callable[[Batch], tuple]:
-    """`gradients` with each batch's rows split over `streams`, one piece each, and the pieces' results summed
-    (`harness.cpu_streams`). No streams: `gradients` itself."""
+def rows_on_streams(fn: Callable[[Batch], Any], streams: list[mx.Stream]) -> Callable[[Batch], Any]:
+    """`fn(batch)`, whose outputs add up over rows (loss sums, token counts, gradients), with each batch's rows
+    split over `streams`, one piece each, and the pieces' outputs summed (`harness.cpu_streams`). No streams:
+    `fn` itself."""
     if not streams:
-        return gradients
+        return fn
 
-    def split_gradients(batch: Batch):
-        pieces = split_rows(batch, len(streams))
+    def split_fn(batch: Batch):
+        outputs = []
+        for stream, piece in zip(streams, split_rows(batch, len(streams))):
+            with mx.stream(stream):
+                outputs.append(fn(piece))
+        return tree_map(lambda *parts: sum(parts[1:], parts[0]), *outputs)
 
-        def piece_gradients(index: int):
-            with mx.stream(streams[index]):
-                return gradients(pieces[index])
-
-        return accumulate_gradients(piece_gradients, list(range(len(pieces))))
-
-    return split_gradients
+    return split_fn
 
 
 def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):
@@ -172,9 +172,12 @@ def _leaves(tree: Any) -> Iterator[mx.array]:
         yield tree
 
 
-def make_eval_step(model: nn.Module, compile: bool = True) -> Callable[[Batch], tuple[mx.array, mx.array]]:
-    """`eval_step(batch) -> (loss_sum, n_tokens)` with the current weights (model state is an input)."""
-    step = partial(causal_lm_loss, model)
+def make_eval_step(
+    model: nn.Module, compile: bool = True, streams: int = 1
+) -> Callable[[Batch], tuple[mx.array, mx.array]]:
+    """`eval_step(batch) -> (loss_sum, n_tokens)` with the current weights (model state is an input), each
+    batch's rows split over `streams` streams as in `TrainStep`."""
+    step = rows_on_streams(partial(causal_lm_loss, model), new_streams(streams))
     return mx.compile(step, inputs=[model.state]) if compile else step
 
 
@@ -237,7 +240,7 @@ def train_loop(
     train_step = make_train_step(
         model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile, streams=settings.cpu_streams
     )
-    eval_step = make_eval_step(model, compile=settings.compile)
+    eval_step = make_eval_step(model, compile=settings.compile, streams=settings.cpu_streams)
     stream = micro_batches(train_batches, state)
 
     def validate_and_checkpoint() -> float:

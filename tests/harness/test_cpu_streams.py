@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from harness.cpu_streams import EVAL_ORDER_WIDTH, cpu_cores, plan_cpu_streams, split_rows
-from harness.training import TrainStep, make_train_step
+from harness.training import TrainStep, evaluate, make_eval_step, make_train_step
 from models import blas
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
@@ -142,3 +142,13 @@ def test_the_loss_keeps_about_one_block_of_logits_alive_in_a_wide_evaluation_ord
     peak_mb = float(proc.stdout.strip())
     all_blocks_mb = 136 * 256 * 1953 * 4 / 1e6
     assert peak_mb < 150, f"{peak_mb:.0f} MB above the inputs (the logits of all blocks: {all_blocks_mb:.0f} MB)"
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_validation_over_streams_gives_one_streams_loss(compile):
+    model = _model()
+    batches = [_batch(s, rows=3, packed=s == 2) for s in (1, 2, 3)]
+    expected = evaluate(model, batches, make_eval_step(model, compile=compile))
+    got = evaluate(model, batches, make_eval_step(model, compile=compile, streams=2))
+    assert got[1] == expected[1]
+    assert got[0] == pytest.approx(expected[0], rel=1e-6)

@@ -51,11 +51,12 @@ class Result:
     tflops_per_second: float  # model FLOPs (4N + attention + LoRA per token) / step time
     matmul_tflops: float  # dense matmul rate of this device in the compute dtype, measured in this run
     mfu: float
-    peak_memory_gb: float
+    peak_memory_gb: float  # during the training steps (warm-up and compilation included)
     first_step_seconds: float  # process start -> end of the first training step (build, compile included)
     device: str
     dtype: str
     streams: int = 1  # CPU streams sharing each batch's rows (harness/cpu_streams.py)
+    build_peak_memory_gb: float = float("nan")  # building (and quantizing) the model, before the first step
 
 
 def compose(overrides: list[str]):
@@ -119,8 +120,17 @@ def synthetic_tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> mx.arra
     return mx.random.randint(3, vocab, (batch, seq), key=mx.random.key(seed)).astype(mx.int32)
 
 
+def build_peak_then_reset(*arrays) -> float:
+    """Evaluate `arrays` (the built model), return MLX's peak memory so far (GB) and start a new peak, so that
+    a result's `peak_memory_gb` is the training steps' own."""
+    mx.eval(*arrays)
+    peak = mx.get_peak_memory() / 1e9
+    mx.reset_peak_memory()
+    return peak
+
+
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
-                streams: int = 1) -> Result:
+                streams: int = 1, build_peak: float = float("nan")) -> Result:
     """A `Result` from the step times of one stack, with FLOPs and the matmul ceiling measured now."""
     step = statistics.median(times)
     lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
@@ -133,7 +143,7 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
         tokens_per_second=batch * seq / step, tflops_per_second=achieved, matmul_tflops=ceiling,
         mfu=achieved / ceiling, peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
         device=describe()["device"] + f" ({platform.processor() or platform.machine()})",
-        dtype=str(dtype).replace("mlx.core.", ""), streams=streams,
+        dtype=str(dtype).replace("mlx.core.", ""), streams=streams, build_peak_memory_gb=build_peak,
     )
 
 
@@ -153,6 +163,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     tokens = synthetic_tokens(batch, seq, model.args.vocab_size)
     data = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
     model.train()
+    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, data)
 
     def run():
         mx.eval(step([data]), model.trainable_parameters(), optimizer.state)
@@ -162,7 +173,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     return make_result("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
-                   f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams)
+                   f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak)
 
 
 def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> dict | None:
@@ -182,10 +193,11 @@ def print_table(results: list[dict]) -> None:
     columns = [("stack", "{}"), ("shape", "{}"), ("batch", "{}"), ("seq", "{}"), ("checkpointing", "{}"),
                ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"),
                ("step_seconds", "{:.3f}"), ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"),
-               ("peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
+               ("peak_memory_gb", "{:.2f}"), ("build_peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
     headers = ["stack", "shape", "batch", "seq", "ckpt", "quant", "dtype", "streams", "tok/s", "s/step", "TFLOP/s",
-               "MFU", "peak GB", "1st step s"]
-    rows = [[fmt.format(r.get(key, 1)) for key, fmt in columns] for r in results]
+               "MFU", "peak GB", "build GB", "1st step s"]
+    defaults = {"streams": 1, "build_peak_memory_gb": float("nan")}  # results of older versions lack them
+    rows = [[fmt.format(r.get(key, defaults.get(key))) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
     print("-|-".join("-" * w for w in widths))

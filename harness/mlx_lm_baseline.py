@@ -18,7 +18,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from harness.bench import make_result, synthetic_tokens, timed_runs
+from harness.bench import build_peak_then_reset, make_result, synthetic_tokens, timed_runs
 from harness.build import plain
 from models.mistral import ModelArgs
 
@@ -66,6 +66,7 @@ def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_
     tokens = synthetic_tokens(batch, seq, arch["vocab_size"])
     lengths = mx.array([[0, seq]] * batch)
     model.train()
+    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, tokens, lengths)
 
     def run():
         mx.eval(step(tokens, lengths), model.trainable_parameters(), optimizer.state)
@@ -76,4 +77,4 @@ def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = ModelArgs(**arch)
     return make_result("mlx-lm", cfg, args, batch, seq, cfg.trainer.gradient_checkpointing, trainable, times,
-                  first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64")
+                  first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64", build_peak=build_peak)

@@ -38,7 +38,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return next(name for name, value in _DTYPES.items() if value == dtype)
 
 
-def describe() -> dict[str, str | None]:
+def describe() -> dict[str, str | int | None]:
     """Backend facts worth logging with every run."""
     return {
         "mlx": mx.__version__,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+
 @pytest.fixture(autouse=True)
 def _restore_blas_threads():
     """Training in-process may set the BLAS's threads for its CPU streams (harness/cpu_streams.py): undo it."""

@@ -10,14 +10,20 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _restore_blas_threads():
-    """Training in-process may set the BLAS's threads for its CPU streams (harness/cpu_streams.py): undo it."""
+def _restore_cpu_stream_settings():
+    """Training in-process may set the BLAS's threads and MLX's evaluation order for its CPU streams
+    (harness/cpu_streams.py): undo both, so no test (or subprocess it starts) inherits them."""
     from models import blas
 
     threads = blas.blas_threads()
+    order = os.environ.get("MLX_BFS_MAX_WIDTH")
     yield
     if threads is not None:
         blas.set_blas_threads(threads)
+    if order is None:
+        os.environ.pop("MLX_BFS_MAX_WIDTH", None)
+    else:
+        os.environ["MLX_BFS_MAX_WIDTH"] = order
 
 
 # Hermetic: no test may reach the network or a real W&B account.

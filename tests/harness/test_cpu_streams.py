@@ -76,7 +76,7 @@ def test_rows_split_over_streams_give_one_streams_numbers(case):
         np.testing.assert_allclose(np.array(got_params[name]), np.array(value), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_each_stream_gets_its_own_rows():
+def test_a_step_makes_its_own_streams_only_for_more_than_one():
     model = _model()
     step = TrainStep(model, optim.AdamW(learning_rate=1e-2), grad_clip=0.0, streams=2)
     assert len(step.streams) == 2 and step.streams[0] != step.streams[1]

@@ -104,12 +104,12 @@ def accumulate_gradients(
     gradients: Callable[[Batch], tuple], batches: list[Batch]
 ) -> tuple[mx.array, mx.array, dict]:
     """Summed `(loss_sum, n_tokens, grads)` of `gradients(batch)` over the micro-batches of one step."""
-    loss_sum, n_tokens, grads = gradients(batches[0])
-    for batch in batches[1:]:
-        more_loss, more_tokens, more_grads = gradients(batch)
-        loss_sum, n_tokens = loss_sum + more_loss, n_tokens + more_tokens
-        grads = tree_map(mx.add, grads, more_grads)
-    return loss_sum, n_tokens, grads
+    return sum_outputs([gradients(batch) for batch in batches])
+
+
+def sum_outputs(outputs: list[Any]) -> Any:
+    """Element-wise sum, in order, of equally shaped trees of arrays (e.g. `(loss_sum, n_tokens, grads)`)."""
+    return tree_map(lambda *parts: sum(parts[1:], parts[0]), *outputs)
 
 
 def rows_on_streams(fn: Callable[[Batch], Any], streams: list[mx.Stream]) -> Callable[[Batch], Any]:
@@ -124,7 +124,7 @@ def rows_on_streams(fn: Callable[[Batch], Any], streams: list[mx.Stream]) -> Cal
         for stream, piece in zip(streams, split_rows(batch, len(streams))):
             with mx.stream(stream):
                 outputs.append(fn(piece))
-        return tree_map(lambda *parts: sum(parts[1:], parts[0]), *outputs)
+        return sum_outputs(outputs)
 
     return split_fn
 

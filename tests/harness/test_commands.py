@@ -3,6 +3,7 @@ parallel trials, compare, generate, export, download, and a misspelled override.
 
 import json
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -23,22 +24,26 @@ def trial_states(root, study=STUDY):
     return [t.state for t in study.trials], study
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, hermetic_env):
-    """A 3-trial Optuna sweep of the tiny model in a fresh directory (the SQLite folder does not exist yet)."""
-    root = tmp_path_factory.mktemp("sweep")
-    proc = run_cli(
+def run_tiny_sweep(root: Path, n_trials: int, name: str, env: dict):
+    """`n_trials` trials of the tiny Optuna sweep whose study lives under `root/multirun`, outputs in `name/`."""
+    return run_cli(
         "harness.train",
         "-m",
         "hparams_search=tiny_optuna",
         *FAST,
-        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.n_trials={n_trials}",
         f"paths.multirun={root}/multirun",
-        "hydra.sweep.dir=" + str(root / "multirun/first"),
-        env=hermetic_env,
+        "hydra.sweep.dir=" + str(root / "multirun" / name),
+        env=env,
         cwd=root,
     )
-    return root, proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, hermetic_env):
+    """A 3-trial Optuna sweep of the tiny model in a fresh directory (the SQLite folder does not exist yet)."""
+    root = tmp_path_factory.mktemp("sweep")
+    return root, run_tiny_sweep(root, 3, "first", hermetic_env)
 
 
 def test_sweep_lands_in_sqlite_with_three_completed_trials(sweep):
@@ -117,17 +122,7 @@ def test_generate_and_export_on_the_best_run(sweep, hermetic_env):
 
 def test_resumed_sweep_adds_trials(sweep, hermetic_env):
     root, _ = sweep
-    run_cli(
-        "harness.train",
-        "-m",
-        "hparams_search=tiny_optuna",
-        *FAST,
-        "hydra.sweeper.n_trials=1",
-        f"paths.multirun={root}/multirun",
-        "hydra.sweep.dir=" + str(root / "multirun/second"),
-        env=hermetic_env,
-        cwd=root,
-    )
+    run_tiny_sweep(root, 1, "second", hermetic_env)
     states, _ = trial_states(root)
     assert states == [optuna.trial.TrialState.COMPLETE] * 4
 

@@ -15,25 +15,13 @@ from mlx.utils import tree_flatten
 from harness.cpu_streams import EVAL_ORDER_WIDTH, cpu_cores, plan_cpu_streams, split_rows
 from harness.training import TrainStep, evaluate, make_eval_step, make_train_step
 from models import blas
-from models.lora import LoRASpec, apply_lora
-from models.mistral import MistralForCausalLM, ModelArgs
-from models.quant import QuantSpec, quantize_model
+from tests.harness.tiny_lora import tiny_lora_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _model(dropout=0.0):
-    mx.random.seed(0)
-    args = ModelArgs(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, sliding_window=12)
-    model = MistralForCausalLM(args)
-    quantize_model(model, QuantSpec("rowwise"))
-    apply_lora(model, LoRASpec(rank=4, dropout=dropout))
-    for _, module in model.named_modules():  # non-zero B, so gradients reach A as well
-        if "lora_B" in module:
-            module.lora_B = 0.05 * mx.random.normal(module.lora_B.shape)
-    model.train()
-    return model
+def _model():
+    return tiny_lora_model(num_layers=2)
 
 
 def _batch(seed, rows=4, packed=False):

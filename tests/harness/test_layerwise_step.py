@@ -10,26 +10,11 @@ from mlx.utils import tree_flatten
 
 from harness.layerwise_step import LayerwiseTrainStep
 from harness.training import TrainStep, make_train_step
-from models.checkpointing import enable_gradient_checkpointing
-from models.lora import LoRASpec, apply_lora
-from models.mistral import MistralForCausalLM, ModelArgs
-from models.quant import QuantSpec, quantize_model
+from tests.harness.tiny_lora import tiny_lora_model
 
 
 def _model(lora_layers=None, dropout=0.0, checkpointing=True):
-    mx.random.seed(0)
-    args = ModelArgs(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, sliding_window=12)
-    model = MistralForCausalLM(args)
-    quantize_model(model, QuantSpec("rowwise"))
-    apply_lora(model, LoRASpec(rank=4, layers=lora_layers, dropout=dropout))
-    for _, module in model.named_modules():  # non-zero B, so gradients reach A as well
-        if "lora_B" in module:
-            module.lora_B = 0.05 * mx.random.normal(module.lora_B.shape)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()
-    return model
+    return tiny_lora_model(lora_layers=lora_layers, dropout=dropout, checkpointing=checkpointing)
 
 
 def _batch(seed, packed=False):

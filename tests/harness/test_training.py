@@ -129,7 +129,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train,
 
 def test_diverging_run_stops_early_returns_nan_and_keeps_its_state(compose_train, tmp_path):
     run_dir = tmp_path / "nan"
-    value = train(compose_train(*FAST, "logger=none", "debug=diverge"), run_dir=run_dir)
+    value = train(compose_train(*FAST, "logger=none", "debug=diverge", "model=tiny", "trainer.max_steps=6"), run_dir=run_dir)
     assert math.isnan(value)
     state = read_state(run_dir)
     assert state.diverged and not state.finished and state.step < 6

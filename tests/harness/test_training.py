@@ -182,3 +182,19 @@ def test_training_from_a_local_hugging_face_checkpoint(compose_train, tmp_path, 
     assert model.args.sliding_window == 16  # the checkpoint's config.json, not a preset
     adapter_config = json.loads((checkpoint_dir(run_dir, "best") / "adapter_config.json").read_text())
     assert adapter_config["base_model"] == str(tiny_mistral_dir)
+
+
+def test_answers_before_and_after_training_are_kept_and_logged(finished_run):
+    from harness.before_after import AFTER_FILE, BEFORE_FILE, AnswerSheet
+
+    cfg, run_dir, _ = finished_run
+    before, after = AnswerSheet.load(run_dir / BEFORE_FILE), AnswerSheet.load(run_dir / AFTER_FILE)
+    assert len(before.shown) == len(after.shown) == cfg.trainer.num_sample_prompts
+    assert [r["instruction"] for r in before.shown] == [r["instruction"] for r in after.shown]
+    assert len(after.scored) == cfg.trainer.exact_match_examples
+    assert after.accuracy["all"][1] == cfg.trainer.exact_match_examples
+    final = [r for r in read_metrics(run_dir) if "eval/exact_match" in r]
+    assert final and final[-1]["step"] == cfg.trainer.max_steps
+    assert any("base/exact_match" in r and r["step"] == 0 for r in read_metrics(run_dir))
+    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert rows[0]["before"] == before.shown[0]["response"] and rows[0]["after"] == after.shown[0]["response"]

@@ -245,10 +245,10 @@ def test_missing_and_unexpected_tensors_are_named(small, layers, message):
         load_pretrained(small, progress=False)
 
 
-def test_non_mistral_config_names_the_file(small):
+def test_unsupported_model_type_names_the_file(small):
     config_path = small / "config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "llama"}))
-    with pytest.raises(ConfigError, match=f"{config_path}: model_type='llama' is not supported"):
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "qwen2"}))
+    with pytest.raises(ConfigError, match=f"{config_path}: model_type='qwen2' is not supported"):
         load_pretrained(small, progress=False)
 
 

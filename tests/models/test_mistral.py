@@ -183,7 +183,7 @@ def test_to_hf_config_round_trips_through_transformers():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "llama"}, "model_type='llama'"),
+        ({"model_type": "qwen2"}, "model_type='qwen2'"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling"),
         ({"num_key_value_heads": 5}, "multiple"),
         ({"hidden_act": "gelu"}, "gelu"),

@@ -121,20 +121,21 @@ class _Cursor:
     def __init__(self, buffer, path: Path):
         self.buffer, self.path, self.pos = buffer, path, 0
 
+    def truncated(self) -> GGUFError:
+        return GGUFError(f"{self.path}: the header ends early at byte {self.pos} (truncated or corrupt file)")
+
     def unpack(self, fmt: str):
         try:
             (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
         except struct.error:
-            raise GGUFError(
-                f"{self.path}: the header ends early at byte {self.pos} (truncated or corrupt file)"
-            ) from None
+            raise self.truncated() from None
         self.pos += struct.calcsize(fmt)
         return value
 
     def string(self) -> str:
         length = self.unpack("<Q")
         if self.pos + length > len(self.buffer):
-            raise GGUFError(f"{self.path}: a string at byte {self.pos} runs past the end of the file (corrupt)")
+            raise self.truncated()
         raw = bytes(self.buffer[self.pos : self.pos + length])
         self.pos += length
         return raw.decode("utf-8", errors="replace")
@@ -158,7 +159,7 @@ class _Cursor:
         else:
             raise GGUFError(f"{self.path}: metadata {key} is an array of type {item_type}, unsupported")
         if self.pos > len(self.buffer):
-            raise GGUFError(f"{self.path}: metadata {key} runs past the end of the file (truncated or corrupt)")
+            raise self.truncated()
         return length
 
 
@@ -358,7 +359,7 @@ def read_tensors(header: GGUFHeader, args: ModelArgs) -> dict[str, mx.array]:
         else:
             value = raw[info.name]
         kind = info.name.split(".")[2] if info.name.startswith("blk.") else None
-        if kind in heads:
+        if kind in heads and value.shape[0] == heads[kind] * args.head_dim:  # else the shape check reports it
             value = unpermute_rope_rows(value, heads[kind])
         tensors[hf_name(info.name)] = value
     return tensors

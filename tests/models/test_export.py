@@ -71,6 +71,23 @@ def test_export_merged_qlora_model_matches_in_transformers(tmp_path, quant):
     assert np.abs(transformers_logits(out, ids) - adapted).max() < 1e-4
 
 
+def test_export_merged_lora_llama_loads_as_llama_in_transformers(tmp_path):
+    model = build_tiny_model(model_type="llama", tie_word_embeddings=True)
+    quantize_model(model, QuantSpec("group", group_size=32))
+    apply_lora(model, LoRASpec(rank=4, alpha=8))
+    randomize_adapters(model)
+    ids = random_ids(length=20)  # beyond the Mistral window of 8: a Llama has none
+    adapted = np.array(model(ids))
+    out = export_merged(model, tmp_path / "merged", dtype="float32", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reference).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(np.array(ids)).long()).logits.numpy()
+    assert np.abs(theirs - adapted).max() < 1e-4
+
+
 def test_bfloat16_export_stores_bfloat16(tmp_path):
     model = build_tiny_model()
     out = save_pretrained(model, tmp_path / "hf", dtype="bfloat16", progress=False)

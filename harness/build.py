@@ -168,8 +168,8 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
     `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
     from harness.checkpoints import CheckpointError, checkpoint_dir
-    from harness.data import load_tokenizer
     from models.adapters import load_adapters
+    from models.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
     config_file = run_dir / RUN_CONFIG_FILE
@@ -183,11 +183,16 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
 
 
 def tokenizer_path(cfg: DictConfig) -> str | None:
-    """`data.tokenizer_path`, else a local checkpoint's own tokenizer, else None (Mistral-7B-v0.1's)."""
+    """Where the model's tokenizer is: `data.tokenizer_path` when set; else the model's own (a `.gguf`
+    model file itself, whose metadata holds it, or a model directory with `tokenizer.json` or
+    `tokenizer.model`); else None: Mistral-7B-v0.1's (random-init models such as `model=tiny`, and Hub ids
+    not downloaded yet)."""
     if cfg.data.tokenizer_path:
         return cfg.data.tokenizer_path
     if cfg.model.path:
-        source = Path(model_source(cfg.model, cfg.paths.models))
-        if (source / "tokenizer.model").is_file():
+        source = Path(model_source(cfg.model, cfg.paths.models)).expanduser()
+        if source.suffix == ".gguf" and source.is_file():
+            return str(source)
+        if any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
             return str(source)
     return None

@@ -116,6 +116,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             epoch=epoch,
             shuffle=True,
             start_batch=start_batch,
+            pad_id=tokenizer.pad_id,
             **batching_options(data_cfg),
         )
 
@@ -123,6 +124,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         return validation_batches(
             validation,
             trainer.eval_batch_size,
+            pad_id=tokenizer.pad_id,
             pad_to_multiple=data_cfg.pad_to_multiple,
             max_seq_len=data_cfg.val_max_seq_len or data_cfg.max_seq_len,
         )

@@ -51,9 +51,17 @@ TINY_MISTRAL_CONFIG = dict(
 
 def mistral_tokenizer_path() -> Path:
     """The real Mistral-7B-v0.1 `tokenizer.model` that `mistral_common` ships (vocabulary of 32000)."""
-    from harness.data.tokenizer import default_tokenizer_path
+    from models.tokenizer import default_tokenizer_path
 
     return default_tokenizer_path()
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF that set-up puts in the model cache, or None when it is absent.
+    Call it at import time, before fixtures point QLORA_CACHE_DIR at tmp_path."""
+    cache = Path(os.environ.get("QLORA_CACHE_DIR") or Path.home() / ".cache" / "mistral-dolly-qlora")
+    path = cache / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
 
 
 def write_hf_mistral(

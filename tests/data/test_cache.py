@@ -8,7 +8,7 @@ import pytest
 
 from harness.data import TemplateConfig, load_tokenizer, prepare_dataset
 from harness.data.cache import default_cache_dir, entry_dir, write_entry
-from harness.data.tokenizer import default_tokenizer_path
+from models.tokenizer import default_tokenizer_path
 
 from tests.data.conftest import dolly_records, write_jsonl
 

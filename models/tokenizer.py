@@ -126,7 +126,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.id_to_piece(int(token_id))
 
     def starts_word(self, token_id: int) -> bool:
-        return self.id_to_piece(token_id).startswith(("▁", "<0x"))
+        piece = self.id_to_piece(token_id)
+        if self._sp.is_byte(int(token_id)):  # a byte of a character SentencePiece has no piece for
+            return not 0x80 <= int(piece[3:5], 16) <= 0xBF  # not a UTF-8 continuation byte
+        return piece.startswith("▁")
 
     def save(self, out_dir):
         out = Path(out_dir)
@@ -140,7 +143,6 @@ class SentencePieceTokenizer(Tokenizer):
             "unk_token": self.id_to_piece(self._sp.unk_id()),
             "add_bos_token": self.add_bos,
             "add_eos_token": False,
-            "legacy": False,
             "clean_up_tokenization_spaces": False,
         }
         _atomic_write(config_file, (json.dumps(config, indent=2) + "\n").encode())
@@ -167,17 +169,25 @@ class HFTokenizer(Tokenizer):
         chat_template: str | None = None,
         unk_id: int | None = None,
     ):
-        from tokenizers import Tokenizer as Backend
+        from tokenizers import Tokenizer as Backend, processors
 
+        self.bos_id, self.eos_id = int(bos_id), int(eos_id)
+        self.add_bos = bool(add_bos)
+        # `encode` never runs the post-processor; `transformers` does (after `save`): BOS exactly when the
+        # model wants it. Set here, so that a saved and reloaded tokenizer has the same identity.
+        bos = backend.id_to_token(self.bos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A" if self.add_bos else "$A",
+            pair=f"{bos} $A {bos} $B" if self.add_bos else "$A $B",
+            special_tokens=[(bos, self.bos_id)],
+        )
         self._tokenizer = backend
         spec = backend.to_str()
         continuation = _without_prefix_space(backend)
         self._continuation = backend if continuation is None else Backend.from_str(continuation)
         self.path = path
-        self.bos_id, self.eos_id = int(bos_id), int(eos_id)
         self.pad_id = int(pad_id) if pad_id is not None else self.eos_id  # no pad token: pad with EOS
         self.unk_id = unk_id
-        self.add_bos = bool(add_bos)
         self.chat_template = chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._starts_word: dict[int, bool] = {}
@@ -210,23 +220,13 @@ class HFTokenizer(Tokenizer):
         return None if token_id is None else self._tokenizer.id_to_token(token_id)
 
     def save(self, out_dir):
-        from tokenizers import processors
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        backend = self._tokenizer.__class__.from_str(self._tokenizer.to_str())
-        # `transformers` adds special tokens through the post-processor: BOS exactly when the model wants it.
-        bos = self._token(self.bos_id)
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A" if self.add_bos else "$A",
-            pair=f"{bos} $A {bos} $B" if self.add_bos else "$A $B",
-            special_tokens=[(bos, self.bos_id)],
-        )
         tokenizer_file, config_file = out / "tokenizer.json", out / "tokenizer_config.json"
-        _atomic_write(tokenizer_file, backend.to_str().encode())
+        _atomic_write(tokenizer_file, self._tokenizer.to_str().encode())
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": bos,
+            "bos_token": self._token(self.bos_id),
             "eos_token": self._token(self.eos_id),
             "pad_token": self._token(self.pad_id),
             "add_bos_token": self.add_bos,

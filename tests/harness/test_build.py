@@ -25,3 +25,19 @@ def test_random_base_is_quantized_and_wrapped_in_lora_on_every_target(compose_tr
     targets = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert len(targets) == 7 * cfg.model.arch.num_hidden_layers
     assert all(isinstance(m.base_layer, QuantizedLinear) for m in targets)
+
+
+def test_the_tokenizer_comes_with_the_model(compose_train, tmp_path):
+    from harness.build import tokenizer_path
+
+    assert tokenizer_path(compose_train(*FAST)) is None  # random init: Mistral-7B-v0.1's tokenizer
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")  # only located here, not read
+    assert tokenizer_path(compose_train(*FAST, f"model.path={gguf}")) == str(gguf)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        directory = tmp_path / name.replace(".", "-")
+        directory.mkdir()
+        (directory / name).write_text("")
+        assert tokenizer_path(compose_train(*FAST, f"model.path={directory}")) == str(directory)
+    override = tmp_path / "other" / "tokenizer.model"
+    assert tokenizer_path(compose_train(*FAST, f"model.path={gguf}", f"data.tokenizer_path={override}")) == str(override)

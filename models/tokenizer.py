@@ -200,7 +200,8 @@ class HFTokenizer(Tokenizer):
         backend = self._continuation if continuation else self._tokenizer
         if isinstance(text, str):
             return backend.encode(text, add_special_tokens=False).ids
-        return [e.ids for e in backend.encode_batch(list(text), add_special_tokens=False)]
+        encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no character offsets
+        return [e.ids for e in encode_batch(list(text), add_special_tokens=False)]
 
     def decode(self, ids, *, continuation=False):
         backend = self._continuation if continuation else self._tokenizer

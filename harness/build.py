@@ -182,17 +182,33 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     return cfg, model, tokenizer
 
 
+MISTRAL_7B_V01_HUB_ID = "mistralai/Mistral-7B-v0.1"
+
+
 def tokenizer_path(cfg: DictConfig) -> str | None:
     """Where the model's tokenizer is: `data.tokenizer_path` when set; else the model's own (a `.gguf`
-    model file itself, whose metadata holds it, or a model directory with `tokenizer.json` or
-    `tokenizer.model`); else None: Mistral-7B-v0.1's (random-init models such as `model=tiny`, and Hub ids
-    not downloaded yet)."""
+    model file itself, whose metadata holds it; a model directory with `tokenizer.json` or `tokenizer.model`,
+    or with one `.gguf` file); None for Mistral-7B-v0.1's from `mistral_common` (random-init models such as
+    `model=tiny`, and Mistral-7B-v0.1 not downloaded yet: the same file). Any other model without a local
+    tokenizer is an error, never silently another model's tokenizer."""
+    from models.tokenizer import TokenizerError
+
     if cfg.data.tokenizer_path:
         return cfg.data.tokenizer_path
-    if cfg.model.path:
-        source = Path(model_source(cfg.model, cfg.paths.models)).expanduser()
-        if source.suffix == ".gguf" and source.is_file():
-            return str(source)
-        if any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-            return str(source)
-    return None
+    if not cfg.model.path:
+        return None
+    source = Path(model_source(cfg.model, cfg.paths.models)).expanduser()
+    if source.suffix == ".gguf" and source.is_file():
+        return str(source)
+    if any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return str(source)
+    ggufs = sorted(source.glob("*.gguf")) if source.is_dir() else []
+    if len(ggufs) == 1:
+        return str(ggufs[0])
+    if str(cfg.model.path) == MISTRAL_7B_V01_HUB_ID:
+        return None
+    raise TokenizerError(
+        f"model.path={cfg.model.path}: no tokenizer there (a .gguf file, or a directory with tokenizer.json or "
+        f"tokenizer.model); fetch the model first (python -m harness.download model={cfg.model.name}) or set "
+        "data.tokenizer_path"
+    )

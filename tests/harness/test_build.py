@@ -1,10 +1,12 @@
 """harness.build: what the config makes of the model before training starts."""
 
 import mlx.core as mx
+import pytest
 
 from harness.build import build_model
 from models.lora import LoRALinear
 from models.quant import QuantizedLinear
+from models.tokenizer import TokenizerError
 
 from .conftest import FAST
 
@@ -39,5 +41,13 @@ def test_the_tokenizer_comes_with_the_model(compose_train, tmp_path):
         directory.mkdir()
         (directory / name).write_text("")
         assert tokenizer_path(compose_train(*FAST, f"model.path={directory}")) == str(directory)
+    only_gguf = tmp_path / "gguf-dir"
+    only_gguf.mkdir()
+    (only_gguf / "model.gguf").write_bytes(b"")
+    assert tokenizer_path(compose_train(*FAST, f"model.path={only_gguf}")) == str(only_gguf / "model.gguf")
+    # Mistral-7B-v0.1 not downloaded yet: mistral_common's copy of its tokenizer; any other model: an error.
+    assert tokenizer_path(compose_train("model=mistral-7b")) is None
+    with pytest.raises(TokenizerError, match="model.path=someone/other-model: no tokenizer there.*harness.download"):
+        tokenizer_path(compose_train(*FAST, "model.path=someone/other-model"))
     override = tmp_path / "other" / "tokenizer.model"
     assert tokenizer_path(compose_train(*FAST, f"model.path={gguf}", f"data.tokenizer_path={override}")) == str(override)

@@ -179,10 +179,23 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     model = build_base_model(cfg, progress=progress)
     load_adapters(model, checkpoint_dir(run_dir, which))
     tokenizer = load_tokenizer(tokenizer_path(cfg))
+    check_tokenizer_fits(tokenizer, model)
     return cfg, model, tokenizer
 
 
 MISTRAL_7B_V01_HUB_ID = "mistralai/Mistral-7B-v0.1"
+
+
+def check_tokenizer_fits(tokenizer, model: nn.Module) -> None:
+    """Raise when the tokenizer's ids can exceed the model's vocabulary: an embedding lookup past its end
+    gives garbage, not an error (a model and a tokenizer of different families)."""
+    from models.tokenizer import TokenizerError
+
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{model.args.vocab_size}: they do not belong together (check model.path and data.tokenizer_path)"
+        )
 
 
 def tokenizer_path(cfg: DictConfig) -> str | None:

@@ -139,6 +139,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     )
     total_steps = build.total_optimizer_steps(trainer, cfg.optim, batches_per_epoch)
     model = build.build_model(cfg, progress=trainer.progress)
+    build.check_tokenizer_fits(tokenizer, model)
     optimizer = build.build_optimizer(cfg.optim, model, total_steps)
     spec = build.lora_spec(cfg.lora)
     base_id = build.base_model_id(cfg.model)

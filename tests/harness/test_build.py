@@ -51,3 +51,14 @@ def test_the_tokenizer_comes_with_the_model(compose_train, tmp_path):
         tokenizer_path(compose_train(*FAST, "model.path=someone/other-model"))
     override = tmp_path / "other" / "tokenizer.model"
     assert tokenizer_path(compose_train(*FAST, f"model.path={gguf}", f"data.tokenizer_path={override}")) == str(override)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(compose_train):
+    from harness.build import check_tokenizer_fits
+    from models.tokenizer import default_tokenizer_path, load_tokenizer
+
+    model = build_model(compose_train(*FAST), progress=False)  # Mistral's 32000 tokens
+    check_tokenizer_fits(load_tokenizer(), model)
+    v2 = load_tokenizer(default_tokenizer_path().with_name("mistral_instruct_tokenizer_240216.model.v2"))
+    with pytest.raises(TokenizerError, match="32768 tokens but the model's vocabulary has 32000"):
+        check_tokenizer_fits(v2, model)

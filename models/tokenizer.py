@@ -244,24 +244,22 @@ class HFTokenizer(Tokenizer):
 
 def _without_prefix_space(backend) -> str | None:
     """The JSON of the same tokenizer with every added leading space turned off (ByteLevel's
-    `add_prefix_space`, Metaspace's prepend scheme, a normalizer that prepends "▁"), for encoding
-    continuations; None when it adds none (byte-level BPE without a prefix space encodes continuations
-    like any text)."""
+    `add_prefix_space`, Metaspace's prepend scheme, a normalizer that prepends "▁", and the decoder's
+    `Strip` of that space), for encoding and decoding continuations; None when it adds none (byte-level BPE
+    without a prefix space encodes continuations like any text)."""
 
     def strip(node, decoder: bool = False):
         if isinstance(node, dict):
             kind = node.get("type")
-            if kind == "Prepend":
+            if kind == "Prepend" or (kind == "Strip" and decoder and node.get("start")):
                 return None
             if kind == "ByteLevel" and node.get("add_prefix_space") and not decoder:  # the decoder ignores it
                 node = {**node, "add_prefix_space": False}
             if kind == "Metaspace":
                 node = {**node, "prepend_scheme": "never", "add_prefix_space": False}
-            if kind == "Sequence" and "normalizers" in node:
-                node = {**node, "normalizers": [n for n in node["normalizers"] if n.get("type") != "Prepend"]}
             return {key: strip(value, decoder) for key, value in node.items()}
         if isinstance(node, list):
-            return [strip(value, decoder) for value in node]
+            return [kept for kept in (strip(value, decoder) for value in node) if kept is not None]
         return node
 
     # Only the small parts are parsed (the model's vocabulary is large), and the whole only when one changes.

@@ -107,15 +107,45 @@ def test_model_directory_tokenizer_is_used(tmp_path):
     assert loaded.vocab_size == 32768  # v2 adds control tokens: really a different model
 
 
-def test_sentencepiece_save_loads_alone_in_transformers(mistral, tmp_path):
+@pytest.fixture(scope="module")
+def mistral_in_transformers(mistral, tmp_path_factory):
+    """transformers' tokenizer from the files `save` wrote (it converts tokenizer.model: slow, so once)."""
     transformers = pytest.importorskip("transformers")
-    mistral.save(tmp_path)
-    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    saved = mistral.save(tmp_path_factory.mktemp("mistral-saved"))
+    return transformers.AutoTokenizer.from_pretrained(saved[0].parent)
+
+
+def test_sentencepiece_save_loads_alone_in_transformers(mistral, mistral_in_transformers):
+    loaded = mistral_in_transformers
     assert (loaded.bos_token_id, loaded.eos_token_id) == (mistral.bos_id, mistral.eos_id)
     # transformers turns tokenizer.model into a BPE that merges runs of spaces differently from SentencePiece
     # (as the Hub's own Mistral tokenizer.json does), so the texts here have single spaces.
     for text in TEXTS[:4] + TEXTS[13:15]:
         assert loaded(text)["input_ids"] == [mistral.bos_id, *mistral.encode(text)], text
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer_json(mistral_in_transformers, tmp_path_factory):
+    """Mistral's tokenizer as a Hub-style tokenizer.json (Metaspace, byte fallback, a decoder that strips
+    the added space), written by transformers."""
+    out = tmp_path_factory.mktemp("mistral-json")
+    mistral_in_transformers.save_pretrained(out)
+    return load_tokenizer(out / "tokenizer.json")
+
+
+def test_metaspace_tokenizer_json_matches_transformers(mistral_tokenizer_json, mistral_in_transformers):
+    assert isinstance(mistral_tokenizer_json, HFTokenizer)
+    assert (mistral_tokenizer_json.bos_id, mistral_tokenizer_json.eos_id, mistral_tokenizer_json.add_bos) == (1, 2, True)
+    for text in TEXTS + WHITESPACE_BEFORE_DIGITS:
+        assert mistral_tokenizer_json.encode(text) == mistral_in_transformers.encode(text, add_special_tokens=False)
+        assert mistral_in_transformers(text)["input_ids"][0] == 1  # BOS, as add_bos says
+
+
+@HYPOTHESIS
+@given(text=st.text(st.characters(exclude_categories=("Cs",)), max_size=60))
+def test_metaspace_tokenizer_json_continuation_round_trips(mistral_tokenizer_json, text):
+    ids = mistral_tokenizer_json.encode(text, continuation=True)
+    assert mistral_tokenizer_json.decode(ids, continuation=True) == text
 
 
 # ---- both kinds -------------------------------------------------------------------------------------------

@@ -213,7 +213,8 @@ class HFTokenizer(Tokenizer):
     def starts_word(self, token_id: int) -> bool:
         token_id = int(token_id)
         if token_id not in self._starts_word:  # a byte fragment of a character decodes to "\ufffd": no cut there
-            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            # The continuation decoder keeps a token's leading space (a Metaspace decoder strips it).
+            text = self._continuation.decode([token_id], skip_special_tokens=False)
             self._starts_word[token_id] = text[:1].isspace()
         return self._starts_word[token_id]
 

@@ -176,8 +176,8 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
     `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
     from harness.checkpoints import CheckpointError, checkpoint_dir
-    from harness.data import load_tokenizer
     from models.adapters import load_adapters
+    from models.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
     config_file = run_dir / RUN_CONFIG_FILE
@@ -187,15 +187,49 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     model = build_base_model(cfg, progress=progress)
     load_adapters(model, checkpoint_dir(run_dir, which))
     tokenizer = load_tokenizer(tokenizer_path(cfg))
+    check_tokenizer_fits(tokenizer, model)
     return cfg, model, tokenizer
 
 
+MISTRAL_7B_V01_HUB_ID = "mistralai/Mistral-7B-v0.1"
+
+
+def check_tokenizer_fits(tokenizer, model: nn.Module) -> None:
+    """Raise when the tokenizer's ids can exceed the model's vocabulary: an embedding lookup past its end
+    gives garbage, not an error (a model and a tokenizer of different families)."""
+    from models.tokenizer import TokenizerError
+
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{model.args.vocab_size}: they do not belong together (check model.path and data.tokenizer_path)"
+        )
+
+
 def tokenizer_path(cfg: DictConfig) -> str | None:
-    """`data.tokenizer_path`, else a local checkpoint's own tokenizer, else None (Mistral-7B-v0.1's)."""
+    """Where the model's tokenizer is: `data.tokenizer_path` when set; else the model's own (a `.gguf`
+    model file itself, whose metadata holds it; a model directory with `tokenizer.json` or `tokenizer.model`,
+    or with one `.gguf` file); None for Mistral-7B-v0.1's from `mistral_common` (random-init models such as
+    `model=tiny`, and Mistral-7B-v0.1 not downloaded yet: the same file). Any other model without a local
+    tokenizer is an error, never silently another model's tokenizer."""
+    from models.tokenizer import TokenizerError
+
     if cfg.data.tokenizer_path:
         return cfg.data.tokenizer_path
-    if cfg.model.path:
-        source = Path(model_source(cfg.model, cfg.paths.models))
-        if (source / "tokenizer.model").is_file():
-            return str(source)
-    return None
+    if not cfg.model.path:
+        return None
+    source = Path(model_source(cfg.model, cfg.paths.models)).expanduser()
+    if source.suffix == ".gguf" and source.is_file():
+        return str(source)
+    if any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return str(source)
+    ggufs = sorted(source.glob("*.gguf")) if source.is_dir() else []
+    if len(ggufs) == 1:
+        return str(ggufs[0])
+    if str(cfg.model.path) == MISTRAL_7B_V01_HUB_ID:
+        return None
+    raise TokenizerError(
+        f"model.path={cfg.model.path}: no tokenizer there (a .gguf file, or a directory with tokenizer.json or "
+        f"tokenizer.model); fetch the model first (python -m harness.download model={cfg.model.name}) or set "
+        "data.tokenizer_path"
+    )

@@ -33,7 +33,7 @@ def export_run(
             model, out / "peft", build.lora_spec(cfg.lora), build.base_model_id(cfg.model)
         )
     if merged:
-        written["merged"] = export_merged(model, out / "merged", tokenizer_path=tokenizer.path, dtype=dtype)
+        written["merged"] = export_merged(model, out / "merged", tokenizer=tokenizer, dtype=dtype)
     for kind, path in written.items():
         print(f"{kind:7s} {path}")
     return written

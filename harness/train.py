@@ -117,6 +117,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             epoch=epoch,
             shuffle=True,
             start_batch=start_batch,
+            pad_id=tokenizer.pad_id,
             **batching_options(data_cfg),
         )
 
@@ -124,6 +125,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         return validation_batches(
             validation,
             trainer.eval_batch_size,
+            pad_id=tokenizer.pad_id,
             pad_to_multiple=data_cfg.pad_to_multiple,
             max_seq_len=data_cfg.val_max_seq_len or data_cfg.max_seq_len,
         )
@@ -138,6 +140,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     )
     total_steps = build.total_optimizer_steps(trainer, cfg.optim, batches_per_epoch)
     model = build.build_model(cfg, progress=trainer.progress)
+    build.check_tokenizer_fits(tokenizer, model)
     optimizer = build.build_optimizer(cfg.optim, model, total_steps)
     spec = build.lora_spec(cfg.lora)
     base_id = build.base_model_id(cfg.model)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,10 +17,10 @@ from mlx.utils import tree_flatten
 from models.adapters import atomic_save_safetensors, atomic_write_text
 from models.backend import compute_dtype, dtype_name
 from models.lora import merge_lora
+from models.tokenizer import Tokenizer, load_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 
 
@@ -101,39 +100,24 @@ def save_pretrained(
     return out
 
 
-def copy_tokenizer(tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    """Copy `tokenizer.model` (a file, or the tokenizer files of a directory) into `out_dir`."""
-    source = Path(tokenizer_path)
-    files = [source / f for f in TOKENIZER_FILES if (source / f).is_file()] if source.is_dir() else [source]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"{source}: no tokenizer file to copy")
-    copied = []
-    for file in files:
-        target = Path(out_dir) / (file.name if source.is_dir() else "tokenizer.model")
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(file, tmp)
-        os.replace(tmp, target)
-        copied.append(target)
-    return copied
-
-
 def export_merged(
     model: nn.Module,
     out_dir: str | os.PathLike,
     *,
-    tokenizer_path: str | os.PathLike | None = None,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
     dtype: str | mx.Dtype = "float32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> Path:
     """Merge adapters into dequantized weights (in place: `model` becomes dense) and save a HF directory.
 
-    Writes what `save_pretrained` writes plus the tokenizer from `tokenizer_path` (a `tokenizer.model` file
-    or a directory holding it). Returns out_dir.
+    Writes what `save_pretrained` writes plus `tokenizer` (a `Tokenizer`, or a source `load_tokenizer` reads:
+    a `.gguf`, `tokenizer.json` or `tokenizer.model` file or a directory), saved so that `transformers` loads
+    the directory alone (`Tokenizer.save`). Returns out_dir.
     """
     mx_dtype = compute_dtype(dtype) if isinstance(dtype, str) else dtype
     merge_lora(model, mx_dtype)
     out = save_pretrained(model, out_dir, dtype=mx_dtype, max_shard_bytes=max_shard_bytes, progress=progress)
-    if tokenizer_path is not None:
-        copy_tokenizer(tokenizer_path, out)
+    if tokenizer is not None:
+        (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).save(out)
     return out

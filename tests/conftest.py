@@ -51,7 +51,7 @@ TINY_MISTRAL_CONFIG = dict(
 
 def mistral_tokenizer_path() -> Path:
     """The real Mistral-7B-v0.1 `tokenizer.model` that `mistral_common` ships (vocabulary of 32000)."""
-    from harness.data.tokenizer import default_tokenizer_path
+    from models.tokenizer import default_tokenizer_path
 
     return default_tokenizer_path()
 
@@ -120,6 +120,11 @@ def smollm2_gguf() -> Path:
             f"(or set QLORA_CACHE_DIR to where it is) to run the tests on the real model"
         )
     return SMOLLM2_GGUF
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF, or None when it has not been downloaded."""
+    return SMOLLM2_GGUF if SMOLLM2_GGUF.is_file() else None
 
 
 @pytest.fixture

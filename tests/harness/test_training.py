@@ -88,13 +88,14 @@ def test_best_adapters_reload_and_give_the_same_validation_loss(finished_run):
     from harness.data import validation_batches
 
     _, run_dir, value = finished_run
-    saved_cfg, model, _ = build.load_trained(run_dir, "best")
+    saved_cfg, model, tokenizer = build.load_trained(run_dir, "best")
     _, data = prepare_data(saved_cfg)
     validation = data.validation[: saved_cfg.trainer.max_eval_examples]
     loss, _ = evaluate(
         model,
         validation_batches(
-            validation, saved_cfg.trainer.eval_batch_size, pad_to_multiple=saved_cfg.data.pad_to_multiple
+            validation, saved_cfg.trainer.eval_batch_size, pad_id=tokenizer.pad_id,
+            pad_to_multiple=saved_cfg.data.pad_to_multiple,
         ),
         make_eval_step(model),
     )

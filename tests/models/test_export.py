@@ -63,7 +63,7 @@ def test_export_merged_qlora_model_matches_in_transformers(tmp_path, quant):
     randomize_adapters(model)
     ids = random_ids(length=12)
     adapted = np.array(model(ids))
-    out = export_merged(model, tmp_path / "merged", tokenizer_path=mistral_tokenizer_path(), dtype="float32",
+    out = export_merged(model, tmp_path / "merged", tokenizer=mistral_tokenizer_path(), dtype="float32",
                         progress=False)
     assert (out / "tokenizer.model").read_bytes() == mistral_tokenizer_path().read_bytes()
     config = json.loads((out / "config.json").read_text())

@@ -151,9 +151,9 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, 
 def make_train_step(
     model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True, streams: int = 1
 ):
-    """The training step for `model`: `LayerwiseTrainStep` when it has gradient checkpointing on (and no
-    adapter dropout, whose random masks a recomputation would redraw), else `TrainStep` with each micro-batch's
-    rows split over `streams` streams (`harness.cpu_streams.plan_cpu_streams` chooses how many)."""
+    """The training step for `model`: `LayerwiseTrainStep` (memory-bounded: layer by layer, micro-batch by
+    micro-batch) when it has gradient checkpointing on, else `TrainStep` with each micro-batch's rows split over
+    `streams` streams (`harness.cpu_streams.plan_cpu_streams` chooses how many)."""
     from harness.layerwise_step import LayerwiseTrainStep
 
     if LayerwiseTrainStep.supports(model):

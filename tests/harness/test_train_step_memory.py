@@ -39,3 +39,34 @@ def test_checkpointed_clipped_step_keeps_about_one_boundary_per_extra_layer(step
     growth = (_peak_above_model(10, step_class) - _peak_above_model(2, step_class)) / 8
     # The checkpoint inputs cost one boundary per layer; the bug kept several activations per layer.
     assert growth < 2 * boundary, f"peak grows by {growth / boundary:.1f} boundaries per layer"
+
+
+def _layerwise_step_peak(accumulation: int) -> int:
+    """Peak above the model of one warm optimizer step of `accumulation` micro-batches, with adapter dropout."""
+    mx.random.seed(0)
+    args = ModelArgs(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2)
+    model = MistralForCausalLM(args)
+    apply_lora(model, LoRASpec(rank=4, dropout=0.05))
+    enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = optim.AdamW(learning_rate=1e-3)
+    step = LayerwiseTrainStep(model, optimizer, grad_clip=1.0)
+    batches = []
+    for seed in range(accumulation):
+        tokens = mx.random.randint(1, args.vocab_size, (4, 256), key=mx.random.key(seed))
+        batches.append({"input_ids": tokens, "labels": tokens})
+    mx.eval(model.parameters(), batches)
+    mx.eval(step(batches), model.parameters(), optimizer.state)  # compile, create the optimizer state
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(step(batches), model.parameters(), optimizer.state)
+    return mx.get_peak_memory() - before
+
+
+def test_layerwise_step_peak_does_not_grow_with_accumulation():
+    """Micro-batches run one after another: four cost about the peak of one (the batches themselves are
+    inputs, made before the peak is reset)."""
+    one, four = _layerwise_step_peak(1), _layerwise_step_peak(4)
+    boundary = 4 * 256 * 256 * 4  # one layer's stored input: batch x seq x hidden float32
+    assert four < one + boundary, f"accumulation 4 peaks {four / one:.2f}x accumulation 1"

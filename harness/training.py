@@ -26,6 +26,7 @@ from harness.checkpoints import TrainState, save_checkpoint
 from harness.cpu_streams import new_streams, split_rows
 from harness.loss import causal_lm_loss
 from harness.tracking import Tracker
+from models.memory import release_cache
 
 Batch = dict[str, mx.array]
 
@@ -245,6 +246,7 @@ def train_loop(
 
     def validate_and_checkpoint() -> float:
         val_loss, val_tokens = evaluate(model, validation_batches(), eval_step, progress=settings.progress)
+        release_cache()  # validation's buffers (other shapes than training's) would only sit in MLX's cache
         is_best = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss)
         if is_best:
             state.best_val_loss, state.best_step = val_loss, state.step

@@ -182,7 +182,7 @@ class ExportRoot:
     run_dir: str = MISSING
     adapters: str = "best"  # best | latest
     out_dir: str | None = None  # null: <run_dir>/export
-    dtype: str = "float32"  # merged weights: float32 | bfloat16 | float16
+    dtype: str = "auto"  # merged weights: auto (bfloat16 from 1B parameters, else float32) | float32 | bfloat16 | float16
     merged: bool = True
     peft: bool = True
     paths: PathsConfig = MISSING

@@ -8,6 +8,7 @@ import pytest
 
 from harness.layerwise_step import LayerwiseTrainStep
 from harness.training import TrainStep
+from models.backend import backend_name
 from models.checkpointing import enable_gradient_checkpointing
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
@@ -33,7 +34,15 @@ def _peak_above_model(num_layers: int, step_class) -> int:
     return mx.get_peak_memory() - before
 
 
-@pytest.mark.parametrize("step_class", [TrainStep, LayerwiseTrainStep])
+# CPU-specific for TrainStep: on a GPU MLX queues the whole compiled step, whose queued kernels keep their
+# inputs alive, so `mx.checkpoint` in one graph does not bound its peak there (harness/layerwise_step.py).
+@pytest.mark.parametrize(
+    "step_class",
+    [
+        pytest.param(TrainStep, marks=pytest.mark.skipif(backend_name() != "cpu", reason="CPU-specific")),
+        LayerwiseTrainStep,
+    ],
+)
 def test_checkpointed_clipped_step_keeps_about_one_boundary_per_extra_layer(step_class):
     boundary = 4 * 256 * 256 * 4  # one layer's stored input: batch x seq x hidden float32
     growth = (_peak_above_model(10, step_class) - _peak_above_model(2, step_class)) / 8

@@ -32,7 +32,7 @@ def export_run(
     cfg, model, tokenizer = build.load_trained(run_dir, which, progress=True)
     out = Path(out_dir) if out_dir else Path(run_dir) / "export"
     written = {}
-    if peft:  # before merging: merging folds the adapters into the base in place
+    if peft:
         written["peft"] = save_peft_adapters(
             model, out / "peft", build.lora_spec(cfg.lora), build.base_model_id(cfg.model)
         )

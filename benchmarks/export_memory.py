@@ -3,10 +3,10 @@
     python -m benchmarks.make_checkpoint --preset 7b
     python -m benchmarks.export_memory artifacts/checkpoints/mistral-7b-random --dtype bfloat16
 
-No training: the checkpoint is quantized (first process, writing the quantized-base cache), then a second process
-reloads the cache, puts LoRA adapters on it (rank 16 on all seven projections, non-zero B so the merge does
-work) and calls `models.export.export_merged`. Reported: the quantized model's stored bytes, the largest output
-shard, peak RSS (`ru_maxrss`) of the export process and the bound 1.3 x quantized + one shard, MLX's peak,
+No training: the checkpoint is quantized (first process, writing the quantized-base cache), then a second
+process reloads the cache, puts LoRA adapters on it (rank 16 on all seven projections, non-zero B so the merge
+does work) and calls `models.export.export_merged`. Reported: the quantized model's stored bytes, the largest
+output shard, peak RSS (`ru_maxrss`) of the export process and the bound 1.3 x quantized + one shard, MLX's peak,
 wall time. `--json` appends the row to a JSON-lines file.
 """
 
@@ -39,7 +39,9 @@ def quantize(checkpoint: str, method: str, cache_dir: str) -> None:
                     progress=False)
 
 
-def export(checkpoint: str, method: str, cache_dir: str, out_dir: str, dtype: str, shard_gb: float, rank: int) -> dict:
+def export(
+    checkpoint: str, method: str, cache_dir: str, out_dir: str, dtype: str, shard_gb: float, rank: int
+) -> dict:
     """Second child: reload the quantized base, add adapters, export merged; what it cost."""
     import models  # noqa: F401
 
@@ -91,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--quant", default="rowwise", choices=["rowwise", "group", "nf4"])
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the merged weights (or auto)")
-    parser.add_argument("--shard-gb", type=float, default=5.0, help="output shard size, GiB (HF's default: 5)")
+    parser.add_argument("--shard-gb", type=float, default=5.0, help="output shard size in GiB (HF: 5)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--work-dir", help="quantized cache and output (default: a temporary directory, deleted)")
+    parser.add_argument("--work-dir", help="quantized cache and output (default: a temporary folder, deleted)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=["quantize", "export"], help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         quantize(opts.checkpoint, opts.quant, cache)
         return
     if opts.child == "export":
-        print(json.dumps(export(opts.checkpoint, opts.quant, cache, out, opts.dtype, opts.shard_gb, opts.rank)))
+        row = export(opts.checkpoint, opts.quant, cache, out, opts.dtype, opts.shard_gb, opts.rank)
+        print(json.dumps(row))
         return
     common = [opts.checkpoint, "--quant", opts.quant, "--dtype", opts.dtype, "--shard-gb", str(opts.shard_gb),
               "--rank", str(opts.rank), "--work-dir", str(work)]
@@ -129,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\npeak RSS / bound = {row['peak_rss_bytes'] / bound:.2f}")
     if opts.json:
         with open(opts.json, "a") as f:
-            f.write(json.dumps({**row, "bound_bytes": bound, "checkpoint": opts.checkpoint, "machine": machine,
-                                "date": when}) + "\n")
+            record = {**row, "bound_bytes": bound, "checkpoint": opts.checkpoint, "machine": machine, "date": when}
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

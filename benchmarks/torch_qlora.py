@@ -6,7 +6,7 @@ sit beside ours in BENCHMARKS.md. Needs torch with CUDA, transformers, peft and 
 it is a benchmark tool, not a dependency of the project.
 
     python benchmarks/torch_qlora.py --shape 7b --base nf4 --batch 8 --seq 512
-    python benchmarks/torch_qlora.py --shape 7b --batch 4 --seq 512 --rank 16 --dropout 0.05 --accum 4 --checkpointing
+    python benchmarks/torch_qlora.py --batch 4 --seq 512 --rank 16 --dropout 0.05 --accum 4 --checkpointing
 
 `--accum` micro-batches (different tokens each, backward after each) make one optimizer step: the step time,
 tokens/s and peak cover whole optimizer steps, as `harness.bench` reports them.

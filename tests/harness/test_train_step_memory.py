@@ -67,6 +67,7 @@ def _layerwise_step_peak(accumulation: int) -> int:
         batches.append({"input_ids": tokens, "labels": tokens})
     mx.eval(model.parameters(), batches)
     mx.eval(step(batches), model.parameters(), optimizer.state)  # compile, create the optimizer state
+    mx.clear_cache()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
     mx.eval(step(batches), model.parameters(), optimizer.state)
@@ -78,4 +79,5 @@ def test_layerwise_step_peak_does_not_grow_with_accumulation():
     inputs, made before the peak is reset)."""
     one, four = _layerwise_step_peak(1), _layerwise_step_peak(4)
     boundary = 4 * 256 * 256 * 4  # one layer's stored input: batch x seq x hidden float32
-    assert four < one + boundary, f"accumulation 4 peaks {four / one:.2f}x accumulation 1"
+    # One micro-batch alone holds 4 layer inputs and its temporaries; four at once would add three times that.
+    assert four < one + 2 * boundary, f"accumulation 4 peaks {four / one:.2f}x accumulation 1"

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.cpu_paths import use_cpu_paths
 from models.backend import compute_dtype
 from models.lora import LoRASpec, apply_lora
+from models.memory import release_cache
 from models.mistral import MistralForCausalLM, ModelArgs
 from models.quant import QuantSpec, quantize_model
 
@@ -108,6 +109,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
         # so a 7B shape never exists in full precision.
         quantize_model(model, spec, progress=progress)
     mx.eval(model.parameters())
+    release_cache()  # the dense layers quantization went through are not reused
     use_cpu_paths(model)  # on the CPU only: MLX's exp is a scalar loop there
     return model
 
@@ -115,9 +117,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
 def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     """Base model (quantized) with fresh LoRA adapters on it; only the adapters are trainable.
 
-    Also applies `trainer.memory_limit_gb` (MLX's memory limit) before anything is allocated."""
-    if cfg.trainer.memory_limit_gb:
-        mx.set_memory_limit(int(cfg.trainer.memory_limit_gb * 1e9))
+    `trainer.memory_limit_gb` is applied by `harness.process.set_up_process`, which commands call first."""
     model = build_base_model(cfg, progress=progress)
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))

@@ -109,6 +109,9 @@ def load_exported(model_dir: str | Path):
 
 def run(cfg) -> list[str]:
     """Generate for `cfg.prompt` (or each line of stdin), streaming to stdout; returns the responses."""
+    from harness.process import set_up_process
+
+    set_up_process()
     if cfg.model_dir:
         model, tokenizer = load_exported(cfg.model_dir)
         template = None

@@ -120,8 +120,8 @@ class TrainerConfig:
     # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
     # the BLAS's threads can be set; 1: off). GPUs use one. See harness/cpu_streams.py.
     cpu_streams: int | None = None
-    # Cap on MLX's memory (GB; null = none). GPUs run a step's kernels long after they are queued and their
-    # temporaries stay allocated until then; under the cap MLX waits for queued work instead (slower, smaller).
+    # Cap on MLX's memory (GB). null: on Metal the GPU's recommended working set (models/memory.py, which also sets
+    # Metal's wired limit to it), elsewhere MLX's default. Past the cap MLX waits for queued work (slower, smaller).
     memory_limit_gb: float | None = None
     # Stop (cleanly, with a checkpoint) after this many optimizer steps of this process; resume continues.
     stop_after_steps: int | None = None
@@ -200,7 +200,7 @@ class ExportRoot:
     run_dir: str = MISSING
     adapters: str = "best"  # best | latest
     out_dir: str | None = None  # null: <run_dir>/export
-    dtype: str = "float32"  # merged weights: float32 | bfloat16 | float16
+    dtype: str = "auto"  # merged weights: auto (bfloat16 from 1B parameters, else float32) | float32 | bfloat16 | float16
     merged: bool = True
     peft: bool = True
     paths: PathsConfig = MISSING

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
 from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
-from harness.cpu_streams import plan_cpu_streams
+from harness.process import set_up_process
 from harness.tracking import Tracker
 from harness.before_after import metrics as before_after_metrics
 from harness.training import LoopSettings, TrainResult, train_loop
@@ -98,10 +98,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         )
     trainer = cfg.trainer
     build.seed_everything(trainer.seed)
-    # Before anything is evaluated: it may set MLX's evaluation order, which MLX reads once (harness/cpu_streams.py).
-    cpu_streams = plan_cpu_streams(
-        trainer.cpu_streams, trainer.batch_size, checkpointing=trainer.gradient_checkpointing
-    )
+    # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
+    # (read once by MLX; harness/cpu_streams.py).
+    cpu_streams, _ = set_up_process(trainer)
 
     tokenizer, data = prepare_data(cfg)
     validation = data.validation

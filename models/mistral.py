@@ -273,13 +273,25 @@ class MistralModel(nn.Module):
         segment_ids: mx.array | None = None,
     ) -> mx.array:
         """Final hidden states `(B, L, hidden_size)` for token ids `(B, L)`."""
-        h = self.embed_tokens(input_ids)
-        length = input_ids.shape[1]
-        offset = 0 if cache is None else cache[0].offset
-        mask = attention_mask(length, offset + length, self.args.sliding_window, segment_ids)
+        h = self.embed(input_ids)
+        mask = self.mask(input_ids.shape[1], 0 if cache is None else cache[0].offset, segment_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, None if cache is None else cache[i])
-        return self.norm(h)
+        return self.final_norm(h)
+
+    # The forward pass in its parts, for callers that run the layers one at a time (a layer-by-layer training
+    # step): embed -> mask -> each of `layers` as `layer(h, mask)` -> final_norm.
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """Token embeddings `(B, L, hidden_size)` for ids `(B, L)`: the first layer's input."""
+        return self.embed_tokens(input_ids)
+
+    def mask(self, length: int, offset: int = 0, segment_ids: mx.array | None = None) -> mx.array | str | None:
+        """The attention mask every layer takes for `length` new positions after `offset` cached ones."""
+        return attention_mask(length, offset + length, self.args.sliding_window, segment_ids)
+
+    def final_norm(self, hidden: mx.array) -> mx.array:
+        """The last layer's output `(…, hidden_size)` normed: what the head reads."""
+        return self.norm(hidden)
 
 
 class MistralForCausalLM(nn.Module):
@@ -305,6 +317,18 @@ class MistralForCausalLM(nn.Module):
         segment_ids: mx.array | None = None,
     ) -> mx.array:
         return self.logits(self.model(input_ids, cache=cache, segment_ids=segment_ids))
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """`self.model.embed`: the first decoder layer's input `(B, L, hidden_size)`."""
+        return self.model.embed(input_ids)
+
+    def mask(self, length: int, offset: int = 0, segment_ids: mx.array | None = None) -> mx.array | str | None:
+        """`self.model.mask`: the attention mask every decoder layer takes."""
+        return self.model.mask(length, offset, segment_ids)
+
+    def final_norm(self, hidden: mx.array) -> mx.array:
+        """`self.model.final_norm`: the last decoder layer's output normed for `logits`."""
+        return self.model.final_norm(hidden)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.model.layers]

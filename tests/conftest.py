@@ -1,8 +1,12 @@
 """Shared fixtures. `models` is imported first so the fast BLAS is loaded before MLX (see models/blas.py)."""
 
-import models  # noqa: F401  (must come before anything that imports mlx)
-
 import os
+
+# Float32 matmuls stay float32 (newer Macs default to TF32, `MLX_ENABLE_TF32=1`): tests compare float32 results
+# with tight tolerances. Set before MLX is imported, and inherited by the commands tests start.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import models  # noqa: E402,F401  (must come before anything that imports mlx)
 import shutil
 from pathlib import Path
 

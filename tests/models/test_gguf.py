@@ -86,9 +86,10 @@ def write_gguf(path, tensors: dict[str, np.ndarray], meta: dict, types: dict[str
     types = types or {}
     kind = {n: types.get(n.split(".")[-2], "F32") for n in tensors}
     if set(kind.values()) <= {"F32", "F16"}:
-        arrays = {n: mx.array(v).astype(mx.float16 if kind[n] == "F16" else mx.float32) for n, v in tensors.items()}
-        dtypes = {"uint32": mx.uint32, "float32": mx.float32}
-        mx.save_gguf(str(path), arrays, {k: v if t == "string" else mx.array(v, dtypes[t]) for k, (v, t) in meta.items()})
+        dtypes = {"F16": mx.float16, "F32": mx.float32, "uint32": mx.uint32, "float32": mx.float32}
+        arrays = {n: mx.array(v, dtypes[kind[n]]) for n, v in tensors.items()}
+        values = {k: v if t == "string" else mx.array(v, dtypes[t]) for k, (v, t) in meta.items()}
+        mx.save_gguf(str(path), arrays, values)
         return path
     meta = dict(meta)
     writer = gguf_py.GGUFWriter(str(path), arch=meta.pop("general.architecture")[0])  # the writer adds the key
@@ -211,7 +212,7 @@ def test_unsupported_tensor_type_names_tensor_type_and_file(tmp_path):
     "change, message",
     [
         ({"llama.block_count": None}, "metadata llama.block_count is missing"),
-        ({"llama.embedding_length": ("64", "string")}, "metadata llama.embedding_length='64' should be a positive int"),
+        ({"llama.embedding_length": ("64", "string")}, "llama.embedding_length='64' should be a positive int"),
         ({"general.architecture": ("gpt2", "string")}, "general.architecture='gpt2' is not supported"),
         ({"llama.rope.scaling.type": ("linear", "string")}, "llama.rope.scaling.type='linear' is not supported"),
         ({"llama.rope.dimension_count": (8, "uint32")}, "llama.rope.dimension_count=8 .* partial rotary"),

@@ -10,7 +10,9 @@ take the same path (quantization, the cache).
 Memory: `mx.load` on a safetensors file is lazy (a tensor is read when it is evaluated), so the loader walks
 the model layer by layer, reads that layer's tensors, casts them to the compute dtype, quantizes the layer
 when asked, evaluates it and lets the source arrays go. Peak memory stays near the final model's size plus
-one layer in the compute dtype; the whole model is never held in float32 (or in the file's dtype).
+one layer in the compute dtype; the whole model is never held in float32 (or in the file's dtype). A GGUF
+file is read whole by `mx.load` (MLX has no lazy GGUF reader), in its own compact types, and each block is
+dequantized only when the walk reaches it.
 
 Quantized bases can be cached with `cache_dir`: the quantized model is saved as safetensors under a key made
 of the checkpoint's identity, the `QuantSpec`, the dtype and `CACHE_FORMAT_VERSION`, and reloaded later
@@ -73,8 +75,8 @@ class CheckpointError(ValueError):
 def resolve_model_dir(
     path_or_repo_id: str | os.PathLike, *, revision: str | None = None, progress: bool = True
 ) -> Path:
-    """The local directory of a checkpoint: `path_or_repo_id` itself when it is a directory or a `.gguf`
-    file, else the Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless there).
+    """Where a checkpoint is: `path_or_repo_id` itself when it is a directory or a `.gguf` file, else the
+    directory of the Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless there).
 
     Raises `CheckpointError` when the path does not exist and is not a repo id, or when the repo cannot be
     fetched (offline and not cached, gated, not found).

@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from harness.config_resolvers import register_resolvers
 from harness.data.config import DataConfig
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -226,6 +227,7 @@ def register_configs() -> None:
     cs.store(name="export_schema", node=ExportRoot)
     cs.store(name="download_schema", node=DownloadRoot)
     cs.store(name="prepare_schema", node=PrepareRoot)
+    register_resolvers()
 
 
 register_configs()

@@ -125,11 +125,11 @@ def load_saved_config(run_dir: Path) -> DictConfig | None:
     try:
         saved = OmegaConf.create(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ResumeError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
+        raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
     except Exception as err:  # OmegaConf/YAML parse errors come in several types
-        raise ResumeError(f"{path}: not a readable config ({type(err).__name__}: {err})") from err
+        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {err})") from err
     if not isinstance(saved, DictConfig):
-        raise ResumeError(f"{path}: not a readable config (expected a mapping)")
+        raise RunStateError(f"{path}: not a readable config (expected a mapping)")
     return saved
 
 

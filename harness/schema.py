@@ -170,6 +170,8 @@ class GenerateRoot:
     prompt: str | None = None  # an instruction; null: read instructions from stdin, one per line
     context: str = ""
     max_new_tokens: int = 128
+    # Longer prompts are refused: a prompt's attention memory grows with the square of its length.
+    max_prompt_tokens: int = 4096
     temperature: float = 0.7  # 0: greedy
     top_p: float = 0.9
     seed: int = 0

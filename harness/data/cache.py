@@ -57,3 +57,13 @@ def write_entry(directory: Path, write: Callable[[Path], None]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard_entry(directory: Path) -> None:
+    """Remove a (damaged) entry: renamed aside first, so no reader sees it half deleted."""
+    aside = directory.with_name(f".{directory.name}.discarded-{os.getpid()}")
+    try:
+        os.replace(directory, aside)
+    except OSError:
+        return  # already gone (another process discarded or replaced it)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -3,7 +3,8 @@
 A resumed run continues as it was configured: its saved `run_config.yaml` is the truth. Values given on the
 command line with `resume=` are applied only where changing them mid-run is safe (`SAFE_ON_RESUME`, e.g.
 `trainer.max_steps` to extend a run); any other value that differs from the saved one is refused, naming the key.
-Defaults that changed in the code since the run started do not leak in: the saved values win.
+Defaults that changed in the code since the run started do not leak in: the saved values win; repeating the
+run's own command line (its `.hydra/overrides.yaml`) with `resume=` changes nothing.
 Everything here only reads: the run directory is not written until the resume has checked what it will load.
 """
 
@@ -45,6 +46,9 @@ SAFE_ON_RESUME = (
     "paths",
     "experiment_name",
 )
+# Settings of one process, not of the run: always this command's value (a run stopped with stop_after_steps
+# resumes without stopping again unless asked).
+PER_PROCESS = ("trainer.stop_after_steps", "trainer.progress")
 # Config groups that write keys all over the config (`# @package _global_`).
 GLOBAL_GROUPS = ("experiment", "debug", "hparams_search")
 
@@ -172,7 +176,19 @@ def plan_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Run
     saved = load_saved_config(run_dir)
     if saved is None:  # the run never got as far as saving its config: nothing to keep
         return RunPlan(cfg, run_dir, continuing=True)
+    if overrides is not None:  # the run's own command line repeated asks for no change
+        started_with = original_overrides(run_dir)
+        overrides = [o for o in overrides if o not in started_with]
     return merge_for_resume(cfg, saved, run_dir, overrides)
+
+
+def original_overrides(run_dir: Path) -> list[str]:
+    """The overrides the run was started with (Hydra's `.hydra/overrides.yaml`; [] when absent or unreadable)."""
+    try:
+        listed = OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")
+    except Exception:  # absent (a run started without Hydra) or damaged: then every override counts
+        return []
+    return [str(o) for o in listed] if OmegaConf.is_list(listed) else []
 
 
 def merge_for_resume(cfg: DictConfig, saved: DictConfig, run_dir: Path, overrides: list[str] | None) -> RunPlan:
@@ -189,6 +205,9 @@ def merge_for_resume(cfg: DictConfig, saved: DictConfig, run_dir: Path, override
     changed, kept, refused = [], [], []
     for key, value in new.items():
         if key == "resume" or key not in old or old[key] == value:
+            continue
+        if key in PER_PROCESS:
+            OmegaConf.update(merged, key, value, merge=False)
             continue
         asked = everything or _covered(key, requested)
         if asked and _covered(key, set(SAFE_ON_RESUME)):

@@ -133,7 +133,7 @@ def problems(cfg: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> l
 
 
 def _names_problems(cfg: Any) -> list[str]:
-    """LoRA targets and quantized modules the Mistral layers have; head counts that divide."""
+    """LoRA targets and quantized modules the Mistral layers have; Adam's betas; head counts that divide."""
     lines = []
     for key in ("lora.target_modules", "quant.modules"):
         present, names = _lookup(cfg, key)
@@ -144,6 +144,9 @@ def _names_problems(cfg: Any) -> list[str]:
                     f"{key}={list(names)}: {'unknown module ' + repr(unknown[0]) if unknown else 'empty'}; "
                     f"choose from {SEVEN_PROJECTIONS}"
                 )
+    present, betas = _lookup(cfg, "optim.betas")
+    if present and not (len(betas) == 2 and all(within(0, 1, high_open=True)(b) for b in betas)):
+        lines.append(f"optim.betas={list(betas)}: must be two numbers in [0, 1)")
     present, arch = _lookup(cfg, "model.arch")
     path_present, path = _lookup(cfg, "model.path")
     if present and arch is not None and not (path_present and path):

@@ -209,7 +209,11 @@ def load_hub_dataset(
 def looks_like_a_path(source: str) -> bool:
     """A source that can only mean a local path: absolute, `./` `../` `~`, or more than one `/` (a Hub id is
     `owner/name`)."""
-    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+    first = source.split("/")[0]
+    return (
+        source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+        or ("/" in source and Path(first).is_dir())  # `data/x` where ./data exists
+    )
 
 
 def load_records(
@@ -225,4 +229,10 @@ def load_records(
         return load_local_file(path, invalid_records=invalid_records)
     if looks_like_a_path(source) and not path.exists():
         raise DataError(f"data.source={source!r}: no such file or directory")
-    return load_hub_dataset(source, revision=revision, split=hub_split, invalid_records=invalid_records)
+    try:
+        return load_hub_dataset(source, revision=revision, split=hub_split, invalid_records=invalid_records)
+    except DataError as error:
+        if path.exists():
+            raise
+        # `owner/name` may be a Hub id or a relative path: say both were tried.
+        raise DataError(f"data.source={source!r}: no such local file or directory, and {error}") from error

@@ -21,6 +21,13 @@ import mlx.core as mx
 class DiskWriteError(OSError):
     """A file that could not be written (disk full, no permission, ...); the message names the path."""
 
+    def __init__(self, path: Path, reason: str, errno: int | None = None):
+        super().__init__(errno, reason, str(path))
+        self.message = f"{path}: cannot write ({reason}; is the disk full?)"
+
+    def __str__(self) -> str:
+        return self.message
+
 
 def process_umask() -> int:
     """The process's file-mode creation mask (read without changing it, where Linux allows)."""
@@ -38,8 +45,7 @@ def process_umask() -> int:
 
 def _write_failed(path: Path, err: BaseException) -> DiskWriteError:
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    errno = err.errno if isinstance(err, OSError) else None
-    return DiskWriteError(errno, f"{path}: cannot write ({reason}; is the disk full?)")
+    return DiskWriteError(path, reason, err.errno if isinstance(err, OSError) else None)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -73,6 +79,7 @@ def atomic_save_safetensors(
     tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.safetensors"
     try:
         mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        tmp.chmod(0o666 & ~process_umask())  # MLX creates its files 0644 whatever the umask
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

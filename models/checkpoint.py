@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from models.atomic_files import make_temp_dir
+from models.atomic_files import atomic_save_safetensors, make_temp_dir
 from models.backend import compute_dtype, dtype_name
 from models.mistral import MistralForCausalLM, ModelArgs
 
@@ -408,7 +408,7 @@ def _save_cached(model, cache_path: Path, key: str, model_dir: Path, quant, dtyp
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(cache_path.parent, f".{cache_path.name}.")
     try:
-        mx.save_safetensors(str(tmp / CACHE_WEIGHTS), dict(tree_flatten(model.parameters())))
+        atomic_save_safetensors(tmp / CACHE_WEIGHTS, dict(tree_flatten(model.parameters())))
         meta = {
             "key": key,
             "format": CACHE_FORMAT_VERSION,

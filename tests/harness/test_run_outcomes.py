@@ -111,3 +111,29 @@ def test_skipped_records_are_counted_at_the_end_of_training(compose_train, tmp_p
     err = capfd.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("invalid records skipped"))
     assert "skipped: 3 " in line and str(source) in line
+
+
+@pytest.mark.slow
+def test_prepare_names_an_undecodable_line_skips_it_on_request_and_rebuilds_a_damaged_cache(tmp_path, hermetic_env):
+    from harness.data import load_records
+
+    records = load_records("embedded:dolly_sample").records[:120]
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+    lines[6] = json.dumps({**records[6], "response": "Café"}, ensure_ascii=False).encode("latin-1")
+    source = tmp_path / "latin1.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM too: accepted
+    env = {**hermetic_env, "QLORA_CACHE_DIR": str(tmp_path / "cache")}
+    common = ["model=tiny", f"data.source={source}", "data.max_seq_len=128"]
+    proc = run_cli("harness.prepare", *common, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {source}, line 7: not UTF-8 text")
+
+    proc = run_cli("harness.prepare", *common, "data.invalid_records=skip", env=env, cwd=tmp_path)
+    assert "invalid records skipped: 1 " in proc.stdout and f"{source}, line 7" in proc.stdout
+    (entry,) = (tmp_path / "cache").rglob("stats.json")
+    (entry.parent / "train.npz").write_bytes(b"PK\x03\x04 not a zip any more")
+    proc = run_cli("harness.prepare", *common, "data.invalid_records=skip", env=env, cwd=tmp_path)
+    assert f"damaged cache entry, tokenizing again: {entry.parent / 'train.npz'}" in proc.stderr
+    assert "(written)" in proc.stdout
+    proc = run_cli("harness.prepare", *common, "data.invalid_records=skip", env=env, cwd=tmp_path)
+    assert "(reused)" in proc.stdout and "damaged" not in proc.stderr

@@ -237,7 +237,8 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
         if skipped:
             note(skipped)
     finally:
-        tracker.finish(exit_code=0 if result is not None and not result.diverged else 1)
+        stopped = stop.received is not None and result is not None and result.stopped_early
+        tracker.finish(exit_code=0 if result is not None and not result.diverged and not stopped else 1)
     if stop.received is not None and result.stopped_early:
         name = signal_name(stop.received)
         raise RunInterrupted(

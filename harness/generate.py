@@ -73,7 +73,8 @@ def complete(
     from harness.config_checks import ConfigError
     from harness.data import format_prompt
 
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(format_prompt(record, template))]
+    start = [tokenizer.bos_id] if tokenizer.add_bos else []  # as in training (harness/data/encode.py)
+    prompt_ids = [*start, *tokenizer.encode(format_prompt(record, template))]
     if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
         raise ConfigError(
             f"max_prompt_tokens={max_prompt_tokens}: the prompt is {len(prompt_ids)} tokens; shorten it or raise "
@@ -104,10 +105,10 @@ def complete(
 
 
 def load_exported(model_dir: str | Path):
-    """`(model, tokenizer)` from an exported (merged) Hugging Face directory."""
-    from harness.data import load_tokenizer
+    """`(model, tokenizer)` from an exported (merged) Hugging Face directory (its own tokenizer files)."""
     from models.backend import compute_dtype
     from models.checkpoint import load_pretrained
+    from models.tokenizer import load_tokenizer
 
     return load_pretrained(str(model_dir), dtype=compute_dtype("auto"), progress=False), load_tokenizer(
         model_dir
@@ -117,8 +118,10 @@ def load_exported(model_dir: str | Path):
 def run(cfg) -> list[str]:
     """Generate for `cfg.prompt` (or each line of stdin), streaming to stdout; returns the responses."""
     from harness.config_checks import check_generate_config
+    from harness.process import set_up_process
 
     check_generate_config(cfg)
+    set_up_process()
     if cfg.model_dir:
         model, tokenizer = load_exported(cfg.model_dir)
         template = None

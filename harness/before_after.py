@@ -35,7 +35,7 @@ class AnswerSheet:
         return hits / total if total else None
 
     def save(self, path: Path) -> None:
-        from harness.checkpoints import atomic_write_text
+        from models.atomic_files import atomic_write_text
 
         atomic_write_text(path, json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n")
 

@@ -142,18 +142,28 @@ def complete(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_text: Callable[[str], None] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> str:
     """The model's response to `record` (instruction [+ context]) under the training prompt template.
 
     `on_text` receives the response piece by piece as tokens arrive (streaming); the full text is returned.
+    A prompt longer than `max_prompt_tokens` tokens (None: no limit) raises `ConfigError` before any work.
     """
+    from harness.config_checks import ConfigError
+
+    prompt = encode_prompt(tokenizer, record, template)
+    if max_prompt_tokens is not None and len(prompt) > max_prompt_tokens:
+        raise ConfigError(
+            f"max_prompt_tokens={max_prompt_tokens}: the prompt is {len(prompt)} tokens; shorten it or raise "
+            "max_prompt_tokens (memory grows with the square of the prompt's length)"
+        )
     was_training = model.training
     model.eval()
     ids: list[int] = []
     shown = ""
     for token_id in generate_tokens(
         model,
-        encode_prompt(tokenizer, record, template),
+        prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -184,8 +194,10 @@ def load_exported(model_dir: str | Path):
 
 def run(cfg) -> list[str]:
     """Generate for `cfg.prompt` (or each line of stdin), streaming to stdout; returns the responses."""
+    from harness.config_checks import check_generate_config
     from harness.process import set_up_process
 
+    check_generate_config(cfg)
     set_up_process()
     if cfg.model_dir:
         model, tokenizer = load_exported(cfg.model_dir)
@@ -211,6 +223,7 @@ def run(cfg) -> list[str]:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             on_text=lambda piece: print(piece, end="", flush=True),
+            max_prompt_tokens=cfg.max_prompt_tokens,
         )
         print(flush=True)
         responses.append(response)
@@ -224,7 +237,10 @@ def main() -> None:
     import harness.schema  # noqa: F401
     from harness.train import CONFIG_DIR, TRUSTED_TARGETS
 
-    hydra.main(config_path=CONFIG_DIR, config_name="generate", execution_whitelist=TRUSTED_TARGETS)(run)()
+    from harness.command_outcome import hydra_task, run_command
+
+    task = hydra.main(config_path=CONFIG_DIR, config_name="generate", execution_whitelist=TRUSTED_TARGETS)
+    run_command(task(hydra_task(run)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from models import gguf
+from models.atomic_files import atomic_save_safetensors, make_temp_dir
 from models.backend import compute_dtype, dtype_name
 from models.mistral import MistralForCausalLM, ModelArgs
 
@@ -441,9 +441,9 @@ def _load_cached(cache_path: Path, key: str, args: ModelArgs, quant) -> MistralF
 def _save_cached(model, cache_path: Path, key: str, model_dir: Path, quant, dtype) -> None:
     """Write the quantized base atomically: into a temporary directory renamed into place when complete."""
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_path.name}.", dir=cache_path.parent))
+    tmp = make_temp_dir(cache_path.parent, f".{cache_path.name}.")
     try:
-        mx.save_safetensors(str(tmp / CACHE_WEIGHTS), dict(tree_flatten(model.parameters())))
+        atomic_save_safetensors(tmp / CACHE_WEIGHTS, dict(tree_flatten(model.parameters())))
         meta = {
             "key": key,
             "format": CACHE_FORMAT_VERSION,
@@ -453,7 +453,7 @@ def _save_cached(model, cache_path: Path, key: str, model_dir: Path, quant, dtyp
             "mlx": mx.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(cache_path, ignore_errors=True)  # an unusable entry left by a failed reload
         os.replace(tmp, cache_path)
     except OSError:

@@ -57,7 +57,10 @@ def test_max_seq_len_too_small_for_every_prompt_is_a_clear_error(small_config, t
 
 def test_composed_hydra_config_prepares_the_embedded_sample(tmp_path, tokenizer):
     with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=["data=dolly_sample", "data.max_seq_len=128", "data.val_max_seq_len=256"])
+        cfg = compose(
+            "train",
+            overrides=["data=dolly_sample", "data.max_records=null", "data.max_seq_len=128", "data.val_max_seq_len=256"],
+        )
     prepared = prepare_dataset(cfg.data, tokenizer, cache_dir=tmp_path, progress=False)
     records = load_local_file(embedded_sample_path()).records
     assert len(prepared.train) + len(prepared.validation) == len(records)

@@ -9,7 +9,7 @@ from models.mistral import ModelArgs
 
 from .conftest import run_cli
 
-SMALL = ["model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+SMALL = ["model=tiny", "model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
          "model.arch.num_attention_heads=4", "model.arch.vocab_size=512"]
 
 

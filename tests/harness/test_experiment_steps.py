@@ -11,7 +11,11 @@ from harness.train import CONFIG_DIR
 from harness.training import TrainStep, make_train_step
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-EXPECTED_STEP = {"mistral7b_dolly_qlora": LayerwiseTrainStep, "tiny_dolly_sample": TrainStep}
+EXPECTED_STEP = {
+    "mistral7b_dolly_qlora": LayerwiseTrainStep,
+    "smollm2_dolly_sample": TrainStep,
+    "tiny_dolly_sample": TrainStep,
+}
 
 
 def test_every_shipped_experiment_is_listed():

@@ -24,8 +24,10 @@ import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
 from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
 from harness.cpu_streams import plan_cpu_streams
+from harness.pruning import reporter_for_job
 from harness.tracking import Tracker
 from harness.training import LoopSettings, TrainResult, train_loop
+from harness.worker_devices import claim_worker_device
 from models.adapters import save_adapters
 from models.backend import describe
 from models.lora import trainable_parameter_count
@@ -42,8 +44,10 @@ def hydra_job_info() -> dict[str, str | None]:
     """Run directory, override string and sweep/study name of the current Hydra job (None outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from harness.pruning import trial_number_from_env
+
     if not HydraConfig.initialized():
-        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": []}
+        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": [], "trial": None}
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     return {
@@ -52,7 +56,18 @@ def hydra_job_info() -> dict[str, str | None]:
         "study": hc.sweeper.get("study_name") if multirun else None,
         "storage": hc.sweeper.get("storage") if multirun else None,
         "overrides": list(hc.overrides.task),
+        "trial": trial_number_from_env() if multirun else None,  # the Optuna trial number (our sweeper)
+        "experiment": hc.runtime.choices.get("experiment"),  # chosen by the command or by hparams_search
     }
+
+
+def sweeper_config():
+    """`hydra.sweeper` of the current multirun job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return None
+    return HydraConfig.get().sweeper
 
 
 def resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -96,6 +111,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)
         )
     trainer = cfg.trainer
+    claim_worker_device(sweeper_config())
     build.seed_everything(trainer.seed)
     # Before anything is evaluated: it may set MLX's evaluation order, which MLX reads once (harness/cpu_streams.py).
     cpu_streams = plan_cpu_streams(
@@ -210,8 +226,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             settings,
             save_adapters=save,
             state=state,
+            on_validation=reporter_for_job(sweeper_config()),
         )
-        if not result.diverged and not result.stopped_early:
+        if not result.diverged and not result.stopped_early and not result.pruned:
             log_generations(model, tokenizer, validation, cfg, tracker, step=total_steps)
         tracker.summary(
             {
@@ -220,6 +237,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
                 "final_val_loss": result.final_val_loss,
                 "first_val_loss": result.first_val_loss,
                 "diverged": result.diverged,
+                "pruned": result.pruned,
+                "steps": result.steps,
                 "tokens_per_second": result.tokens_per_second,
                 "peak_memory_gb": result.peak_memory_gb,
                 "trainable_parameters": trainable,
@@ -259,6 +278,8 @@ def print_summary(
     status = (
         "DIVERGED (nan/inf loss)"
         if result.diverged
+        else "pruned (the Optuna pruner stopped it)"
+        if result.pruned
         else ("stopped early (resume to continue)" if result.stopped_early else "finished")
     )
     best = "n/a" if math.isnan(result.best_val_loss) else f"{result.best_val_loss:.4f}"

@@ -56,27 +56,36 @@ def open_storage(
     callback = None
     if heartbeat_interval and max_retry:
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval or None,
-        grace_period=grace_period if heartbeat_interval else None,
-        heartbeat_stale_trial_callback=callback,
+    from sqlalchemy.exc import IntegrityError
+
+    # Workers starting together on a new database race to create its tables; the loser finds them made.
+    return with_retries(
+        lambda: optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval or None,
+            grace_period=grace_period if heartbeat_interval else None,
+            heartbeat_stale_trial_callback=callback,
+        ),
+        also=(IntegrityError,),
     )
 
 
-def with_retries(action: Callable[[], T], *, attempts: int = 5, wait_s: float = 1.0) -> T:
+def with_retries(
+    action: Callable[[], T], *, attempts: int = 5, wait_s: float = 1.0, also: tuple[type, ...] = ()
+) -> T:
     """`action()`, tried again (after `wait_s`, doubling) when the database says it is locked or busy.
 
     The busy timeout covers most SQLite contention; this covers the rest (a lock held past the timeout,
     a PostgreSQL serialization failure) for the writes a sweep cannot afford to lose, such as telling a result.
+    `also`: more exception types worth another try.
     """
     from sqlalchemy.exc import OperationalError
 
     for attempt in range(attempts):
         try:
             return action()
-        except OperationalError:
+        except (OperationalError, *also):
             if attempt == attempts - 1:
                 raise
             time.sleep(wait_s * 2**attempt)

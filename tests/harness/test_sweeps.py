@@ -1,0 +1,225 @@
+"""The project's Optuna sweeper (hydra_plugins/qlora_sweeper): per-trial sampler seeds, pruning inside Hydra sweeps,
+workers sharing a study on SQLite and on a real PostgreSQL server (one of them killed mid-trial), one device per
+worker process, and the noise-floor repeat of `harness.compare`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from harness.tracking import read_metrics
+from hydra_plugins.qlora_sweeper.sweeper import QLoRAOptunaSweeperImpl
+from tests.harness.conftest import FAST, REPO, run_cli
+from tests.harness.postgres import postgres_url  # noqa: F401  (fixture)
+
+STUDY = "tiny_dolly"
+MAX_STEPS = 6  # debug=fast
+SPACE = {"x": FloatDistribution(0.0, 1.0), "c": CategoricalDistribution([1, 2, 3, 4, 5, 6, 7, 8])}
+
+
+def sweeper_impl(seed: int | None = 7) -> QLoRAOptunaSweeperImpl:
+    sampler = OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": seed})
+    return QLoRAOptunaSweeperImpl(
+        sampler, "minimize", None, "s", 4, 1, 0.0, None, None, pruner=None, heartbeat_interval=None,
+        grace_period=None, max_retry=0, sqlite_timeout=60.0, max_study_trials=None,
+    )  # fmt: skip
+
+
+def draw(impl: QLoRAOptunaSweeperImpl, study: optuna.Study) -> tuple:
+    """Ask one trial the way the sweeper does, suggest the space, tell a value; return the drawn point."""
+    trial = impl._ask(study)
+    point = tuple(trial._suggest(name, dist) for name, dist in SPACE.items())
+    study.tell(trial, point[0])
+    return point
+
+
+def test_fresh_studies_repeat_their_seed_and_relaunches_or_second_workers_draw_new_points(tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    first = optuna.create_study(study_name="a", storage=storage)
+    points = [draw(sweeper_impl(), first) for _ in range(3)]  # three launches of one trial each
+    again = optuna.create_study(study_name="b", storage=storage)
+    impl = sweeper_impl()
+    assert [draw(impl, again) for _ in range(3)] == points  # a fresh study is reproducible from its seed
+    # Two workers (sweeper processes, each seeded the same) taking turns on one study: every point is new.
+    shared = optuna.create_study(study_name="c", storage=storage)
+    worker_a, worker_b = sweeper_impl(), sweeper_impl()
+    drawn = [draw(worker, shared) for _ in range(3) for worker in (worker_a, worker_b)]
+    assert len(set(drawn)) == len(drawn)
+    assert drawn[:3] != drawn[3:]
+
+
+def test_each_worker_process_claims_its_own_device(tmp_path):
+    from harness import worker_devices
+
+    claim = (
+        "import sys; from pathlib import Path; from harness.worker_devices import claim_device; "
+        "print(claim_device(['0', '1'], Path(sys.argv[1])), flush=True); sys.stdin.read()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(
+        [sys.executable, "-c", claim, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=env,
+    )  # fmt: skip
+    try:
+        assert first.stdout.readline().strip() == "0"  # and holds it while alive
+        second = run_claim(claim, tmp_path, env)
+        assert second.stdout.strip() == "1"
+        worker_devices._claimed = None
+        assert worker_devices.claim_device(["0", "1"], tmp_path) == "1"  # "1" is free again: its process ended
+        assert worker_devices.claim_device(["0", "1"], tmp_path) == "1"  # the same process keeps its device
+        third = run_claim(claim, tmp_path, env, check=False)
+        assert third.returncode != 0 and "every device is held" in third.stderr
+    finally:
+        first.communicate("", timeout=30)
+        if worker_devices._claimed is not None:
+            worker_devices._claimed[1].close()
+            worker_devices._claimed = None
+
+
+def run_claim(code: str, lock_dir: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, str(lock_dir)], input="", capture_output=True, text=True, env=env,
+        check=check, timeout=60,
+    )  # fmt: skip
+
+
+def sweep_args(root: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "hparams_search=tiny_optuna",
+        *FAST,
+        "logger=none",
+        f"paths.multirun={root}/multirun",
+        f"hydra.sweep.dir={root}/multirun/{name}",
+        *extra,
+    ]
+
+
+def run_sweep(root: Path, name: str, *extra: str, env: dict):
+    return run_cli("harness.train", *sweep_args(root, name, *extra), env=env, cwd=root)
+
+
+def load(storage: str, study: str = STUDY) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def job_dirs(sweep_dir: Path) -> dict[int, Path]:
+    """Run directories of a sweep by Optuna trial number (from each job's job.json)."""
+    return {json.loads(p.read_text())["trial"]: p.parent for p in sweep_dir.glob("*/job.json")}
+
+
+@pytest.fixture(scope="module")
+def pruned_sweep(tmp_path_factory, hermetic_env):
+    """Four trials of the tiny sweep with the median pruner judging from the first finished trial on."""
+    root = tmp_path_factory.mktemp("pruned")
+    run_sweep(root, "first", "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner.n_startup_trials=1", env=hermetic_env)
+    return root
+
+
+@pytest.mark.slow
+def test_pruned_trials_stop_early_and_end_pruned_in_the_study(pruned_sweep):
+    study = load(f"sqlite:///{pruned_sweep}/multirun/optuna.db")
+    states = [t.state for t in study.trials]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states, states
+    assert set(states) <= {TrialState.PRUNED, TrialState.COMPLETE}
+    runs = job_dirs(pruned_sweep / "multirun" / "first")
+    for trial in study.trials:
+        records = read_metrics(runs[trial.number])
+        val_steps = [r["step"] for r in records if "val/loss" in r]
+        summary = next(r for r in records if r.get("summary"))
+        # Every validation after training started was reported to the trial.
+        assert sorted(trial.intermediate_values) == [s for s in val_steps if 0 < s < MAX_STEPS]
+        if trial.state == TrialState.PRUNED:
+            assert max(val_steps) < MAX_STEPS and summary["pruned"]
+            assert trial.user_attrs["pruned_at_step"] == max(val_steps)
+        else:
+            assert max(val_steps) == MAX_STEPS and not summary["pruned"]
+            assert trial.value == pytest.approx(summary["best_val_loss"])
+
+
+@pytest.mark.slow
+def test_a_resumed_pruned_sweep_samples_new_points(pruned_sweep, hermetic_env):
+    storage = f"sqlite:///{pruned_sweep}/multirun/optuna.db"
+    before = [t.params for t in load(storage).trials]
+    run_sweep(pruned_sweep, "second", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.n_startup_trials=1", env=hermetic_env)
+    study = load(storage)
+    assert len(study.trials) == 6
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    added = [t.params for t in study.trials[4:]]
+    assert all(params not in before for params in added), (before, added)
+    assert sorted(job_dirs(pruned_sweep / "multirun" / "second")) == [4, 5]
+
+
+def start_worker(root: Path, name: str, storage: str, *extra: str, env: dict) -> subprocess.Popen:
+    args = sweep_args(
+        root, name, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared", "hydra.sweeper.n_jobs=1",
+        "hparams_search/pruner=none", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=6", *extra,
+    )  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.train", *args], cwd=root, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(worker: subprocess.Popen) -> None:
+    output, _ = worker.communicate(timeout=600)
+    assert worker.returncode == 0, output[-5000:]
+
+
+def assert_study_complete(storage: str, total: int) -> optuna.Study:
+    """`total` trials COMPLETE at distinct points; nothing RUNNING or WAITING."""
+    study = load(storage, "shared")
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == total, states
+    points = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(points)) == total
+    return study
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_sqlite_study(tmp_path, hermetic_env):
+    storage = f"sqlite:///{tmp_path}/multirun/optuna.db"
+    bound = ("hydra.sweeper.n_trials=4", "hydra.sweeper.max_study_trials=4")
+    workers = [start_worker(tmp_path, name, storage, *bound, env=hermetic_env) for name in ("a", "b")]
+    for worker in workers:
+        finish(worker)
+    assert_study_complete(storage, 4)
+    assert len(job_dirs(tmp_path / "multirun" / "a")) >= 1 and len(job_dirs(tmp_path / "multirun" / "b")) >= 1
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_survive_one_killed_mid_trial(tmp_path, hermetic_env, postgres_url):  # noqa: F811
+    total = 3
+    bound = (f"hydra.sweeper.n_trials={total + 2}", f"hydra.sweeper.max_study_trials={total}")
+    doomed = start_worker(tmp_path, "doomed", postgres_url, *bound, env=hermetic_env)
+    survivor = start_worker(tmp_path, "survivor", postgres_url, *bound, env=hermetic_env)
+    deadline = time.monotonic() + 300
+    while True:  # kill the first worker once both hold a running trial
+        assert time.monotonic() < deadline and doomed.poll() is None, "workers never ran side by side"
+        try:
+            running = load(postgres_url, "shared").get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the study does not exist yet
+            running = []
+        if len(running) == 2:
+            break
+        time.sleep(0.2)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    finish(survivor)
+    study = assert_study_complete(postgres_url, total)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1  # the killed trial, failed for its stale heartbeat ...
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert [t.state for t in retried] == [TrialState.COMPLETE]  # ... and re-run by the survivor, same point
+    assert retried[0].params == failed[0].params

@@ -223,3 +223,31 @@ def test_two_workers_on_postgresql_survive_one_killed_mid_trial(tmp_path, hermet
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert [t.state for t in retried] == [TrialState.COMPLETE]  # ... and re-run by the survivor, same point
     assert retried[0].params == failed[0].params
+    # compare takes the dead job's state from the study: failed, not running.
+    table = run_cli("harness.compare", "shared", "--root", str(tmp_path / "multirun"), env={}, cwd=tmp_path)
+    statuses = [line.split()[-2] for line in table.stdout.splitlines() if line[:1].isdigit()]
+    assert "running" not in statuses and "incomplete" not in statuses, table.stdout
+    assert statuses.count("failed") == (1 if (tmp_path / "multirun/doomed").exists() else 0)
+
+
+@pytest.mark.slow
+def test_repeat_top_records_seed_noise_and_marks_ties(pruned_sweep, hermetic_env):
+    sweep_dir = pruned_sweep / "multirun" / "first"
+    table = run_cli(
+        "harness.compare", str(sweep_dir), "--repeat-top", "1", "--seeds", "2", env=hermetic_env, cwd=pruned_sweep
+    ).stdout
+    (record,) = json.loads((sweep_dir / "noise.json").read_text())
+    own, repeat = record["best_val_losses"]
+    rerun = sweep_dir / "repeats" / f"first-{Path(record['run_dir']).name}" / "seed1"
+    assert repeat == pytest.approx(next(r for r in read_metrics(rerun) if r.get("summary"))["best_val_loss"])
+    assert own != repeat  # another seed: another data order and LoRA initialisation
+    std = abs(own - repeat) / 2**0.5
+    assert record["std"] == pytest.approx(std)
+    # Columns from the right: best val loss, seeds, vs best, tokens/s, peak GB, status, run dir.
+    rows = [line.split()[-7:] for line in table.splitlines() if line[:1].isdigit()]
+    assert rows[0][1] == f"{record['mean']:.4f}±{std:.4f}(2)" and rows[0][2] == "best"
+    best = float(rows[0][0])
+    for row in rows[1:]:
+        assert row[2].endswith("(tie)") == (float(row[0]) - best <= 2 * std), row
+    assert f"seed noise: std {std:.4f}" in table
+    assert "importances: not shown (" in table and "need at least 10" in table

@@ -159,9 +159,9 @@ def test_a_resumed_pruned_sweep_samples_new_points(pruned_sweep, hermetic_env):
     assert sorted(job_dirs(pruned_sweep / "multirun" / "second")) == [4, 5]
 
 
-def start_worker(root: Path, name: str, storage: str, *extra: str, env: dict) -> subprocess.Popen:
+def start_worker(root: Path, name: str, storage: str, *extra: str, env: dict, n_jobs: int = 1) -> subprocess.Popen:
     args = sweep_args(
-        root, name, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared", "hydra.sweeper.n_jobs=1",
+        root, name, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared", f"hydra.sweeper.n_jobs={n_jobs}",
         "hparams_search/pruner=none", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=6", *extra,
     )  # fmt: skip
     return subprocess.Popen(
@@ -191,11 +191,18 @@ def assert_study_complete(storage: str, total: int) -> optuna.Study:
 def test_two_workers_share_a_sqlite_study(tmp_path, hermetic_env):
     storage = f"sqlite:///{tmp_path}/multirun/optuna.db"
     bound = ("hydra.sweeper.n_trials=4", "hydra.sweeper.max_study_trials=4")
-    workers = [start_worker(tmp_path, name, storage, *bound, env=hermetic_env) for name in ("a", "b")]
+    # Worker a runs its trials two at a time through joblib: each job reports from its own process.
+    joblib = ("hydra/launcher=joblib_local", "hydra.launcher.n_jobs=2")
+    workers = [
+        start_worker(tmp_path, "a", storage, *bound, *joblib, env=hermetic_env, n_jobs=2),
+        start_worker(tmp_path, "b", storage, *bound, env=hermetic_env),
+    ]
     for worker in workers:
         finish(worker)
-    assert_study_complete(storage, 4)
-    assert len(job_dirs(tmp_path / "multirun" / "a")) >= 1 and len(job_dirs(tmp_path / "multirun" / "b")) >= 1
+    study = assert_study_complete(storage, 4)
+    runs = {**job_dirs(tmp_path / "multirun" / "a"), **job_dirs(tmp_path / "multirun" / "b")}
+    assert sorted(runs) == [t.number for t in study.trials]  # every job knew its trial
+    assert all(sorted(t.intermediate_values) == [3] for t in study.trials)  # and reported to it
 
 
 @pytest.mark.slow
@@ -251,3 +258,18 @@ def test_repeat_top_records_seed_noise_and_marks_ties(pruned_sweep, hermetic_env
         assert row[2].endswith("(tie)") == (float(row[0]) - best <= 2 * std), row
     assert f"seed noise: std {std:.4f}" in table
     assert "importances: not shown (" in table and "need at least 10" in table
+
+
+@pytest.mark.slow
+def test_two_trials_on_a_local_ray_cluster(tmp_path, hermetic_env):
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]'); Ray launcher not tested")
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is not installed")
+    run_sweep(
+        tmp_path, "ray", "hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=null",
+        "++hydra.launcher.ray.init.num_cpus=2", "++hydra.launcher.ray.init.include_dashboard=false",
+        "hydra.launcher.ray.remote.num_cpus=1", "hydra.sweeper.n_trials=2", "hparams_search/pruner=none",
+        env=hermetic_env,
+    )  # fmt: skip
+    study = load(f"sqlite:///{tmp_path}/multirun/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert all(sorted(t.intermediate_values) == [3] for t in study.trials)

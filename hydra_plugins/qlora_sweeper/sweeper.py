@@ -180,6 +180,15 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
             with_retries(lambda: study.tell(trial, state=TrialState.FAIL))
         return True
 
+    @staticmethod
+    def _fail_running(study: optuna.Study, trials: list[optuna.trial.Trial]) -> None:
+        for trial in trials:
+            try:
+                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                    study.tell(trial, state=TrialState.FAIL)
+            except Exception as err:  # noqa: BLE001 - the heartbeat policy fails it later instead
+                log.warning(f"could not fail trial {trial.number}: {err}")
+
     def sweep(self, arguments: list[str]) -> None:
         from harness.pruning import TRIAL_ENV
         from harness.sweep_storage import with_retries
@@ -226,8 +235,12 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
                  f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
                 for trial in trials
             ]
-            with Heartbeat(study._storage, [t._trial_id for t in trials], self.heartbeat_interval):
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            try:
+                with Heartbeat(study._storage, [t._trial_id for t in trials], self.heartbeat_interval):
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except BaseException:  # Ctrl-C or a launcher error: leave no trial of this batch RUNNING
+                self._fail_running(study, trials)
+                raise
             self.job_idx += len(returns)
             failed = [
                 ret for trial, ret in zip(trials, returns) if not self._tell(study, trial, ret, len(directions))

@@ -15,6 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from harness.tracking import read_metrics
 from hydra_plugins.qlora_sweeper.sweeper import QLoRAOptunaSweeperImpl
@@ -211,16 +212,7 @@ def test_two_workers_on_postgresql_survive_one_killed_mid_trial(tmp_path, hermet
     bound = (f"hydra.sweeper.n_trials={total + 2}", f"hydra.sweeper.max_study_trials={total}")
     doomed = start_worker(tmp_path, "doomed", postgres_url, *bound, env=hermetic_env)
     survivor = start_worker(tmp_path, "survivor", postgres_url, *bound, env=hermetic_env)
-    deadline = time.monotonic() + 300
-    while True:  # kill the first worker once both hold a running trial
-        assert time.monotonic() < deadline and doomed.poll() is None, "workers never ran side by side"
-        try:
-            running = load(postgres_url, "shared").get_trials(states=(TrialState.RUNNING,))
-        except KeyError:  # the study does not exist yet
-            running = []
-        if len(running) == 2:
-            break
-        time.sleep(0.2)
+    wait_for_running(doomed, postgres_url, 2)  # both workers mid-trial
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait()
     finish(survivor)
@@ -235,6 +227,31 @@ def test_two_workers_on_postgresql_survive_one_killed_mid_trial(tmp_path, hermet
     statuses = [line.split()[-2] for line in table.stdout.splitlines() if line[:1].isdigit()]
     assert "running" not in statuses and "incomplete" not in statuses, table.stdout
     assert statuses.count("failed") == (1 if (tmp_path / "multirun/doomed").exists() else 0)
+
+
+def wait_for_running(worker: subprocess.Popen, storage: str, count: int) -> None:
+    """Until the study `shared` holds `count` RUNNING trials (the workers are mid-trial)."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline and worker.poll() is None, "no trial ever ran"
+        try:
+            running = load(storage, "shared").get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, OperationalError):  # the study (or its SQLite folder) does not exist yet
+            running = []
+        if len(running) == count:
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_leaves_no_trial_running(tmp_path, hermetic_env):
+    storage = f"sqlite:///{tmp_path}/multirun/optuna.db"
+    worker = start_worker(tmp_path, "interrupted", storage, "hydra.sweeper.n_trials=2", env=hermetic_env)
+    wait_for_running(worker, storage, 1)
+    worker.send_signal(signal.SIGINT)  # Ctrl-C
+    worker.communicate(timeout=120)
+    assert worker.returncode != 0
+    assert [t.state for t in load(storage, "shared").trials] == [TrialState.FAIL]
 
 
 @pytest.mark.slow

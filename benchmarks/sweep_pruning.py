@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Short runs of the tiny model that still show a learning curve: 24 steps, a validation every 4.
 TINY_SETTINGS = (
-    "experiment=tiny_dolly_sample debug=fast data.max_records=2000 trainer.max_steps=24 trainer.eval_every=4 trainer.batch_size=4 "
+    "experiment=tiny_dolly_sample debug=fast data.max_records=2000 trainer.max_steps=24 trainer.eval_every=4 "
+    "trainer.batch_size=4 "
     "trainer.max_eval_examples=32 optim.warmup_steps=2 trainer.num_sample_prompts=0 logger=none"
 )
 

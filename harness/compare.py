@@ -320,7 +320,8 @@ def repeat_top(trials: list[Trial], top: int, seeds: int, path: Path) -> None:
     records = [r for r in records if r["run_dir"] not in {str(t.run_dir) for t in finished}]
     print(f"seed repeats ({seeds} seeds per configuration; validation set fixed):")
     for rank, trial in enumerate(finished, 1):
-        losses = repeat_seeds(trial, seeds, path.parent / "repeats" / f"{trial.run_dir.parent.name}-{trial.run_dir.name}")
+        out_dir = path.parent / "repeats" / f"{trial.run_dir.parent.name}-{trial.run_dir.name}"
+        losses = repeat_seeds(trial, seeds, out_dir)
         trial.seed_losses = losses
         records.append(
             {

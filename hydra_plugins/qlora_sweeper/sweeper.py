@@ -107,6 +107,8 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
         from harness.sweep_storage import with_retries
 
         trial = with_retries(study.ask)
+        if self.heartbeat_interval and self.storage:  # at once: a trial without a heartbeat never goes stale
+            with_retries(lambda: study._storage.record_heartbeat(trial._trial_id))
         if not self._reseeds():
             return trial
         study.sampler = self._new_sampler(int(self.sampler_cfg.seed) + trial.number)

@@ -151,7 +151,9 @@ def test_pruned_trials_stop_early_and_end_pruned_in_the_study(pruned_sweep):
 def test_a_resumed_pruned_sweep_samples_new_points(pruned_sweep, hermetic_env):
     storage = f"sqlite:///{pruned_sweep}/multirun/optuna.db"
     before = [t.params for t in load(storage).trials]
-    run_sweep(pruned_sweep, "second", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.n_startup_trials=1", env=hermetic_env)
+    run_sweep(
+        pruned_sweep, "second", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.n_startup_trials=1", env=hermetic_env
+    )
     study = load(storage)
     assert len(study.trials) == 6
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
@@ -162,7 +164,8 @@ def test_a_resumed_pruned_sweep_samples_new_points(pruned_sweep, hermetic_env):
 
 def start_worker(root: Path, name: str, storage: str, *extra: str, env: dict, n_jobs: int = 1) -> subprocess.Popen:
     args = sweep_args(
-        root, name, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared", f"hydra.sweeper.n_jobs={n_jobs}",
+        root, name, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
+        f"hydra.sweeper.n_jobs={n_jobs}",
         "hparams_search/pruner=none", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=6", *extra,
     )  # fmt: skip
     return subprocess.Popen(

@@ -43,6 +43,16 @@ COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, Tr
 SURPLUS_ATTR = "surplus"  # user attribute of a trial asked beyond `max_study_trials` by a racing worker
 
 
+def tell(study: optuna.Study, trial: optuna.trial.Trial, **result: Any) -> None:
+    """`study.tell(trial, **result)`. The grid sampler calls `study.stop()` once its grid is done, which Optuna
+    refuses outside `study.optimize`; the result is stored before that, so that refusal is ignored."""
+    try:
+        study.tell(trial, **result)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
 class Heartbeat:
     """Records the heartbeat of `trial_ids` every `interval` seconds in a background thread while open."""
 
@@ -172,14 +182,14 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
             values = [float(value)] if n_objectives == 1 else [float(v) for v in value]
         except Exception as err:  # noqa: BLE001 - the job raised, or returned something that is not a number
             log.warning(f"trial {trial.number} failed: {err}")
-            with_retries(lambda: study.tell(trial, state=TrialState.FAIL))
+            with_retries(lambda: tell(study, trial, state=TrialState.FAIL))
             return False
         if PRUNED_ATTR in frozen.user_attrs:
-            with_retries(lambda: study.tell(trial, state=TrialState.PRUNED))
+            with_retries(lambda: tell(study, trial, state=TrialState.PRUNED))
         elif all(math.isfinite(v) for v in values):
-            with_retries(lambda: study.tell(trial, values=values))
+            with_retries(lambda: tell(study, trial, values=values))
         else:  # a diverged run: FAIL, and the sweep goes on
-            with_retries(lambda: study.tell(trial, state=TrialState.FAIL))
+            with_retries(lambda: tell(study, trial, state=TrialState.FAIL))
         return True
 
     @staticmethod
@@ -187,7 +197,7 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
         for trial in trials:
             try:
                 if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    study.tell(trial, state=TrialState.FAIL)
+                    tell(study, trial, state=TrialState.FAIL)
             except Exception as err:  # noqa: BLE001 - the heartbeat policy fails it later instead
                 log.warning(f"could not fail trial {trial.number}: {err}")
 
@@ -227,7 +237,7 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
                 trial = self._ask(study)
                 if self._is_surplus(study, trial):
                     with_retries(lambda: trial.set_user_attr(SURPLUS_ATTR, True))
-                    with_retries(lambda: study.tell(trial, state=TrialState.FAIL))
+                    with_retries(lambda: tell(study, trial, state=TrialState.FAIL))
                     break
                 trials.append(trial)
             if not trials:

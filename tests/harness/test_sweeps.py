@@ -229,7 +229,8 @@ def test_two_workers_on_postgresql_survive_one_killed_mid_trial(tmp_path, hermet
     table = run_cli("harness.compare", "shared", "--root", str(tmp_path / "multirun"), env={}, cwd=tmp_path)
     statuses = [line.split()[-2] for line in table.stdout.splitlines() if line[:1].isdigit()]
     assert "running" not in statuses and "incomplete" not in statuses, table.stdout
-    assert statuses.count("failed") == (1 if (tmp_path / "multirun/doomed").exists() else 0)
+    killed_job_started = failed[0].number in job_dirs(tmp_path / "multirun" / "doomed")  # wrote its job.json
+    assert statuses.count("failed") == int(killed_job_started)
 
 
 def wait_for_running(worker: subprocess.Popen, storage: str, count: int) -> None:

@@ -232,22 +232,22 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
                     time.sleep(self.heartbeat_interval)
                     continue
                 break
-            trials = []
-            for _ in range(batch_size):
-                trial = self._ask(study)
-                if self._is_surplus(study, trial):
-                    with_retries(lambda: trial.set_user_attr(SURPLUS_ATTR, True))
-                    with_retries(lambda: tell(study, trial, state=TrialState.FAIL))
-                    break
-                trials.append(trial)
-            if not trials:
-                continue
-            overrides = [
-                (*self._configure_trials([trial], space, fixed_params, fixed_overrides)[0],
-                 f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
-                for trial in trials
-            ]
+            trials: list[optuna.trial.Trial] = []
             try:
+                for _ in range(batch_size):
+                    trial = self._ask(study)
+                    if self._is_surplus(study, trial):
+                        with_retries(lambda: trial.set_user_attr(SURPLUS_ATTR, True))
+                        with_retries(lambda: tell(study, trial, state=TrialState.FAIL))
+                        break
+                    trials.append(trial)
+                if not trials:
+                    continue
+                overrides = [
+                    (*self._configure_trials([trial], space, fixed_params, fixed_overrides)[0],
+                     f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
+                    for trial in trials
+                ]
                 with Heartbeat(study._storage, [t._trial_id for t in trials], self.heartbeat_interval):
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             except BaseException:  # Ctrl-C or a launcher error: leave no trial of this batch RUNNING

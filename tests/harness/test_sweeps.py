@@ -251,7 +251,10 @@ def wait_for_running(worker: subprocess.Popen, storage: str, count: int) -> None
 def test_an_interrupted_sweep_leaves_no_trial_running(tmp_path, hermetic_env):
     storage = f"sqlite:///{tmp_path}/multirun/optuna.db"
     worker = start_worker(tmp_path, "interrupted", storage, "hydra.sweeper.n_trials=2", env=hermetic_env)
-    wait_for_running(worker, storage, 1)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "multirun" / "interrupted").glob("*/job.json")):  # the job is training
+        assert time.monotonic() < deadline and worker.poll() is None, "no trial ever ran"
+        time.sleep(0.2)
     worker.send_signal(signal.SIGINT)  # Ctrl-C
     worker.communicate(timeout=120)
     assert worker.returncode != 0

@@ -26,11 +26,13 @@ from harness.config_checks import check_train_config
 from harness.console import note
 from harness.process import set_up_process
 from harness.data.report import skipped_records_line
+from harness.pruning import reporter_for_job
 from harness.resume import RunDirLock, plan_run, resume_target
 from harness.signals import RunInterrupted, StopSignals, signal_name
 from harness.tracking import Tracker
 from harness.before_after import metrics as before_after_metrics
 from harness.training import LoopSettings, TrainResult, train_loop
+from harness.worker_devices import claim_worker_device
 from models.adapters import save_adapters
 from models.atomic_files import atomic_write_text
 from models.backend import describe
@@ -48,8 +50,10 @@ def hydra_job_info() -> dict[str, str | None]:
     """Run directory, override string and sweep/study name of the current Hydra job (None outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from harness.pruning import trial_number_from_env
+
     if not HydraConfig.initialized():
-        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": []}
+        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": [], "trial": None}
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     return {
@@ -58,7 +62,18 @@ def hydra_job_info() -> dict[str, str | None]:
         "study": hc.sweeper.get("study_name") if multirun else None,
         "storage": hc.sweeper.get("storage") if multirun else None,
         "overrides": list(hc.overrides.task),
+        "trial": trial_number_from_env() if multirun else None,  # the Optuna trial number (our sweeper)
+        "experiment": hc.runtime.choices.get("experiment"),  # chosen by the command or by hparams_search
     }
+
+
+def sweeper_config():
+    """`hydra.sweeper` of the current multirun job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return None
+    return HydraConfig.get().sweeper
 
 
 def prepare_data(cfg: DictConfig):
@@ -93,6 +108,7 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
     from harness.data import batch_iterator, batching_options, num_batches, validation_batches
 
     trainer = cfg.trainer
+    claim_worker_device(sweeper_config())
     build.seed_everything(trainer.seed)
     # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
     # (read once by MLX; harness/cpu_streams.py).
@@ -228,9 +244,10 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
             save_adapters=save,
             state=state,
             should_stop=stop.requested,
+            on_validation=reporter_for_job(sweeper_config()),
         )
         stop.armed = False
-        if not result.diverged and not result.stopped_early and want_answers:
+        if not result.diverged and not result.stopped_early and not result.pruned and want_answers:
             after = answers(model, tokenizer, validation, cfg, desc="answers after training")
             log_answers(before, after, tracker, run_dir, step=total_steps)
         tracker.summary(
@@ -240,6 +257,8 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
                 "final_val_loss": result.final_val_loss,
                 "first_val_loss": result.first_val_loss,
                 "diverged": result.diverged,
+                "pruned": result.pruned,
+                "steps": result.steps,
                 "tokens_per_second": result.tokens_per_second,
                 "peak_memory_gb": result.peak_memory_gb,
                 "trainable_parameters": trainable,
@@ -308,6 +327,8 @@ def print_summary(
     status = (
         "DIVERGED (nan/inf loss)"
         if result.diverged
+        else "pruned (the Optuna pruner stopped it)"
+        if result.pruned
         else ("stopped early (resume to continue)" if result.stopped_early else "finished")
     )
     best = "n/a" if math.isnan(result.best_val_loss) else f"{result.best_val_loss:.4f}"

@@ -59,6 +59,7 @@ class TrainResult:
     peak_memory_gb: float
     wall_seconds: float
     last_step: int = 0  # the run's optimizer step when this process stopped
+    pruned: bool = False  # `on_validation` asked to stop (an Optuna pruner): the run ended before max_steps
 
 
 class TrainStep:
@@ -231,12 +232,15 @@ def train_loop(
     save_adapters: Callable[[nn.Module, Path], None],
     state: TrainState | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_validation: Callable[[int, float], bool] | None = None,
 ) -> TrainResult:
     """Train until `settings.max_steps` optimizer steps, validating and checkpointing on the way.
 
     `state` continues a resumed run (weights and optimizer already restored). Returns the best validation loss
     (nan when the loss diverged, which stops training early after saving the state). `should_stop()` is asked
     between steps (`harness.signals`): when true, the loop checkpoints and returns with `stopped_early`.
+    `on_validation(step, val_loss) -> stop` is called after each validation during training (not the one before
+    the first step); returning True ends the run there (`TrainResult.pruned`), e.g. an Optuna pruner's verdict.
     """
     state = state or TrainState()
     run_dir = Path(run_dir)
@@ -266,7 +270,7 @@ def train_loop(
     # Tokens/s counts batch assembly + the step, not validation or checkpoint time.
     window_loss, window_tokens, window_input_tokens, window_seconds = 0.0, 0, 0, 0.0
     total_input_tokens, train_seconds = 0, 0.0
-    diverged = stopped_early = False
+    diverged = stopped_early = pruned = False
     progress = tqdm(
         total=settings.max_steps,
         initial=state.step,
@@ -335,6 +339,10 @@ def train_loop(
         if last or (settings.eval_every and state.step % settings.eval_every == 0):
             final_val_loss = validate_and_checkpoint()
             progress.set_postfix(val_loss=f"{final_val_loss:.3f}")
+            if on_validation is not None and not last and on_validation(state.step, final_val_loss):
+                pruned = True
+                progress.write(f"step {state.step}: stopping (pruned)")
+                break
         elif settings.save_every and state.step % settings.save_every == 0:
             save_checkpoint(run_dir, model, optimizer, state, save_adapters, is_best=False)
 
@@ -366,4 +374,5 @@ def train_loop(
         peak_memory_gb=peak_memory_gb(),
         wall_seconds=time.perf_counter() - wall_start,
         last_step=state.step,
+        pruned=pruned,
     )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the project (editable) with what it needs on this machine.
 #   bash scripts/setup.sh          # the package (train, sweep, compare, generate, export) + the default model
-#   bash scripts/setup.sh --test   # plus the test tools and the PyTorch/transformers/PEFT references
+#   bash scripts/setup.sh --test   # plus the test tools, the PyTorch/transformers/PEFT references and PostgreSQL
 # On Linux it also installs OpenBLAS from the system's packages when it can (root, apt): MLX's Linux CPU wheel
 # ships a reference BLAS, and models/blas.py swaps in OpenBLAS for ~30x faster float32 matmuls.
 set -euo pipefail
@@ -14,6 +14,14 @@ if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*/libopenblas.so.0 /usr/lib64/libo
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null
   else
     echo "note: no OpenBLAS found; install libopenblas0-pthread (or: pip install -e '.[mkl]') for fast CPU runs" >&2
+  fi
+fi
+# The sweep tests start a real PostgreSQL server (tests/harness/postgres.py); they skip where it is absent.
+if [ -n "$extras" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "note: no PostgreSQL server found; the PostgreSQL sweep tests will skip (apt-get install postgresql)" >&2
   fi
 fi
 python3 -m pip install -q -e ".${extras}"

@@ -83,7 +83,7 @@ def test_compare_ranks_trials_and_prints_the_best_overrides(sweep):
     for key, value in best.params.items():
         assert f"{key}={value}" in line
     rows = [l.split() for l in out.splitlines() if l[:1].isdigit()]
-    losses = [float(r[4]) for r in rows]
+    losses = [float(r[-7]) for r in rows]  # best val loss: 7th column from the right
     assert losses == sorted(losses) and losses[0] == pytest.approx(best.value, abs=1e-4)
     png = root / "multirun/first/compare.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,6 +24,7 @@ import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
 from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
 from harness.cpu_streams import plan_cpu_streams
+from harness.distributed import SilentTracker, hydra_argv, world
 from harness.tracking import Tracker
 from harness.training import LoopSettings, TrainResult, train_loop
 from models.adapters import save_adapters
@@ -85,13 +86,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     from harness.data import batch_iterator, batching_options, num_batches, validation_batches
 
     job = hydra_job_info()
-    run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
+    ranks = world()  # under a distributed launcher: rank 0 names the run directory and alone writes to it
+    run_dir = Path(ranks.broadcast_text(str(run_dir or job["run_dir"] or cfg.paths.outputs)))
     continuing = resume_dir(cfg, run_dir)
     if continuing is not None:
         run_dir = continuing
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / build.RUN_CONFIG_FILE, resolve=True)  # what generate/export rebuild from
-    if continuing is None or not (run_dir / JOB_FILE).exists():  # a resumed run keeps the job that started it
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / build.RUN_CONFIG_FILE, resolve=True)  # what generate/export rebuild from
+    if ranks.is_main and (continuing is None or not (run_dir / JOB_FILE).exists()):  # a resume keeps its job
         atomic_write_text(
             run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)
         )
@@ -99,7 +102,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     build.seed_everything(trainer.seed)
     # Before anything is evaluated: it may set MLX's evaluation order, which MLX reads once (harness/cpu_streams.py).
     cpu_streams = plan_cpu_streams(
-        trainer.cpu_streams, trainer.batch_size, checkpointing=trainer.gradient_checkpointing
+        trainer.cpu_streams, -(-trainer.batch_size // ranks.size), checkpointing=trainer.gradient_checkpointing
     )
 
     tokenizer, data = prepare_data(cfg)
@@ -159,7 +162,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 
     wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
     config = {**OmegaConf.to_container(cfg, resolve=True), "backend": describe()}
-    tracker = Tracker(
+    tracker = (Tracker if ranks.is_main else SilentTracker)(
         run_dir,
         wandb=wandb_cfg,
         config=config,
@@ -211,7 +214,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             save_adapters=save,
             state=state,
         )
-        if not result.diverged and not result.stopped_early:
+        if ranks.is_main and not result.diverged and not result.stopped_early:
             log_generations(model, tokenizer, validation, cfg, tracker, step=total_steps)
         tracker.summary(
             {
@@ -226,7 +229,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
                 "wall_seconds": result.wall_seconds,
             }
         )
-        print_summary(run_dir, result, trainable, storage, tracker)
+        if ranks.is_main:
+            print_summary(run_dir, result, trainable, storage, tracker)
     finally:
         tracker.finish(exit_code=0 if result is not None and not result.diverged else 1)
     return result.best_val_loss
@@ -292,6 +296,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console entry point (`qlora-train`)."""
+    sys.argv = hydra_argv(sys.argv)  # under a distributed launcher, ranks other than 0 write no Hydra files
     _hydra_main()
 
 

@@ -3,12 +3,16 @@
     python -m harness.bench                                   # tiny shape, 8 x 128, rowwise 4-bit, LoRA r=8
     python -m harness.bench model=mistral-7b-shape --batch 8 --seq 512 --compare-mlx-lm
     python -m harness.bench model=mistral-7b-shape --batch 4 --seq 512 --checkpointing
+    python -m harness.launch -n 2 --backend nccl -- -m harness.bench model=mistral-7b-shape --batch 8 --seq 512
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
 quantization, LoRA and optimizer exactly as `harness.train` does, and times the trainer's own compiled step
 (`harness.training.make_train_step`). Each stack runs in a fresh process so its peak memory and time to first step
 are its own. Reported per stack: median seconds per step after warm-up (every step synchronized), tokens/s,
 model FLOP utilisation against a matmul rate measured in the same run, peak memory, time to first step.
+Under a distributed launcher (`harness.launch`) the step is the data-parallel one (`harness.distributed`): each
+rank takes `--batch` rows of a global batch of `--batch` x ranks rows, tokens/s count all ranks' tokens, MFU is
+per device, and rank 0 prints.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import models  # noqa: E402,F401  (loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
 from harness.cpu_streams import cpu_cores  # noqa: E402
+from harness.distributed import launched_rank  # noqa: E402
 from models import blas  # noqa: E402
 from models.backend import backend_name, compute_dtype, describe  # noqa: E402
 from models.mistral import ModelArgs  # noqa: E402
@@ -57,6 +62,7 @@ class Result:
     dtype: str
     streams: int = 1  # CPU streams sharing each batch's rows (harness/cpu_streams.py)
     build_peak_memory_gb: float = float("nan")  # building (and quantizing) the model, before the first step
+    ranks: int = 1  # data-parallel ranks; `batch` is rows per rank, tokens/s count every rank's tokens
 
 
 def compose(overrides: list[str]):
@@ -130,20 +136,21 @@ def build_peak_then_reset(*arrays) -> float:
 
 
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
-                streams: int = 1, build_peak: float = float("nan")) -> Result:
-    """A `Result` from the step times of one stack, with FLOPs and the matmul ceiling measured now."""
+                streams: int = 1, build_peak: float = float("nan"), ranks: int = 1) -> Result:
+    """A `Result` from the step times of one stack, with FLOPs and the matmul ceiling measured now
+    (`batch` rows per rank; throughput counts all `ranks`)."""
     step = statistics.median(times)
     lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
     flops = flops_per_token(args, seq, cfg.lora.rank, lora_layers, list(cfg.lora.target_modules))
-    achieved = flops * batch * seq / step / 1e12
+    achieved = flops * batch * ranks * seq / step / 1e12
     ceiling = matmul_tflops(compute_dtype("auto"))  # the device's best dense rate, the same for every stack
     return Result(
         stack=stack, shape=cfg.model.name, batch=batch, seq=seq, checkpointing=ckpt,
         quant=quant, trainable_params=trainable, step_seconds=step,
-        tokens_per_second=batch * seq / step, tflops_per_second=achieved, matmul_tflops=ceiling,
-        mfu=achieved / ceiling, peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
+        tokens_per_second=batch * ranks * seq / step, tflops_per_second=achieved, matmul_tflops=ceiling,
+        mfu=achieved / (ceiling * ranks), peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
         device=describe()["device"] + f" ({platform.processor() or platform.machine()})",
-        dtype=str(dtype).replace("mlx.core.", ""), streams=streams, build_peak_memory_gb=build_peak,
+        dtype=str(dtype).replace("mlx.core.", ""), streams=streams, build_peak_memory_gb=build_peak, ranks=ranks,
     )
 
 
@@ -151,6 +158,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`."""
     from harness.build import build_model, build_optimizer
     from harness.cpu_streams import plan_cpu_streams
+    from harness.distributed import world
     from harness.training import make_train_step
     from models.lora import trainable_parameter_count
 
@@ -160,7 +168,8 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
     step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
                            streams=streams)
-    tokens = synthetic_tokens(batch, seq, model.args.vocab_size)
+    ranks = world()  # several under a distributed launcher: the step takes this rank's rows of the global batch
+    tokens = synthetic_tokens(batch * ranks.size, seq, model.args.vocab_size)
     data = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
     model.train()
     build_peak = build_peak_then_reset(model.parameters(), optimizer.state, data)
@@ -173,15 +182,20 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     return make_result("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
-                   f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak)
+                   f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak,
+                   ranks.size)
+
+
+def stack_command(stack: str, overrides: list[str], options: argparse.Namespace) -> list[str]:
+    """The command line that times one stack in a child process."""
+    return [sys.executable, "-m", "harness.bench", "--stack", stack, "--batch", str(options.batch),
+               "--seq", str(options.seq), "--steps", str(options.steps), "--warmup", str(options.warmup),
+               *(["--checkpointing"] if options.checkpointing else []), *overrides]
 
 
 def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> dict | None:
     """Run one stack in a fresh process; returns its result, or None (with the error shown) if it failed."""
-    command = [sys.executable, "-m", "harness.bench", "--stack", stack, "--batch", str(options.batch),
-               "--seq", str(options.seq), "--steps", str(options.steps), "--warmup", str(options.warmup),
-               *(["--checkpointing"] if options.checkpointing else []), *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(stack_command(stack, overrides, options), capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -190,13 +204,13 @@ def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> 
 
 
 def print_table(results: list[dict]) -> None:
-    columns = [("stack", "{}"), ("shape", "{}"), ("batch", "{}"), ("seq", "{}"), ("checkpointing", "{}"),
+    columns = [("stack", "{}"), ("shape", "{}"), ("ranks", "{}"), ("batch", "{}"), ("seq", "{}"), ("checkpointing", "{}"),
                ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"),
                ("step_seconds", "{:.3f}"), ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"),
                ("peak_memory_gb", "{:.2f}"), ("build_peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
-    headers = ["stack", "shape", "batch", "seq", "ckpt", "quant", "dtype", "streams", "tok/s", "s/step", "TFLOP/s",
+    headers = ["stack", "shape", "ranks", "batch", "seq", "ckpt", "quant", "dtype", "streams", "tok/s", "s/step", "TFLOP/s",
                "MFU", "peak GB", "build GB", "1st step s"]
-    defaults = {"streams": 1, "build_peak_memory_gb": float("nan")}  # results of older versions lack them
+    defaults = {"streams": 1, "build_peak_memory_gb": float("nan"), "ranks": 1}  # results of older versions lack them
     rows = [[fmt.format(r.get(key, defaults.get(key))) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
@@ -239,11 +253,17 @@ def main(argv: list[str] | None = None) -> None:
 
             result = bench_mlx_lm(cfg, options.batch, options.seq, options.steps, options.warmup,
                                   process_start=_PROCESS_START)
-        print("RESULT " + json.dumps(asdict(result)), flush=True)
+        if launched_rank() in (None, 0):
+            print("RESULT " + json.dumps(asdict(result)), flush=True)
         return
 
+    if launched_rank() not in (None, 0):  # this rank's child joins rank 0's, which reports
+        sys.exit(subprocess.run(stack_command("ours", options.overrides, options)).returncode)
     results = [r for r in [run_stack("ours", options.overrides, options)] if r]
-    if options.compare_mlx_lm:
+    if options.compare_mlx_lm and launched_rank() is not None:
+        print("--compare-mlx-lm is skipped under a distributed launcher (mlx-lm runs on one device here)",
+              file=sys.stderr)
+    elif options.compare_mlx_lm:
         try:
             import mlx_lm  # noqa: F401
         except ImportError:

@@ -133,14 +133,15 @@ class Ranks:
             payload = mx.concatenate([payload, counts.reshape(-1).astype(mx.int32)])
         summed = self._all_sum(payload)
         failed = [rank for rank, flag in enumerate(summed[: self.size].tolist()) if flag]
-        if failure is not None:
-            print(f"rank {self.rank} of {self.size} failed; the other ranks stop too", file=sys.stderr)
-            raise failure
         if failed:
-            raise RankFailedError(
-                f"rank {', '.join(map(str, failed))} of {self.size} failed (its error is in its output); "
-                f"rank {self.rank} stops too"
-            )
+            names = ", ".join(map(str, failed))
+            message = f"rank {names} of {self.size} failed (its error is in its output); rank {self.rank} stops too"
+            print(f"[rank {self.rank}] {message}", file=sys.stderr, flush=True)
+            # Every rank has said why it stops before any exits: a launcher stops the rest once one has exited.
+            mx.eval(self._all_sum(mx.zeros((1,), dtype=mx.int32)))
+            if failure is not None:
+                raise failure
+            raise RankFailedError(message)
         return summed[self.size :] if counts is not None else None
 
     def sum_outputs(self, local: Callable[[], tuple]) -> tuple:
@@ -194,6 +195,16 @@ class Ranks:
         mine = [v if self.is_main else mx.zeros_like(v) for _, v in tree_flatten(tree)]
         summed = iter(self.sum_arrays(mine))
         return tree_map(lambda _: next(summed), tree)
+
+    def start_together(self, model: Any, step: int) -> None:
+        """Give every rank rank 0's trainable parameters, and check every rank starts at optimizer step `step`
+        (a resumed run reads its checkpoint on every rank: the run directory must be readable by all)."""
+        if self.size == 1:
+            return
+        self.check_identical(
+            mx.array(step), "starting steps (does every rank read the run directory it resumes from?)"
+        )
+        model.update(self.broadcast_tree(model.trainable_parameters()))
 
     def check_identical(self, tree: Any, what: str) -> None:
         """Raise on every rank when the arrays of `tree` differ between ranks (a cheap fingerprint: their sum

@@ -252,7 +252,7 @@ def train_loop(
     state = state or TrainState()
     run_dir = Path(run_dir)
     model.train()
-    model.update(world().broadcast_tree(model.trainable_parameters()))  # every rank starts from rank 0's adapters
+    world().start_together(model, state.step)  # under a distributed launcher: rank 0's adapters, one step
     train_step = make_train_step(
         model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile, streams=settings.cpu_streams
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from harness import build
 from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
 from harness.cpu_streams import plan_cpu_streams
 from harness.distributed import SilentTracker, hydra_argv, world
+from harness.launch import JOB_ENV, starts_ranks, train_on_ranks
 from harness.tracking import Tracker
 from harness.training import LoopSettings, TrainResult, train_loop
 from models.adapters import save_adapters
@@ -44,7 +46,8 @@ def hydra_job_info() -> dict[str, str | None]:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": []}
+        started_by = json.loads(os.environ.get(JOB_ENV, "{}"))  # a rank of a job `harness.train` started
+        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": [], **started_by}
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     return {
@@ -86,6 +89,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     from harness.data import batch_iterator, batching_options, num_batches, validation_batches
 
     job = hydra_job_info()
+    if starts_ranks(cfg):  # `distributed.ranks_per_host` > 1 (or several hosts): the run goes to its ranks
+        job_run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
+        return train_on_ranks(cfg, job_run_dir, {k: v for k, v in job.items() if k != "run_dir"})
     ranks = world()  # under a distributed launcher: rank 0 names the run directory and alone writes to it
     run_dir = Path(ranks.broadcast_text(str(run_dir or job["run_dir"] or cfg.paths.outputs)))
     continuing = resume_dir(cfg, run_dir)

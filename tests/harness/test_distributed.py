@@ -7,7 +7,6 @@ rank that fails stops the whole job with a non-zero exit.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from harness.distributed import Ranks, hydra_argv
-from harness.launch import job_status
+from harness.launch import free_port, job_status
 from harness.tracking import read_metrics
 from tests.harness.conftest import FAST, REPO
 
@@ -67,29 +66,6 @@ def test_the_job_exits_with_the_first_failed_ranks_status():
 
 
 # ------------------------------------------------------------------------------------- launched processes
-
-
-def free_port(count: int) -> int:
-    """A base port with `count` free consecutive ports on 127.0.0.1 (the ring backend uses one per rank)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65535:
-            continue
-        try:
-            sockets = []
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def launch(
@@ -155,17 +131,40 @@ def test_two_ranks_train_the_same_adapters_as_one_process(one_process, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [((2, []), (1, [])), ((1, []), (1, ["distributed=ring"]))],  # the second resume: train starts its 2 ranks
+    ids=["2-ranks-then-1", "1-then-2-ranks"],
+)
 def test_a_run_resumes_on_another_number_of_ranks(first, then, one_process, tmp_path, hermetic_env):
     run_dir = tmp_path / "run"
-    train(first, [f"hydra.run.dir={run_dir}", "trainer.stop_after_steps=3"], hermetic_env, tmp_path)
+    train(first[0], [*first[1], f"hydra.run.dir={run_dir}", "trainer.stop_after_steps=3"], hermetic_env, tmp_path)
     assert json.loads((run_dir / "state.json").read_text())["step"] == 3
-    proc = train(then, [f"paths.outputs={tmp_path}/outputs", f"resume={run_dir}"], hermetic_env, tmp_path)
+    overrides = [*then[1], f"paths.outputs={tmp_path}/outputs", f"resume={run_dir}"]
+    proc = train(then[0], overrides, hermetic_env, tmp_path)
     assert f"resuming {run_dir} at step 3" in proc.stderr
     state = json.loads((run_dir / "state.json").read_text())
     assert state["step"] == 6 and state["finished"]
     assert_same_adapters(adapters(run_dir), adapters(one_process))
     np.testing.assert_allclose(val_losses(run_dir)[-1][1], val_losses(one_process)[-1][1], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_sweep_trial_runs_on_two_ranks_and_reports_its_loss_to_optuna(tmp_path, hermetic_env):
+    import optuna
+
+    proc = launch(1, ["-m", "harness.train", "-m", "hparams_search=tiny_optuna", *RUN, "distributed=ring",
+                      "hydra.sweeper.n_trials=1", f"paths.multirun={tmp_path}/multirun",
+                      f"hydra.sweep.dir={tmp_path}/multirun/sweep"], hermetic_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    study = optuna.load_study(study_name="tiny_dolly", storage=f"sqlite:///{tmp_path}/multirun/optuna.db")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    job = tmp_path / "multirun/sweep/0"
+    summary = next(r for r in read_metrics(job) if r.get("summary"))
+    assert trial.value == pytest.approx(summary["best_val_loss"])
+    assert json.loads((job / "job.json").read_text())["study"] == "tiny_dolly"  # rank 0 knew its sweep
+    assert "launch -n 2" in proc.stderr
 
 
 FAILING_RANK = """

@@ -133,7 +133,8 @@ def test_two_ranks_train_the_same_adapters_as_one_process(one_process, tmp_path,
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("first", "then"),
-    [((2, []), (1, [])), ((1, []), (1, ["distributed=ring"]))],  # the second resume: train starts its 2 ranks
+    # 2 ranks with the layer-wise checkpointed step, then 1 process; 1 process, then train starts its 2 ranks.
+    [((2, ["trainer.gradient_checkpointing=true"]), (1, [])), ((1, []), (1, ["distributed=ring"]))],
     ids=["2-ranks-then-1", "1-then-2-ranks"],
 )
 def test_a_run_resumes_on_another_number_of_ranks(first, then, one_process, tmp_path, hermetic_env):

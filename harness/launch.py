@@ -45,6 +45,24 @@ def job_status(statuses: list[tuple[int | None, bool]]) -> int:
     return 1 if any(killed or code for code, killed in statuses) else 0
 
 
+def quiet_stdin() -> None:
+    """Give the launcher a stdin that never has input unless it is a terminal. The launcher forwards its stdin
+    to the ranks, polling it in a loop: at the end of a file (`< /dev/null`, a test, a batch job) the poll
+    returns at once, every time, and the loop took a core's worth of time slices from the ranks."""
+    try:
+        if os.isatty(0):
+            return
+    except OSError:
+        pass
+    read_end, write_end = os.pipe()  # the write end stays open (never written): reads would wait, not end
+    os.dup2(read_end, 0)
+    os.close(read_end)
+    _KEEP_OPEN.append(write_end)
+
+
+_KEEP_OPEN: list[int] = []
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _with_python(list(sys.argv[1:] if argv is None else argv))
     statuses: list[tuple[int | None, bool]] = []
@@ -52,7 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     if process_class is not None:
 
         class RecordedProcess(process_class):
-            """MLX's rank process, recording the exit status the launcher reads at the end."""
+            """MLX's rank process, recording the exit status the launcher reads at the end.
+
+            Its stdin is replaced by a pipe's read end: the launcher's output thread waits in `select` for the
+            rank's stdin to be writable, and a real pipe always is, so each thread spun on a core for the whole
+            run (ranks read no input here). A read end is never writable: the threads sleep until output comes."""
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                stdin = getattr(self.process, "stdin", None)
+                if stdin is not None:
+                    read_end, write_end = os.pipe()
+                    os.close(write_end)
+                    stdin.close()
+                    self.process.stdin = os.fdopen(read_end, "wb", buffering=0)
 
             @property
             def exit_status(self):
@@ -63,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         mlx_launch.RemoteProcess = RecordedProcess
     else:  # another MLX version: launch anyway, without the exit status
         print("harness.launch: cannot read the ranks' exit status from this MLX version", file=sys.stderr)
+    quiet_stdin()
     saved_argv = sys.argv
     sys.argv = ["mlx.launch", *argv]
     try:

@@ -217,10 +217,12 @@ time.sleep(60)
 
 
 @pytest.mark.slow
-def test_a_rank_that_dies_ends_the_job_with_its_exit_status(tmp_path, hermetic_env):
+def test_a_rank_that_dies_ends_the_job_with_a_failure_status(tmp_path, hermetic_env):
     script = tmp_path / "dying_rank.py"
     script.write_text(DYING_RANK)
     start = time.monotonic()
     proc = launch(2, [str(script)], hermetic_env, tmp_path, timeout=60)
-    assert proc.returncode == 7, proc.stderr[-3000:]
+    # Non-zero: 7 when the launcher saw rank 1 end first, else rank 0's own error (its peer's socket closed).
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "Node with rank 1 exited with code 7" in proc.stderr
     assert time.monotonic() - start < 40

@@ -188,6 +188,15 @@ class Ranks:
             return ""
         return bytes(np.array(self._all_sum(payload), dtype=np.uint8)).decode()
 
+    def share_config(self, cfg: Any) -> Any:
+        """Rank 0's resolved config on every rank (each composed its own; interpolations of time or of the
+        process could differ)."""
+        if self.size == 1:
+            return cfg
+        from omegaconf import OmegaConf
+
+        return OmegaConf.create(self.broadcast_text(OmegaConf.to_yaml(cfg, resolve=True)))
+
     def broadcast_tree(self, tree: Any) -> Any:
         """Rank 0's arrays on every rank (same shapes everywhere): e.g. freshly built or loaded adapters."""
         if self.size == 1:

@@ -92,7 +92,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     if starts_ranks(cfg):  # `distributed.ranks_per_host` > 1 (or several hosts): the run goes to its ranks
         job_run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
         return train_on_ranks(cfg, job_run_dir, {k: v for k, v in job.items() if k != "run_dir"})
-    ranks = world()  # under a distributed launcher: rank 0 names the run directory and alone writes to it
+    ranks = world()  # under a distributed launcher: rank 0's config and run directory; only rank 0 writes there
+    cfg = ranks.share_config(cfg)
     run_dir = Path(ranks.broadcast_text(str(run_dir or job["run_dir"] or cfg.paths.outputs)))
     continuing = resume_dir(cfg, run_dir)
     if continuing is not None:

@@ -2,9 +2,11 @@
 
 Records are synthetic with Dolly's length profile (15,011 records; instruction + context + response about 360
 characters on average, a third with a context, log-normal tails to several thousand characters), built from an
-invented vocabulary. Tokenization uses the real Mistral-7B-v0.1 tokenizer.
+invented vocabulary (or, with `--embedded-sample`, the records of the embedded Dolly sample). Tokenization uses
+the real Mistral-7B-v0.1 tokenizer, or the one `--tokenizer` names (a .gguf file, tokenizer.json, tokenizer.model
+or a model directory).
 
-    python benchmarks/data_prep.py [--records 15011] [--scale 1.0]   (or python -m benchmarks.data_prep)
+    python benchmarks/data_prep.py [--records 15011] [--scale 1.0] [--tokenizer PATH] [--embedded-sample]
 """
 
 from __future__ import annotations
@@ -62,10 +64,19 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source; default: Mistral-7B-v0.1's")
+    parser.add_argument("--embedded-sample", action="store_true", help="the embedded Dolly sample's records")
     args = parser.parse_args()
 
-    tokenizer = load_tokenizer()
-    records = synthetic_records(args.records, scale=args.scale)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer)
+    print(f"{tokenizer} loaded in {time.perf_counter() - start:.2f} s")
+    if args.embedded_sample:
+        from harness.data.records import embedded_sample_path, load_local_file
+
+        records = load_local_file(embedded_sample_path()).records
+    else:
+        records = synthetic_records(args.records, scale=args.scale)
     chars = np.array([len(r["instruction"]) + len(r["context"]) + len(r["response"]) for r in records])
     print(f"{len(records)} records, chars per record: mean {chars.mean():.0f}, p50 {np.median(chars):.0f}, "
           f"p99 {np.percentile(chars, 99):.0f}, max {chars.max()}; {os.cpu_count()} CPU cores\n")

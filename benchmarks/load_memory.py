@@ -96,7 +96,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="checkpoint directory (or Hub repo id)")
+    parser.add_argument("checkpoint", help="checkpoint directory, Hub repo id, or .gguf file")
     parser.add_argument(
         "--quant", nargs="+", default=["rowwise"], choices=["rowwise", "group", "nf4", "none"]
     )

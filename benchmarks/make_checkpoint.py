@@ -137,7 +137,7 @@ def make_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Write a random-weight HF Mistral checkpoint with hyperparameters `config` (MistralConfig keys)."""
-    from harness.data.tokenizer import default_tokenizer_path
+    from models.tokenizer import default_tokenizer_path
 
     args = ModelArgs.from_hf_config({"model_type": "mistral", **config})
     out_dir = Path(out_dir)

@@ -6,6 +6,10 @@ sit beside ours in BENCHMARKS.md. Needs torch with CUDA, transformers, peft and 
 it is a benchmark tool, not a dependency of the project.
 
     python benchmarks/torch_qlora.py --shape 7b --base nf4 --batch 8 --seq 512
+    python benchmarks/torch_qlora.py --batch 4 --seq 512 --rank 16 --dropout 0.05 --accum 4 --checkpointing
+
+`--accum` micro-batches (different tokens each, backward after each) make one optimizer step: the step time,
+tokens/s and peak cover whole optimizer steps, as `harness.bench` reports them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ SHAPES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(shape: str, base: str, rank: int, checkpointing: bool, device: str):
+def build(shape: str, base: str, rank: int, checkpointing: bool, device: str, dropout: float = 0.0):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import MistralConfig, MistralForCausalLM
@@ -57,28 +61,31 @@ def build(shape: str, base: str, rank: int, checkpointing: bool, device: str):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     return model
 
 
 def run(shape: str, base: str, batch: int, seq: int, checkpointing: bool, rank: int, steps: int,
-        device: str = "cuda") -> dict:
+        device: str = "cuda", dropout: float = 0.0, accum: int = 1) -> dict:
     import torch
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = build(shape, base, rank, checkpointing, device)
+    model = build(shape, base, rank, checkpointing, device, dropout)
+    model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device, generator=gen)
+    micro_batches = [torch.randint(3, model.config.vocab_size, (batch, seq), device=device, generator=gen)
+                     for _ in range(accum)]
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for ids in micro_batches:
+            loss = model(input_ids=ids, labels=ids).loss / accum
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -95,8 +102,9 @@ def run(shape: str, base: str, batch: int, seq: int, checkpointing: bool, rank: 
     return {
         "stack": f"torch {torch.__version__} + peft + {'bitsandbytes nf4' if base == 'nf4' else 'bf16 base'}",
         "shape": shape, "batch": batch, "seq": seq, "checkpointing": checkpointing,
+        "lora_rank": rank, "lora_dropout": dropout, "grad_accum_steps": accum,
         "trainable_params": sum(p.numel() for p in trainable),
-        "tokens_per_s": batch * seq / median, "step_s": median,
+        "tokens_per_s": batch * seq * accum / median, "step_s": median,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
@@ -110,11 +118,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test, bf16 base)")
     args = parser.parse_args()
     print(json.dumps(run(args.shape, args.base, args.batch, args.seq, args.checkpointing, args.rank, args.steps,
-                         args.device)))
+                         args.device, args.dropout, args.accum)))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Training-step benchmark: our stack beside mlx-lm's trainer on the identical shape, in the same run.
 
-    python -m harness.bench                                   # tiny shape, 8 x 128, rowwise 4-bit, LoRA r=8
+    python -m harness.bench                                   # the default run's step: tiny shape, 8 x 256
     python -m harness.bench model=mistral-7b-shape --batch 8 --seq 512 --compare-mlx-lm
-    python -m harness.bench model=mistral-7b-shape --batch 4 --seq 512 --checkpointing
+    python -m harness.bench experiment=mistral7b_dolly_qlora model=mistral-7b-shape   # the flagship as shipped
     python -m harness.launch -n 2 --backend nccl -- -m harness.bench model=mistral-7b-shape --batch 8 --seq 512
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
-quantization, LoRA and optimizer exactly as `harness.train` does, and times the trainer's own compiled step
-(`harness.training.make_train_step`). Each stack runs in a fresh process so its peak memory and time to first step
-are its own. Reported per stack: median seconds per step after warm-up (every step synchronized), tokens/s,
-model FLOP utilisation against a matmul rate measured in the same run, peak memory, time to first step.
+quantization, LoRA (rank, dropout) and optimizer exactly as `harness.train` does, and times the trainer's own
+step (`harness.training.make_train_step`) over whole optimizer steps: `--accum` micro-batches of `--batch` x
+`--seq` each, by default the config's `optim.grad_accum_steps`, `trainer.batch_size` and `data.max_seq_len`, so
+`experiment=...` times what that experiment runs. Each stack runs in a fresh process so its peak memory and time
+to first step are its own. Reported per stack: median seconds per optimizer step after warm-up (every step
+synchronized), tokens/s, model FLOP utilisation against a matmul rate measured in the same run, the peak memory
+over the whole optimizer steps (all micro-batches), time to first step.
 Under a distributed launcher (`harness.launch`) the step is the data-parallel one (`harness.distributed`): each
-rank takes `--batch` rows of a global batch of `--batch` x ranks rows, tokens/s count all ranks' tokens, MFU is
-per device, and rank 0 prints.
+rank takes `--batch` rows of every global micro-batch of `--batch` x ranks rows, tokens/s count all ranks' tokens,
+MFU is per device, and rank 0 reports.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class Result:
     dtype: str
     streams: int = 1  # CPU streams sharing each batch's rows (harness/cpu_streams.py)
     build_peak_memory_gb: float = float("nan")  # building (and quantizing) the model, before the first step
+    grad_accum_steps: int = 1  # micro-batches of batch x seq in each timed optimizer step
+    lora_rank: int = 0
+    lora_dropout: float = 0.0
+    train_step: str = ""  # the step class the trainer chose (TrainStep, LayerwiseTrainStep)
     ranks: int = 1  # data-parallel ranks; `batch` is rows per rank, tokens/s count every rank's tokens
 
 
@@ -136,46 +143,57 @@ def build_peak_then_reset(*arrays) -> float:
 
 
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
-                streams: int = 1, build_peak: float = float("nan"), ranks: int = 1) -> Result:
-    """A `Result` from the step times of one stack, with FLOPs and the matmul ceiling measured now
-    (`batch` rows per rank; throughput counts all `ranks`)."""
+                streams: int = 1, build_peak: float = float("nan"), accum: int = 1, train_step: str = "",
+                ranks: int = 1) -> Result:
+    """A `Result` from the optimizer-step times of one stack (`accum` micro-batches of batch x seq each on each
+    of `ranks` ranks), with FLOPs and the matmul ceiling measured now."""
     step = statistics.median(times)
+    tokens = batch * seq * accum * ranks
     lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
     flops = flops_per_token(args, seq, cfg.lora.rank, lora_layers, list(cfg.lora.target_modules))
-    achieved = flops * batch * ranks * seq / step / 1e12
+    achieved = flops * tokens / step / 1e12
     ceiling = matmul_tflops(compute_dtype("auto"))  # the device's best dense rate, the same for every stack
     return Result(
         stack=stack, shape=cfg.model.name, batch=batch, seq=seq, checkpointing=ckpt,
         quant=quant, trainable_params=trainable, step_seconds=step,
-        tokens_per_second=batch * ranks * seq / step, tflops_per_second=achieved, matmul_tflops=ceiling,
+        tokens_per_second=tokens / step, tflops_per_second=achieved, matmul_tflops=ceiling,
         mfu=achieved / (ceiling * ranks), peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
         device=describe()["device"] + f" ({platform.processor() or platform.machine()})",
-        dtype=str(dtype).replace("mlx.core.", ""), streams=streams, build_peak_memory_gb=build_peak, ranks=ranks,
+        dtype=str(dtype).replace("mlx.core.", ""), streams=streams, build_peak_memory_gb=build_peak,
+        grad_accum_steps=accum, lora_rank=cfg.lora.rank, lora_dropout=cfg.lora.dropout, train_step=train_step,
+        ranks=ranks,
     )
 
 
-def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
-    """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`."""
+def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 1) -> Result:
+    """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`:
+    optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`."""
     from harness.build import build_model, build_optimizer
-    from harness.cpu_streams import plan_cpu_streams
     from harness.distributed import world
+    from harness.process import set_up_process
     from harness.training import make_train_step
     from models.lora import trainable_parameter_count
 
-    # Before the model is built: the plan may set MLX's evaluation order, read at the first evaluation.
-    streams = plan_cpu_streams(cfg.trainer.cpu_streams, batch, checkpointing=cfg.trainer.gradient_checkpointing)
+    # Before the model is built: memory policy; the streams' plan may set MLX's evaluation order (read once).
+    streams, _ = set_up_process(cfg.trainer, batch_size=batch)
     model = build_model(cfg, progress=False)
     optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
     step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
                            streams=streams)
-    ranks = world()  # several under a distributed launcher: the step takes this rank's rows of the global batch
-    tokens = synthetic_tokens(batch * ranks.size, seq, model.args.vocab_size)
-    data = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
+    ranks = world()  # several under a distributed launcher: the step takes this rank's rows of each global batch
+    micro_batches = []
+    for index in range(accum):
+        tokens = synthetic_tokens(batch * ranks.size, seq, model.args.vocab_size, seed=index)
+        micro_batches.append({"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)})
     model.train()
-    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, data)
+    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, micro_batches)
+    steps_run = 0
 
     def run():
-        mx.eval(step([data]), model.trainable_parameters(), optimizer.state)
+        nonlocal steps_run
+        mx.random.seed(cfg.trainer.seed * 1_000_003 + steps_run)  # dropout keyed by (seed, step), as in training
+        steps_run += 1
+        mx.eval(step(micro_batches), model.trainable_parameters(), optimizer.state)
 
     run()
     first_step = time.perf_counter() - _PROCESS_START
@@ -183,14 +201,15 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int) -> Result:
     return make_result("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
                    f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak,
-                   ranks.size)
+                   accum=accum, train_step=type(step).__name__, ranks=ranks.size)
 
 
 def stack_command(stack: str, overrides: list[str], options: argparse.Namespace) -> list[str]:
     """The command line that times one stack in a child process."""
-    return [sys.executable, "-m", "harness.bench", "--stack", stack, "--batch", str(options.batch),
-               "--seq", str(options.seq), "--steps", str(options.steps), "--warmup", str(options.warmup),
-               *(["--checkpointing"] if options.checkpointing else []), *overrides]
+    sizes = [f"--{name}={value}" for name in ("batch", "seq", "accum")
+             if (value := getattr(options, name)) is not None]
+    return [sys.executable, "-m", "harness.bench", "--stack", stack, *sizes, "--steps", str(options.steps),
+            "--warmup", str(options.warmup), *(["--checkpointing"] if options.checkpointing else []), *overrides]
 
 
 def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> dict | None:
@@ -204,13 +223,16 @@ def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> 
 
 
 def print_table(results: list[dict]) -> None:
-    columns = [("stack", "{}"), ("shape", "{}"), ("ranks", "{}"), ("batch", "{}"), ("seq", "{}"), ("checkpointing", "{}"),
+    columns = [("stack", "{}"), ("shape", "{}"), ("ranks", "{}"), ("batch", "{}"), ("seq", "{}"), ("grad_accum_steps", "{}"),
+               ("checkpointing", "{}"), ("lora_rank", "{}"), ("lora_dropout", "{:g}"), ("train_step", "{}"),
                ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"),
                ("step_seconds", "{:.3f}"), ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"),
                ("peak_memory_gb", "{:.2f}"), ("build_peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
-    headers = ["stack", "shape", "ranks", "batch", "seq", "ckpt", "quant", "dtype", "streams", "tok/s", "s/step", "TFLOP/s",
-               "MFU", "peak GB", "build GB", "1st step s"]
-    defaults = {"streams": 1, "build_peak_memory_gb": float("nan"), "ranks": 1}  # results of older versions lack them
+    headers = ["stack", "shape", "dp ranks", "batch", "seq", "accum", "ckpt", "rank", "dropout", "step", "quant", "dtype",
+               "streams", "tok/s", "s/step", "TFLOP/s", "MFU", "peak GB", "build GB", "1st step s"]
+    # results of older versions lack some fields
+    defaults = {"streams": 1, "build_peak_memory_gb": float("nan"), "grad_accum_steps": 1, "lora_rank": 0,
+                "lora_dropout": 0.0, "train_step": "", "ranks": 1}
     rows = [[fmt.format(r.get(key, defaults.get(key))) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
@@ -231,9 +253,10 @@ def print_table(results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Time compiled QLoRA training steps (ours, optionally mlx-lm).")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml, e.g. model=mistral-7b-shape")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--batch", type=int, help="rows per micro-batch (default: trainer.batch_size)")
+    parser.add_argument("--seq", type=int, help="tokens per row (default: data.max_seq_len)")
+    parser.add_argument("--accum", type=int, help="micro-batches per optimizer step (default: optim.grad_accum_steps)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     parser.add_argument("--compare-mlx-lm", action="store_true", help="also time mlx-lm's trainer")
@@ -246,13 +269,15 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append("trainer.gradient_checkpointing=true")
     if options.stack:
         cfg = compose(overrides)
+        batch = options.batch or cfg.trainer.batch_size
+        seq = options.seq or cfg.data.max_seq_len
         if options.stack == "ours":
-            result = bench_ours(cfg, options.batch, options.seq, options.steps, options.warmup)
-        else:
+            accum = options.accum or cfg.optim.grad_accum_steps
+            result = bench_ours(cfg, batch, seq, options.steps, options.warmup, accum)
+        else:  # one micro-batch per step (mlx-lm's own step)
             from harness.mlx_lm_baseline import bench_mlx_lm
 
-            result = bench_mlx_lm(cfg, options.batch, options.seq, options.steps, options.warmup,
-                                  process_start=_PROCESS_START)
+            result = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START)
         if launched_rank() in (None, 0):
             print("RESULT " + json.dumps(asdict(result)), flush=True)
         return

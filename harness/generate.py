@@ -72,7 +72,8 @@ def complete(
 
     was_training = model.training
     model.eval()
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(format_prompt(record, template))]
+    start = [tokenizer.bos_id] if tokenizer.add_bos else []  # as in training (harness/data/encode.py)
+    prompt_ids = [*start, *tokenizer.encode(format_prompt(record, template))]
     ids: list[int] = []
     shown = ""
     for token_id in generate_tokens(
@@ -96,10 +97,10 @@ def complete(
 
 
 def load_exported(model_dir: str | Path):
-    """`(model, tokenizer)` from an exported (merged) Hugging Face directory."""
-    from harness.data import load_tokenizer
+    """`(model, tokenizer)` from an exported (merged) Hugging Face directory (its own tokenizer files)."""
     from models.backend import compute_dtype
     from models.checkpoint import load_pretrained
+    from models.tokenizer import load_tokenizer
 
     return load_pretrained(str(model_dir), dtype=compute_dtype("auto"), progress=False), load_tokenizer(
         model_dir
@@ -108,6 +109,9 @@ def load_exported(model_dir: str | Path):
 
 def run(cfg) -> list[str]:
     """Generate for `cfg.prompt` (or each line of stdin), streaming to stdout; returns the responses."""
+    from harness.process import set_up_process
+
+    set_up_process()
     if cfg.model_dir:
         model, tokenizer = load_exported(cfg.model_dir)
         template = None

@@ -10,9 +10,19 @@ two layers' temporaries. On that H100 the step ran at 8,475 tok/s with an 8.32 G
 
 Forward: embed, then each layer (its input kept); the head computes the loss and its gradient in one pass
 (`models.cross_entropy`). Backward: from the last layer to the first, recompute the layer and pull the
-cotangent through it (`mx.vjp`), which gives the layer's adapter gradients and the next cotangent. The
-optimizer update is `harness.training.make_update`, as in `TrainStep`; the numbers are the same
-(tests/harness/test_layerwise_step.py).
+cotangent through it (`mx.vjp`), which gives the layer's adapter gradients and the next cotangent. The model's
+own parts serve for this (`embed`, `mask`, the layers, `final_norm`; `models.mistral`), not a copy of its forward.
+
+Adapter dropout: each layer's masks come from a key derived from the step's key, the micro-batch and the layer
+(`models.lora.dropout_keys`), passed into the compiled layer functions, so the recomputation draws exactly the
+masks of the forward pass. The step's key is drawn from MLX's global random state, which the trainer seeds by
+(seed, step), so a resumed run draws the same masks.
+
+Gradient accumulation: micro-batches run one after another, each evaluated before the next starts, and their
+gradients are summed as they come: the peak does not grow with the number of micro-batches.
+
+The optimizer update is `harness.training.make_update`, as in `TrainStep`; without dropout the numbers are
+`TrainStep`'s, with dropout those of plain autograd under the same masks (tests/harness/test_layerwise_step.py).
 """
 
 from __future__ import annotations
@@ -24,11 +34,11 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from harness.distributed import world
 from harness.loss import loss_from_hidden
-from harness.training import accumulate_gradients, make_update
-from models.checkpointing import gradient_checkpointing_enabled
-from models.lora import LoRALinear
-from models.mistral import attention_mask
+from harness.training import make_update, sum_outputs
+from models.checkpointing import gradient_checkpointing_enabled, uncheckpointed_call
+from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
 
 Batch = dict[str, mx.array]
@@ -42,12 +52,11 @@ class LayerwiseTrainStep:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Checkpointed models whose trainable parameters all sit in decoder layers, without adapter dropout."""
+        """Checkpointed models whose trainable parameters all sit in decoder layers (adapter dropout included)."""
         if not gradient_checkpointing_enabled(model):
             return False
         trainable = [name for name, _ in tree_flatten(model.trainable_parameters())]
-        dropout = any(isinstance(m, LoRALinear) and m.dropout is not None for _, m in model.named_modules())
-        return bool(trainable) and not dropout and all(n.startswith("model.layers.") for n in trainable)
+        return bool(trainable) and all(n.startswith("model.layers.") for n in trainable)
 
     def __init__(
         self,
@@ -62,9 +71,9 @@ class LayerwiseTrainStep:
         """`in_flight`: layers queued on the device at once (more: fewer idle gaps, more memory).
         `keep_dense`: the recomputation keeps dense weights for the backward pass ("dequantize_saved")."""
         if not self.supports(model):
-            raise ValueError("LayerwiseTrainStep needs gradient checkpointing on and no adapter dropout")
+            raise ValueError("LayerwiseTrainStep needs gradient checkpointing on and adapters only in decoder layers")
         self.model = model
-        self.layers = model.model.layers
+        self.layers = model.layers
         self._in_flight, self._keep_dense = in_flight, keep_dense
         self._compile = compile
         self._update = make_update(model, optimizer, grad_clip, compile)
@@ -73,7 +82,7 @@ class LayerwiseTrainStep:
         self._templates: dict[tuple[str, ...], nn.Module] = {}
         for layer in self.layers:
             self._templates.setdefault(self._structure(*self._split(layer)), layer)
-        self._layer_call = getattr(type(self.layers[0]), "_checkpointed_base", type(self.layers[0])).__call__
+        self._layer_call = uncheckpointed_call(self.layers[0])
         self._functions: dict[tuple, tuple[Callable, Callable, Callable]] = {}
         self._head = self._maybe_compile(self._head_loss_and_cotangent)
 
@@ -90,38 +99,39 @@ class LayerwiseTrainStep:
         frozen = {k: v for k, v in tree_flatten(layer.parameters()) if k not in trainable}
         return frozen, trainable
 
-    def _run_template(self, frozen: dict, trainable: dict, x: mx.array, mask) -> mx.array:
+    def _run_template(self, frozen: dict, trainable: dict, x: mx.array, mask, key: mx.array) -> mx.array:
         template = self._templates[self._structure(frozen, trainable)]
         original = template.parameters()
         try:
             template.update(tree_unflatten([*frozen.items(), *trainable.items()]))
-            return self._layer_call(template, x, mask)
+            with dropout_keys(key):  # the layer's adapter dropout masks: the same in forward and recomputation
+                return self._layer_call(template, x, mask)
         finally:
             template.update(original)
 
     def _layer_functions(self, mask, structure: tuple[str, ...]) -> tuple[Callable, Callable, Callable]:
         """Compiled (forward, backward, backward without the input's gradient) for one mask kind.
 
-        Each takes `(frozen, trainable, x[, cotangent], mask_array)`; an array mask (packed sequences) is a
-        compiled input, while None and "causal" are closed over. The first layer's input is the frozen
-        embedding, which needs no gradient: its backward pass skips that matmul chain.
+        Each takes `(frozen, trainable, x[, cotangent], key, mask_array)`, `key` being the layer's dropout key;
+        an array mask (packed sequences) is a compiled input, while None and "causal" are closed over. The first
+        layer's input is the frozen embedding, which needs no gradient: its backward pass skips that matmul chain.
         """
-        key = ("array" if isinstance(mask, mx.array) else mask, structure)
-        if key not in self._functions:
+        kind = ("array" if isinstance(mask, mx.array) else mask, structure)
+        if kind not in self._functions:
             static = None if isinstance(mask, mx.array) else mask
 
-            def forward(frozen, trainable, x, mask_array):
-                return self._run_template(frozen, trainable, x, static if mask_array is None else mask_array)
+            def forward(frozen, trainable, x, key, mask_array):
+                return self._run_template(frozen, trainable, x, static if mask_array is None else mask_array, key)
 
-            def backward(frozen, trainable, x, cotangent, mask_array, input_grad: bool):
+            def backward(frozen, trainable, x, cotangent, key, mask_array, input_grad: bool):
                 names, layer_mask = list(trainable), static if mask_array is None else mask_array
 
                 def layer_fn(*arrays):
                     params, layer_input = dict(zip(names, arrays[: len(names)])), arrays[-1] if input_grad else x
                     if not self._keep_dense:
-                        return self._run_template(frozen, params, layer_input, layer_mask)
+                        return self._run_template(frozen, params, layer_input, layer_mask, key)
                     with dense_weights_kept_for_backward():  # recomputed right before its backward pass
-                        return self._run_template(frozen, params, layer_input, layer_mask)
+                        return self._run_template(frozen, params, layer_input, layer_mask, key)
 
                 primals = [*trainable.values(), x] if input_grad else list(trainable.values())
                 _, vjps = mx.vjp(layer_fn, primals, [cotangent])
@@ -130,42 +140,43 @@ class LayerwiseTrainStep:
             if isinstance(mask, mx.array):
                 functions = (
                     self._maybe_compile(forward),
-                    self._maybe_compile(lambda f, t, x, c, m: backward(f, t, x, c, m, True)),
-                    self._maybe_compile(lambda f, t, x, c, m: backward(f, t, x, c, m, False)[0]),
+                    self._maybe_compile(lambda f, t, x, c, k, m: backward(f, t, x, c, k, m, True)),
+                    self._maybe_compile(lambda f, t, x, c, k, m: backward(f, t, x, c, k, m, False)[0]),
                 )
             else:  # None cannot be a compiled input
-                fwd = self._maybe_compile(lambda f, t, x: forward(f, t, x, None))
-                bwd = self._maybe_compile(lambda f, t, x, c: backward(f, t, x, c, None, True))
-                first = self._maybe_compile(lambda f, t, x, c: backward(f, t, x, c, None, False)[0])
+                fwd = self._maybe_compile(lambda f, t, x, k: forward(f, t, x, k, None))
+                bwd = self._maybe_compile(lambda f, t, x, c, k: backward(f, t, x, c, k, None, True))
+                first = self._maybe_compile(lambda f, t, x, c, k: backward(f, t, x, c, k, None, False)[0])
                 functions = (
-                    lambda f, t, x, _m: fwd(f, t, x),
-                    lambda f, t, x, c, _m: bwd(f, t, x, c),
-                    lambda f, t, x, c, _m: first(f, t, x, c),
+                    lambda f, t, x, k, _m: fwd(f, t, x, k),
+                    lambda f, t, x, c, k, _m: bwd(f, t, x, c, k),
+                    lambda f, t, x, c, k, _m: first(f, t, x, c, k),
                 )
-            self._functions[key] = functions
-        return self._functions[key]
+            self._functions[kind] = functions
+        return self._functions[kind]
 
     def _head_loss_and_cotangent(self, last: mx.array, labels: mx.array):
         """Loss sum, loss tokens and the cotangent for the last layer's output (final norm + fused head)."""
 
         def head(last):
-            return loss_from_hidden(self.model, self.model.model.norm(last), labels)
+            return loss_from_hidden(self.model, self.model.final_norm(last), labels)
 
         (loss_sum, n_tokens), (cotangent,) = mx.vjp(head, [last], [mx.array(1.0), mx.array(0.0)])
         return loss_sum, n_tokens, cotangent
 
-    def _gradients(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
+    def _gradients(self, batch: Batch, key: mx.array) -> tuple[mx.array, mx.array, dict]:
+        """`(loss_sum, n_tokens, grads)` of one micro-batch, evaluated; `key`: its dropout key."""
         ids = batch["input_ids"]
-        segment_ids = batch.get("segment_ids")
-        mask = attention_mask(ids.shape[1], ids.shape[1], self.model.args.sliding_window, segment_ids)
+        mask = self.model.mask(ids.shape[1], 0, batch.get("segment_ids"))
         mask_array = mask if isinstance(mask, mx.array) else None
+        layer_keys = layer_dropout_keys(key, len(self.layers))
         queue = _Queue(self._in_flight)
-        inputs = [self.model.model.embed_tokens(ids)]
+        inputs = [self.model.embed(ids)]
         parameters = [self._split(layer) for layer in self.layers]
         structures = [self._structure(frozen, trainable) for frozen, trainable in parameters]
-        for (frozen, trainable), structure in zip(parameters, structures):
+        for (frozen, trainable), structure, layer_key in zip(parameters, structures, layer_keys):
             forward = self._layer_functions(mask, structure)[0]
-            inputs.append(forward(frozen, trainable, inputs[-1], mask_array))
+            inputs.append(forward(frozen, trainable, inputs[-1], layer_key, mask_array))
             queue.push(inputs[-1])
         loss_sum, n_tokens, cotangent = self._head(inputs.pop(), batch["labels"])
         queue.push(loss_sum, n_tokens, cotangent)
@@ -174,10 +185,10 @@ class LayerwiseTrainStep:
             frozen, trainable = parameters[i]
             _, backward, backward_first = self._layer_functions(mask, structures[i])
             if i > 0:
-                grads, cotangent = backward(frozen, trainable, inputs.pop(), cotangent, mask_array)
+                grads, cotangent = backward(frozen, trainable, inputs.pop(), cotangent, layer_keys[i], mask_array)
                 queue.push(cotangent, *grads.values())
             elif trainable:
-                grads = backward_first(frozen, trainable, inputs.pop(), cotangent, mask_array)
+                grads = backward_first(frozen, trainable, inputs.pop(), cotangent, layer_keys[i], mask_array)
                 queue.push(*grads.values())
             else:
                 grads = {}
@@ -185,9 +196,39 @@ class LayerwiseTrainStep:
         queue.drain()
         return loss_sum, n_tokens, tree_unflatten(list(flat_grads.items()))
 
-    def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
+    def __call__(self, batches: list[Batch], key: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
+        """One optimizer step over `batches` (the micro-batches). `key`: the step's dropout key
+        (`mx.random.key`); by default drawn from MLX's global random state."""
+        keys = micro_batch_dropout_keys(step_dropout_key() if key is None else key, len(batches))
+        ranks = world()  # under a distributed launcher: this rank's rows of each batch, sums over ranks
+
+        def local_sums():
+            total = None
+            for batch, batch_key in zip(batches, keys):
+                # Each micro-batch is evaluated (inside `_gradients`) before the next is built; the running sum
+                # is evaluated too, so only it and one micro-batch's gradients are alive at a time.
+                output = self._gradients(ranks.rows(batch), batch_key)
+                total = output if total is None else sum_outputs([total, output])
+                mx.eval(total)
+            return total
+
+        loss_sum, n_tokens, grads = ranks.sum_outputs(local_sums)
         return loss_sum, n_tokens, self._update(grads, n_tokens)
+
+
+def step_dropout_key() -> mx.array:
+    """A dropout key `(2,)` uint32 drawn from MLX's global random state (seeded per step by the trainer)."""
+    return mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.int32).astype(mx.uint32)
+
+
+def micro_batch_dropout_keys(step_key: mx.array, micro_batches: int) -> mx.array:
+    """`(micro_batches, 2)` keys: row m is the key of the step's m-th micro-batch."""
+    return mx.random.split(step_key, micro_batches)
+
+
+def layer_dropout_keys(micro_batch_key: mx.array, num_layers: int) -> mx.array:
+    """`(num_layers, 2)` keys: row i holds layer i's dropout key (`models.lora.dropout_keys`) in a micro-batch."""
+    return mx.random.split(micro_batch_key, num_layers)
 
 
 class _Queue:

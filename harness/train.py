@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
 from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
-from harness.cpu_streams import plan_cpu_streams
 from harness.distributed import SilentTracker, hydra_argv, world
 from harness.launch import JOB_ENV, starts_ranks, train_on_ranks
+from harness.process import set_up_process
 from harness.tracking import Tracker
+from harness.before_after import metrics as before_after_metrics
 from harness.training import LoopSettings, TrainResult, train_loop
 from models.adapters import save_adapters
 from models.backend import describe
@@ -107,10 +108,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         )
     trainer = cfg.trainer
     build.seed_everything(trainer.seed)
-    # Before anything is evaluated: it may set MLX's evaluation order, which MLX reads once (harness/cpu_streams.py).
-    cpu_streams = plan_cpu_streams(
-        trainer.cpu_streams, -(-trainer.batch_size // ranks.size), checkpointing=trainer.gradient_checkpointing
-    )
+    # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
+    # (read once by MLX; harness/cpu_streams.py). Each rank has its share of a batch's rows.
+    cpu_streams, _ = set_up_process(trainer, batch_size=-(-trainer.batch_size // ranks.size))
 
     tokenizer, data = prepare_data(cfg)
     validation = data.validation
@@ -126,6 +126,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             epoch=epoch,
             shuffle=True,
             start_batch=start_batch,
+            pad_id=tokenizer.pad_id,
             **batching_options(data_cfg),
         )
 
@@ -133,6 +134,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         return validation_batches(
             validation,
             trainer.eval_batch_size,
+            pad_id=tokenizer.pad_id,
             pad_to_multiple=data_cfg.pad_to_multiple,
             max_seq_len=data_cfg.val_max_seq_len or data_cfg.max_seq_len,
         )
@@ -147,6 +149,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     )
     total_steps = build.total_optimizer_steps(trainer, cfg.optim, batches_per_epoch)
     model = build.build_model(cfg, progress=trainer.progress)
+    build.check_tokenizer_fits(tokenizer, model)
     optimizer = build.build_optimizer(cfg.optim, model, total_steps)
     spec = build.lora_spec(cfg.lora)
     base_id = build.base_model_id(cfg.model)
@@ -197,6 +200,18 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             },
             step=0 if state is None else state.step,
         )
+        want_answers = ranks.is_main and (  # generation is rank 0's
+            cfg.trainer.num_sample_prompts > 0 or cfg.trainer.exact_match_examples != 0
+        )
+        before = None
+        if want_answers:
+            from harness.before_after import BEFORE_FILE, AnswerSheet
+
+            before = AnswerSheet.load(run_dir / BEFORE_FILE)
+            if before is None and state is None:  # fresh adapters are the identity: this is the base model
+                before = answers(model, tokenizer, validation, cfg, desc="answers before training")
+                before.save(run_dir / BEFORE_FILE)
+                tracker.log(before_after_metrics(before, "base"), step=0)
         settings = LoopSettings(
             max_steps=total_steps,
             grad_accum_steps=cfg.optim.grad_accum_steps,
@@ -221,8 +236,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             save_adapters=save,
             state=state,
         )
-        if ranks.is_main and not result.diverged and not result.stopped_early:
-            log_generations(model, tokenizer, validation, cfg, tracker, step=total_steps)
+        if not result.diverged and not result.stopped_early and want_answers:
+            after = answers(model, tokenizer, validation, cfg, desc="answers after training")
+            log_answers(before, after, tracker, run_dir, step=total_steps)
         tracker.summary(
             {
                 "best_val_loss": result.best_val_loss,
@@ -243,25 +259,43 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     return result.best_val_loss
 
 
-def log_generations(model, tokenizer, validation, cfg: DictConfig, tracker: Tracker, *, step: int) -> None:
-    """Greedy responses (final weights) to the first few validation prompts: a W&B table + `generations.jsonl`."""
-    count = min(cfg.trainer.num_sample_prompts, len(validation))
-    if count == 0 or (cfg.logger.wandb is not None and not cfg.logger.wandb.log_generations):
-        return
-    from harness.generate import complete
+def validation_records(validation) -> list[dict]:
+    """The raw records (instruction, context, response, category) of the validation examples, in order."""
+    if hasattr(validation, "records"):
+        return list(validation.records)
+    return [example["record"] for example in validation]
 
-    rows = []
-    for i in range(count):
-        record = validation.records[i] if hasattr(validation, "records") else validation[i]["record"]
-        response = complete(
-            model,
-            tokenizer,
-            record,
-            template=cfg.data.template,
-            max_new_tokens=cfg.trainer.sample_max_new_tokens,
-        )
-        rows.append([record["instruction"], record.get("context", ""), record["response"], response])
-    tracker.log_table("generations", ["instruction", "context", "reference", "generated"], rows, step=step)
+
+def answers(model, tokenizer, validation, cfg: DictConfig, *, desc: str):
+    """The model's greedy answers to the fixed validation prompts and the exact-match records (`harness.before_after`)."""
+    from harness import before_after, exact_match
+
+    records = validation_records(validation)
+    return before_after.answer_sheet(
+        model,
+        tokenizer,
+        before_after.showcase_records(records, cfg.trainer.num_sample_prompts),
+        exact_match.checkable(records, cfg.trainer.exact_match_examples),
+        template=cfg.data.template,
+        max_new_tokens=cfg.trainer.sample_max_new_tokens,
+        progress=cfg.trainer.progress,
+        desc=desc,
+    )
+
+
+def log_answers(before, after, tracker: Tracker, run_dir: Path, *, step: int) -> None:
+    """The answers after training (beside those before) in the log, W&B (metrics + a table) and the run dir."""
+    from harness import before_after
+
+    after.save(run_dir / before_after.AFTER_FILE)
+    tracker.log(before_after.metrics(after, "eval"), step=step)
+    rows = [
+        [row["instruction"], row["context"], row["reference"],
+         before.shown[i]["response"] if before is not None and i < len(before.shown) else "", row["response"]]
+        for i, row in enumerate(after.shown)
+    ]
+    tracker.log_table("generations", ["instruction", "context", "reference", "before", "after"], rows, step=step)
+    print(before_after.format_report(before, after), file=sys.stderr)
 
 
 def print_summary(

@@ -28,6 +28,7 @@ from harness.cpu_streams import new_streams, split_rows
 from harness.distributed import save_on_main_rank, world
 from harness.loss import causal_lm_loss
 from harness.tracking import Tracker
+from models.memory import release_cache
 
 Batch = dict[str, mx.array]
 # Under a distributed launcher, rank 0 writes the checkpoints, after checking every rank holds the same adapters.
@@ -159,9 +160,9 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, 
 def make_train_step(
     model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True, streams: int = 1
 ):
-    """The training step for `model`: `LayerwiseTrainStep` when it has gradient checkpointing on (and no
-    adapter dropout, whose random masks a recomputation would redraw), else `TrainStep` with each micro-batch's
-    rows split over `streams` streams (`harness.cpu_streams.plan_cpu_streams` chooses how many)."""
+    """The training step for `model`: `LayerwiseTrainStep` (memory-bounded: layer by layer, micro-batch by
+    micro-batch) when it has gradient checkpointing on, else `TrainStep` with each micro-batch's rows split over
+    `streams` streams (`harness.cpu_streams.plan_cpu_streams` chooses how many)."""
     from harness.layerwise_step import LayerwiseTrainStep
 
     if LayerwiseTrainStep.supports(model):
@@ -261,6 +262,7 @@ def train_loop(
 
     def validate_and_checkpoint() -> float:
         val_loss, val_tokens = evaluate(model, validation_batches(), eval_step, progress=settings.progress)
+        release_cache()  # validation's buffers (other shapes than training's) would only sit in MLX's cache
         is_best = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss)
         if is_best:
             state.best_val_loss, state.best_step = val_loss, state.step

@@ -14,6 +14,9 @@ from models.mistral import ConfigError, KVCache, MistralForCausalLM, ModelArgs  
 _LAZY = {
     "load_pretrained": "models.checkpoint",
     "save_pretrained": "models.export",
+    "load_tokenizer": "models.tokenizer",
+    "Tokenizer": "models.tokenizer",
+    "TokenizerError": "models.tokenizer",
     "CheckpointError": "models.checkpoint",
     "QuantSpec": "models.quant",
     "QuantizedLinear": "models.quant",

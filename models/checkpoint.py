@@ -1,8 +1,11 @@
-"""Load Hugging Face Mistral checkpoints into MLX: local directories or Hub repos, one decoder layer at a time.
+"""Load Mistral and Llama checkpoints into MLX: Hugging Face directories, Hub repos or GGUF files, one decoder
+layer at a time.
 
 A checkpoint directory holds `config.json`, the weights as one `model.safetensors` or as shards listed in
 `model.safetensors.index.json`, and `tokenizer.model`. Weights are only ever read from safetensors (never
-pickled `*.bin`), and no code from the checkpoint is run.
+pickled `*.bin`), and no code from the checkpoint is run. A `.gguf` file (llama.cpp's format, llama
+architecture) is read by `models.gguf`, which ends in the same Hugging Face names; from there both formats
+take the same path (quantization, the cache).
 
 Memory: `mx.load` on a safetensors file is lazy (a tensor is read when it is evaluated), so the loader walks
 the model layer by layer, reads that layer's tensors, casts them to the compute dtype, quantizes the layer
@@ -30,6 +33,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from models import gguf
 from models.backend import compute_dtype, dtype_name
 from models.mistral import MistralForCausalLM, ModelArgs
 
@@ -69,17 +73,19 @@ class CheckpointError(ValueError):
 def resolve_model_dir(
     path_or_repo_id: str | os.PathLike, *, revision: str | None = None, progress: bool = True
 ) -> Path:
-    """The local directory of a checkpoint: `path_or_repo_id` itself when it is a directory, else the
-    Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless already there).
+    """The local directory of a checkpoint: `path_or_repo_id` itself when it is a directory or a `.gguf`
+    file, else the Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless there).
 
     Raises `CheckpointError` when the path does not exist and is not a repo id, or when the repo cannot be
     fetched (offline and not cached, gated, not found).
     """
     path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and is_gguf(path)):
         return path
     if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+        raise CheckpointError(
+            f"{path} is a file; pass the checkpoint directory that holds config.json, or a .gguf file"
+        )
     repo_id = str(path_or_repo_id)
     if not _REPO_ID.match(repo_id):
         raise CheckpointError(f"{repo_id}: no such directory, and not a Hugging Face repo id (owner/name)")
@@ -158,6 +164,18 @@ def read_model_args(model_dir: Path) -> ModelArgs:
     return ModelArgs.from_hf_config(config, source=str(config_path))
 
 
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"
+
+
+def _gguf_call(function, *args):
+    """Run a `models.gguf` reader; its errors become `CheckpointError`s (they already name the file)."""
+    try:
+        return function(*args)
+    except gguf.GGUFError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def weight_map(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it, from the index or the single weights file."""
     index_path = model_dir / INDEX_FILE
@@ -220,26 +238,30 @@ def _check_tensors(
     tensors: dict[str, mx.array],
     files: dict[str, Path],
     expected: dict[str, tuple[int, ...]],
+    config_name: str = "config.json",
 ) -> None:
-    """Raise `CheckpointError` for missing, unexpected, misshapen or non-float tensors, before reading data."""
+    """Raise `CheckpointError` for missing, unexpected, misshapen or non-float tensors, before reading data.
+
+    `config_name` says, in the messages, what described the model (config.json, or a GGUF file's metadata).
+    """
     extra = sorted(k for k in tensors.keys() - expected.keys() if not _ignored(k, expected))
     missing = sorted(expected.keys() - tensors.keys())
     if missing:
         raise CheckpointError(
-            f"{model_dir}: {len(missing)} tensors that config.json implies are missing from the weights: "
+            f"{model_dir}: {len(missing)} tensors that {config_name} implies are missing from the weights: "
             f"{_some(missing)}"
         )
     if extra:
         where = sorted({files[k].name for k in extra})
         raise CheckpointError(
-            f"{model_dir}: {len(extra)} unexpected tensors in {', '.join(where)}, not part of the Mistral model "
-            f"config.json describes: {_some(extra)}"
+            f"{model_dir}: {len(extra)} unexpected tensors in {', '.join(where)}, not part of the model "
+            f"{config_name} describes: {_some(extra)}"
         )
     for name, shape in expected.items():
         found = tuple(tensors[name].shape)
         if found != shape:
             raise CheckpointError(
-                f"{files[name]}: tensor {name} has shape {found}, but config.json implies {shape}"
+                f"{files[name]}: tensor {name} has shape {found}, but {config_name} implies {shape}"
             )
         if not mx.issubdtype(tensors[name].dtype, mx.floating):
             raise CheckpointError(
@@ -272,9 +294,11 @@ def load_pretrained(
     progress: bool = True,
     revision: str | None = None,
 ) -> MistralForCausalLM:
-    """Load a Hugging Face Mistral checkpoint as an MLX `MistralForCausalLM`.
+    """Load a Mistral or Llama checkpoint as an MLX `MistralForCausalLM`.
 
-    path_or_repo_id: a local checkpoint directory, or a Hub repo id such as "mistralai/Mistral-7B-v0.1".
+    path_or_repo_id: a local checkpoint directory, a Hub repo id such as "mistralai/Mistral-7B-v0.1", or a
+        `.gguf` file (llama architecture; tensors F32, F16, BF16, Q4_0, Q4_1 or Q8_0, dequantized to float
+        before `quant` applies).
     dtype: compute dtype of every dense parameter (None / "auto": `models.backend.compute_dtype("auto")`).
     quant: a `models.quant.QuantSpec`; its decoder projections are quantized layer by layer while loading.
         None (or method "none") keeps full precision.
@@ -285,23 +309,31 @@ def load_pretrained(
     dtype = compute_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
     quant = quant if quant is not None and quant.enabled else None
     model_dir = resolve_model_dir(path_or_repo_id, revision=revision, progress=progress)
-    args = read_model_args(model_dir)
-    files = weight_map(model_dir)
+    if is_gguf(model_dir):
+        header = _gguf_call(gguf.read_header, model_dir)
+        args = _gguf_call(gguf.model_args, header)
+        files = {name: model_dir for name in header.tensors}
+    else:
+        args = read_model_args(model_dir)
+        files = weight_map(model_dir)
 
     cache_path = None
     if quant is not None and cache_dir is not None:
-        key = cache_key(model_dir, files, quant, dtype)
-        cache_path = (
-            Path(cache_dir) / f"{model_dir.name}-{quant.method}{quant.bits}-{dtype_name(dtype)}-{key[:16]}"
-        )
+        key = cache_key(model_dir, files, quant, dtype, args)
+        name = model_dir.stem if is_gguf(model_dir) else model_dir.name  # a directory's "v0.1" is no suffix
+        cache_path = Path(cache_dir) / f"{name}-{quant.method}{quant.bits}-{dtype_name(dtype)}-{key[:16]}"
         model = _load_cached(cache_path, key, args, quant)
         if model is not None:
             return model
 
-    tensors = _open_tensors(files)
+    if is_gguf(model_dir):
+        tensors = _gguf_call(gguf.read_tensors, header, args)
+        files, config_name = dict.fromkeys(tensors, model_dir), "its GGUF metadata"
+    else:
+        tensors, config_name = _open_tensors(files), "config.json"
     model = MistralForCausalLM(args)  # parameters are lazy: never evaluated, replaced below
     expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
-    _check_tensors(model_dir, tensors, files, expected)
+    _check_tensors(model_dir, tensors, files, expected, config_name)
     _fill(model, tensors, dtype, quant, desc=f"load {model_dir.name}", progress=progress)
     if cache_path is not None:
         _save_cached(model, cache_path, key, model_dir, quant, dtype)
@@ -348,22 +380,23 @@ def _fill(
 # The cache of quantized bases
 
 
-def cache_key(model_dir: Path, files: dict[str, Path], quant, dtype) -> str:
+def cache_key(model_dir: Path, files: dict[str, Path], quant, dtype, args: ModelArgs) -> str:
     """Hex digest identifying (checkpoint, quant spec, dtype, cache format).
 
-    The checkpoint's identity is config.json, the index, and each weight file's name, size and a hash of its
-    first and last 64 KiB (the header with every name, shape and offset, and samples of the data): cheap to
-    compute for a 14 GB checkpoint, and changed by any re-export of it.
+    The checkpoint's identity is its `ModelArgs`, the index, and each weight file's name, size and a hash of
+    its first and last 64 KiB (the header with every name, shape and offset, and samples of the data): cheap
+    to compute for a 14 GB checkpoint, and changed by any re-export of it. `model_dir` is a directory, or
+    the `.gguf` file itself.
     """
     digest = hashlib.sha256()
     identity = {
         "format": CACHE_FORMAT_VERSION,
-        "config": json.loads((model_dir / "config.json").read_text()),
+        "config": dataclasses.asdict(args),
         "quant": quant.to_dict(),
         "dtype": dtype_name(dtype),
         "files": [_file_fingerprint(path) for path in sorted(set(files.values()))],
     }
-    if (model_dir / INDEX_FILE).is_file():
+    if model_dir.is_dir() and (model_dir / INDEX_FILE).is_file():
         identity["index"] = hashlib.sha256((model_dir / INDEX_FILE).read_bytes()).hexdigest()
     digest.update(json.dumps(identity, sort_keys=True).encode())
     return digest.hexdigest()

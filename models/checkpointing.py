@@ -54,3 +54,9 @@ def disable_gradient_checkpointing(model: nn.Module) -> nn.Module:
 
 def gradient_checkpointing_enabled(model: nn.Module) -> bool:
     return all(hasattr(type(layer), "_checkpointed_base") for layer in model.model.layers)
+
+
+def uncheckpointed_call(layer: nn.Module):
+    """The layer class's own `__call__` (`fn(layer, x, mask)`), without `mx.checkpoint` around it even when
+    checkpointing is on: for callers that recompute layers themselves (harness/layerwise_step.py)."""
+    return getattr(type(layer), "_checkpointed_base", type(layer)).__call__

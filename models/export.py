@@ -1,14 +1,15 @@
 """Write a model as a Hugging Face directory: `config.json`, sharded safetensors, the shard index, tokenizer.
 
 The directory loads with `transformers.AutoModelForCausalLM.from_pretrained` and with `models.load_pretrained`.
-`export_merged` folds LoRA adapters into dequantized weights first.
+`export_merged` folds LoRA adapters into dequantized weights as it writes: each tensor is a lazy expression of the
+quantized base and the adapters (`merged_state`), and only one shard's tensors are computed at a time, so the peak
+is the quantized model plus one output shard, never the whole dense model. The model itself is left unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,12 +18,58 @@ from mlx.utils import tree_flatten
 
 from models.adapters import atomic_save_safetensors, atomic_write_text
 from models.backend import compute_dtype, dtype_name
-from models.lora import merge_lora
+from models.lora import LoRALinear
+from models.memory import release_cache
+from models.quant import QuantizedEmbedding, QuantizedLinear
+from models.tokenizer import Tokenizer, load_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
+# dtype="auto" writes bfloat16 from this many parameters on (a 7B model in float32 is about 29 GB), float32 below.
+BFLOAT16_FROM_PARAMETERS = 1_000_000_000
+
+
+def export_dtype(model: nn.Module, dtype: str | mx.Dtype) -> mx.Dtype:
+    """The dtype to write: `dtype` itself, or for "auto" bfloat16 for models of `BFLOAT16_FROM_PARAMETERS` or
+    more parameters (counted dense: a quantized weight counts its full shape) and float32 for smaller ones."""
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype != "auto":
+        return compute_dtype(dtype)
+    parameters = sum(value.size for value in merged_state(model, mx.float32).values())  # shapes only, lazy
+    return mx.bfloat16 if parameters >= BFLOAT16_FROM_PARAMETERS else mx.float32
+
+
+def merged_state(model: nn.Module, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """HF-named tensors of `model` as a dense model would hold them, in `dtype`, none of them computed yet:
+    adapters merged into their base (`dequantize(base) + (alpha/r) B A`, float32 math), quantized linears and
+    embeddings dequantized, every other array cast. Evaluating a few at a time bounds the memory they need."""
+    state: dict[str, mx.array] = {}
+
+    def visit(prefix: str, node) -> None:
+        if isinstance(node, LoRALinear):
+            base = node.base_layer
+            dense = base.dequantize(mx.float32) if isinstance(base, QuantizedLinear) else base.weight.astype(mx.float32)
+            state[f"{prefix}weight"] = (dense + node.delta_weight(mx.float32)).astype(dtype)
+            if "bias" in base:
+                state[f"{prefix}bias"] = base.bias.astype(dtype)
+        elif isinstance(node, (QuantizedLinear, QuantizedEmbedding)):
+            state[f"{prefix}weight"] = node.dequantize(dtype)
+            if isinstance(node, QuantizedLinear) and "bias" in node:
+                state[f"{prefix}bias"] = node.bias.astype(dtype)
+        elif isinstance(node, mx.array):
+            state[prefix[:-1]] = node.astype(dtype)
+        elif isinstance(node, dict):  # modules too; "_"-prefixed entries are not parameters (MLX's rule)
+            for key, child in node.items():
+                if not str(key).startswith("_"):
+                    visit(f"{prefix}{key}.", child)
+        elif isinstance(node, (list, tuple)):
+            for index, child in enumerate(node):
+                visit(f"{prefix}{index}.", child)
+
+    visit("", model)
+    return state
 
 
 def _dense_state(model: nn.Module) -> dict[str, mx.array]:
@@ -66,10 +113,19 @@ def save_pretrained(
     a single `model.safetensors` when one shard suffices), with metadata `{"format": "pt"}`. Each file is
     written to a temporary name and renamed into place; shards of an earlier export are removed.
     """
-    mx_dtype = compute_dtype(dtype) if isinstance(dtype, str) else dtype
+    mx_dtype = export_dtype(model, dtype)
+    state = {k: v.astype(mx_dtype) for k, v in _dense_state(model).items()}
+    return _write_hf_directory(model, state, out_dir, mx_dtype, max_shard_bytes, progress)
+
+
+def _write_hf_directory(
+    model: nn.Module, state: dict[str, mx.array], out_dir, mx_dtype: mx.Dtype, max_shard_bytes: int, progress: bool
+) -> Path:
+    """Write `state` (lazy arrays in `mx_dtype`, consumed) as shards + index + `config.json`; one shard's
+    arrays are computed at a time and released once written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = _dense_state(model)
+    total = sum(v.size for v in state.values()) * mx_dtype.size
     shards = _shards(state, max_shard_bytes, mx_dtype.size)
     names = (
         [SINGLE_FILE]
@@ -83,15 +139,17 @@ def save_pretrained(
         keys_iter = tqdm(list(keys_iter), desc=f"write {out.name}", unit="shard")
     weight_map = {}
     for name, keys in keys_iter:
-        arrays = {k: state[k].astype(mx_dtype) for k in keys}
+        arrays = {k: state.pop(k) for k in keys}
+        mx.eval(arrays)
         atomic_save_safetensors(out / name, arrays, metadata={"format": "pt"})
         weight_map.update({k: name for k in keys})
+        del arrays
+        release_cache()  # the shard's buffers go back to the system before the next shard is computed
     for stale in out.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()
     index = out / INDEX_FILE
     if len(shards) > 1:
-        total = sum(v.size for v in state.values()) * mx_dtype.size
         atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     else:
         index.unlink(missing_ok=True)
@@ -101,39 +159,27 @@ def save_pretrained(
     return out
 
 
-def copy_tokenizer(tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    """Copy `tokenizer.model` (a file, or the tokenizer files of a directory) into `out_dir`."""
-    source = Path(tokenizer_path)
-    files = [source / f for f in TOKENIZER_FILES if (source / f).is_file()] if source.is_dir() else [source]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"{source}: no tokenizer file to copy")
-    copied = []
-    for file in files:
-        target = Path(out_dir) / (file.name if source.is_dir() else "tokenizer.model")
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(file, tmp)
-        os.replace(tmp, target)
-        copied.append(target)
-    return copied
-
-
 def export_merged(
     model: nn.Module,
     out_dir: str | os.PathLike,
     *,
-    tokenizer_path: str | os.PathLike | None = None,
-    dtype: str | mx.Dtype = "float32",
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
+    dtype: str | mx.Dtype = "auto",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> Path:
-    """Merge adapters into dequantized weights (in place: `model` becomes dense) and save a HF directory.
+    """Save `model` (quantized or not, with or without LoRA adapters) as a dense HF directory, adapters merged.
 
-    Writes what `save_pretrained` writes plus the tokenizer from `tokenizer_path` (a `tokenizer.model` file
-    or a directory holding it). Returns out_dir.
+    Tensors are merged and dequantized shard by shard as they are written (`merged_state`): the peak is the
+    model plus one shard of `max_shard_bytes`. `model` is not changed. `dtype`: "float32", "bfloat16",
+    "float16", or "auto" (`export_dtype`: bfloat16 for 7B-sized models, float32 for small ones). Writes what
+    `save_pretrained` writes plus `tokenizer` (a `Tokenizer`, or a source `load_tokenizer` reads: a `.gguf`,
+    `tokenizer.json` or `tokenizer.model` file or a directory), saved so that `transformers` loads the directory
+    alone (`Tokenizer.save`). Returns out_dir.
     """
-    mx_dtype = compute_dtype(dtype) if isinstance(dtype, str) else dtype
-    merge_lora(model, mx_dtype)
-    out = save_pretrained(model, out_dir, dtype=mx_dtype, max_shard_bytes=max_shard_bytes, progress=progress)
-    if tokenizer_path is not None:
-        copy_tokenizer(tokenizer_path, out)
+    mx_dtype = export_dtype(model, dtype)
+    state = merged_state(model, mx_dtype)
+    out = _write_hf_directory(model, state, out_dir, mx_dtype, max_shard_bytes, progress)
+    if tokenizer is not None:
+        (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).save(out)
     return out

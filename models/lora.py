@@ -7,8 +7,11 @@ freshly wrapped model computes exactly what its base computes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -79,6 +82,31 @@ def _features(layer: nn.Module) -> tuple[int, int]:
     return in_features, out_features
 
 
+# Inside `dropout_keys(key)`: a one-element list holding the next key of the chain that adapter dropout draws from.
+_DROPOUT_KEY_CHAIN: contextvars.ContextVar[list | None] = contextvars.ContextVar("lora_dropout_keys", default=None)
+
+
+@contextlib.contextmanager
+def dropout_keys(key: mx.array) -> Iterator[None]:
+    """Adapter dropout inside this block draws its masks from `key` (`mx.random.key`, uint32 `(2,)`), not from
+    MLX's global random state: the n-th adapter called takes the n-th key split off a chain started at `key`.
+    Running the same layer again under the same key (a recomputation for the backward pass) therefore draws
+    the same masks, and `key` may be an input of a compiled function."""
+    token = _DROPOUT_KEY_CHAIN.set([key])
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY_CHAIN.reset(token)
+
+
+def _next_dropout_key() -> mx.array | None:
+    chain = _DROPOUT_KEY_CHAIN.get()
+    if chain is None:
+        return None
+    chain[0], key = mx.random.split(chain[0])
+    return key
+
+
 class LoRALinear(nn.Module):
     """`base_layer(x) + scale * dropout(x) @ lora_A^T @ lora_B^T`, with only `lora_A`/`lora_B` trainable.
 
@@ -94,6 +122,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.scale = alpha / rank
+        self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         bound = 1.0 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5)) on (r, in)
         self.lora_A = mx.random.uniform(-bound, bound, (rank, in_features))
@@ -102,13 +131,21 @@ class LoRALinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """`x (…, in) -> (…, out)` in x's dtype."""
         y = self.base_layer(x)
-        h = self.dropout(x) if self.dropout is not None else x
+        h = self._dropped(x) if self.dropout is not None else x
         down = h @ self.lora_A.astype(x.dtype).T  # (…, rank)
         if y.dtype == x.dtype:
             # y + scale * down @ B^T in one GEMM (BLAS beta = 1): no separate pass over the (…, out) update.
             return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)
         update = down @ self.lora_B.astype(x.dtype).T
         return y + (self.scale * update).astype(y.dtype)
+
+    def _dropped(self, x: mx.array) -> mx.array:
+        """`nn.Dropout` on the adapter's input, with its mask from `dropout_keys` when one is active."""
+        key = _next_dropout_key() if self.dropout.training else None
+        if key is None:
+            return self.dropout(x)
+        keep = 1.0 - self.dropout_p
+        return (mx.random.bernoulli(keep, x.shape, key=key) * x) * (1 / keep)
 
     def delta_weight(self, dtype=mx.float32) -> mx.array:
         """`scale * B @ A`, the `(out, in)` change this adapter makes to the base weight."""

@@ -1,7 +1,7 @@
-"""Mistral decoder in MLX, with Hugging Face's parameter names.
+"""Mistral decoder in MLX, with Hugging Face's parameter names; Llama is the same model without a sliding window.
 
-The module tree mirrors `transformers.MistralForCausalLM` exactly
-(`model.layers.0.self_attn.q_proj.weight`, ...), so a Hugging Face checkpoint loads without renaming.
+The module tree mirrors `transformers.MistralForCausalLM` (and `LlamaForCausalLM`, whose names are the same)
+exactly (`model.layers.0.self_attn.q_proj.weight`, ...), so a Hugging Face checkpoint loads without renaming.
 The model knows nothing of quantization, LoRA or gradient checkpointing: those are applied from outside
 by swapping modules (`models.quant`, `models.lora`, `models.checkpointing`).
 """
@@ -16,7 +16,10 @@ import mlx.nn as nn
 
 from models.attention import fused_attention
 
-SUPPORTED_MODEL_TYPES = ("mistral",)
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+# Features of Hugging Face's Llama that this model does not implement: a config that switches one on is refused
+# rather than loaded into a model that would silently compute something else.
+_UNSUPPORTED_FLAGS = ("attention_bias", "mlp_bias")
 
 
 class ConfigError(ValueError):
@@ -25,7 +28,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelArgs:
-    """Hyperparameters of a Mistral model, named as in Hugging Face's `MistralConfig`."""
+    """Hyperparameters of a Mistral or Llama model, named as in Hugging Face's `MistralConfig`/`LlamaConfig`.
+
+    `model_type` "llama" has no sliding window: `sliding_window` is always None for it (as in transformers,
+    whose Llama ignores the key).
+    """
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -45,6 +52,13 @@ class ModelArgs:
     model_type: str = "mistral"
 
     def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type={self.model_type!r} is not supported; this project builds "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
+            )
+        if self.model_type == "llama":
+            self.sliding_window = None
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -53,14 +67,15 @@ class ModelArgs:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Mistral uses 'silu')")
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Mistral and Llama use 'silu')")
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "ModelArgs":
-        """Build from a Hugging Face `config.json` dict; unknown keys are ignored.
+        """Build from a Hugging Face `config.json` dict (Mistral or Llama); unknown keys are ignored.
 
         `rope_theta` may sit at the top level (transformers 4) or in `rope_parameters` (transformers 5).
-        Raises `ConfigError` naming `source` when the config is not a Mistral config.
+        Raises `ConfigError` naming `source` and the key when the config describes a model this project
+        cannot build (another model_type, RoPE scaling, biases in attention or MLP).
         """
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -68,14 +83,24 @@ class ModelArgs:
                 f"{source}: model_type={model_type!r} is not supported; this project builds "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
             )
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+        rope = config.get(rope_key) or {}
         if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: rope_parameters={rope!r} should be an object")
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ConfigError(f"{source}: rope scaling {rope!r} is not supported")
+            raise ConfigError(f"{source}: {rope_key}={rope!r} should be an object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(
+                f"{source}: {rope_key} has rope_type={rope_type!r}: rope scaling {rope!r} is not supported "
+                f"(only the default RoPE)"
+            )
+        for flag in _UNSUPPORTED_FLAGS:
+            if config.get(flag):
+                raise ConfigError(f"{source}: {flag}={config[flag]!r} is not supported (no biases in this model)")
         values = dict(config)
         if "rope_theta" not in values and "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
+        if model_type == "llama" and values.get("num_key_value_heads") is None and "num_attention_heads" in values:
+            values["num_key_value_heads"] = values["num_attention_heads"]  # a Llama without GQA omits it
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
         for key in ("bos_token_id", "eos_token_id"):
@@ -91,9 +116,15 @@ class ModelArgs:
             raise ConfigError(f"{source}: {err}") from err
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The `config.json` dict that `transformers.MistralForCausalLM` reads back to the same model."""
+        """The `config.json` dict that `transformers.MistralForCausalLM` (model_type "mistral") or
+        `LlamaForCausalLM` (model_type "llama") reads back to the same model."""
         config = dataclasses.asdict(self)
-        config["architectures"] = ["MistralForCausalLM"]
+        if self.model_type == "llama":
+            del config["sliding_window"]
+            config.update({flag: False for flag in _UNSUPPORTED_FLAGS})
+            config["architectures"] = ["LlamaForCausalLM"]
+        else:
+            config["architectures"] = ["MistralForCausalLM"]
         config["torch_dtype"] = "float32"
         return config
 
@@ -242,13 +273,25 @@ class MistralModel(nn.Module):
         segment_ids: mx.array | None = None,
     ) -> mx.array:
         """Final hidden states `(B, L, hidden_size)` for token ids `(B, L)`."""
-        h = self.embed_tokens(input_ids)
-        length = input_ids.shape[1]
-        offset = 0 if cache is None else cache[0].offset
-        mask = attention_mask(length, offset + length, self.args.sliding_window, segment_ids)
+        h = self.embed(input_ids)
+        mask = self.mask(input_ids.shape[1], 0 if cache is None else cache[0].offset, segment_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, None if cache is None else cache[i])
-        return self.norm(h)
+        return self.final_norm(h)
+
+    # The forward pass in its parts, for callers that run the layers one at a time (a layer-by-layer training
+    # step): embed -> mask -> each of `layers` as `layer(h, mask)` -> final_norm.
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """Token embeddings `(B, L, hidden_size)` for ids `(B, L)`: the first layer's input."""
+        return self.embed_tokens(input_ids)
+
+    def mask(self, length: int, offset: int = 0, segment_ids: mx.array | None = None) -> mx.array | str | None:
+        """The attention mask every layer takes for `length` new positions after `offset` cached ones."""
+        return attention_mask(length, offset + length, self.args.sliding_window, segment_ids)
+
+    def final_norm(self, hidden: mx.array) -> mx.array:
+        """The last layer's output `(…, hidden_size)` normed: what the head reads."""
+        return self.norm(hidden)
 
 
 class MistralForCausalLM(nn.Module):
@@ -274,6 +317,18 @@ class MistralForCausalLM(nn.Module):
         segment_ids: mx.array | None = None,
     ) -> mx.array:
         return self.logits(self.model(input_ids, cache=cache, segment_ids=segment_ids))
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """`self.model.embed`: the first decoder layer's input `(B, L, hidden_size)`."""
+        return self.model.embed(input_ids)
+
+    def mask(self, length: int, offset: int = 0, segment_ids: mx.array | None = None) -> mx.array | str | None:
+        """`self.model.mask`: the attention mask every decoder layer takes."""
+        return self.model.mask(length, offset, segment_ids)
+
+    def final_norm(self, hidden: mx.array) -> mx.array:
+        """`self.model.final_norm`: the last decoder layer's output normed for `logits`."""
+        return self.model.final_norm(hidden)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.model.layers]

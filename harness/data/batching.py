@@ -1,7 +1,8 @@
 """Batches for MLX: length-sorted buckets, a few padded shapes, seeded shuffling, resumable; optional packing.
 
 A batch is a dict of `mx.array`: `input_ids (B, L) int32`, `labels (B, L) int32` (-100 where no loss, not
-shifted), `attention_mask (B, L) int32` (1 on real tokens, right padding with id 0) and, when packing,
+shifted), `attention_mask (B, L) int32` (1 on real tokens; right padding with the tokenizer's `pad_id`, never
+labelled) and, when packing,
 `segment_ids (B, L) int32` (1.. per example in a row, 0 on padding). `B` is always `batch_size` (a short last
 batch is filled with empty rows, all padding) and `L` is a multiple of `pad_to_multiple` capped at
 `max_seq_len`, so a compiled step sees few distinct shapes.
@@ -20,7 +21,6 @@ import numpy as np
 
 from harness.data.encode import IGNORE_INDEX
 from harness.data.examples import EncodedSplit
-from harness.data.tokenizer import PAD_ID
 
 Plan = list[list[list[int]]]  # batches -> rows -> example indices (one per row unless packed)
 
@@ -128,13 +128,13 @@ def padding_fraction(
 
 def collate(
     examples: Sequence, batch: list[list[int]], batch_size: int, pad_to_multiple: int, max_seq_len: int | None,
-    pack: bool,
+    pack: bool, pad_id: int,
 ) -> dict[str, np.ndarray]:
     """Numpy arrays of one batch (see the module docstring); rows past `len(batch)` are empty."""
     parts = [[_ids_and_labels(examples, i) for i in row] for row in batch]
     row_lengths = [sum(len(ids) for ids, _ in row) for row in parts]
     width = padded_length(max(row_lengths), pad_to_multiple, max_seq_len)
-    input_ids = np.full((batch_size, width), PAD_ID, np.int32)
+    input_ids = np.full((batch_size, width), pad_id, np.int32)
     labels = np.full((batch_size, width), IGNORE_INDEX, np.int32)
     attention_mask = np.zeros((batch_size, width), np.int32)
     segment_ids = np.zeros((batch_size, width), np.int32)
@@ -143,7 +143,7 @@ def collate(
         for segment, (ids, row_labels) in enumerate(row, start=1):
             end = position + len(ids)
             input_ids[r, position:end] = ids
-            labels[r, position:end] = row_labels  # starts with BOS (label -100): no loss across examples
+            labels[r, position:end] = row_labels  # starts with BOS or a prompt token (label -100): no loss across examples
             segment_ids[r, position:end] = segment
             position = end
         attention_mask[r, :position] = 1
@@ -189,6 +189,7 @@ def batch_iterator(
     examples: Sequence,
     batch_size: int,
     *,
+    pad_id: int,
     seed: int = 0,
     epoch: int = 0,
     shuffle: bool = True,
@@ -203,7 +204,7 @@ def batch_iterator(
 
     `epoch` changes the shuffle; `start_batch` skips the first batches of the epoch (resume at a batch index:
     the remaining batches are exactly those an uninterrupted run would see). `max_seq_len` caps the padded
-    length and is the row capacity when packing (default: the longest example).
+    length and is the row capacity when packing (default: the longest example). `pad_id`: the tokenizer's.
     """
     lengths = example_lengths(examples)
     plan = plan_batches(
@@ -211,18 +212,18 @@ def batch_iterator(
         sort_chunk_batches=sort_chunk_batches, pack=pack, pack_capacity=max_seq_len,
     )
     for batch in plan[start_batch:]:
-        arrays = collate(examples, batch, batch_size, pad_to_multiple, max_seq_len, pack)
+        arrays = collate(examples, batch, batch_size, pad_to_multiple, max_seq_len, pack, pad_id)
         yield {name: mx.array(value) for name, value in arrays.items()}
 
 
 def validation_batches(
-    examples: Sequence, batch_size: int, *, pad_to_multiple: int = 32, max_seq_len: int | None = None
+    examples: Sequence, batch_size: int, *, pad_id: int, pad_to_multiple: int = 32, max_seq_len: int | None = None
 ) -> Iterator[dict[str, mx.array]]:
     """Batches of the whole validation set in a fixed order (by length, ties by index): the same every call,
-    so validation losses are comparable between steps and between trials."""
+    so validation losses are comparable between steps and between trials. `pad_id`: the tokenizer's."""
     lengths = example_lengths(examples)
     order = np.argsort(-lengths, kind="stable").tolist()
     for start in range(0, len(order), batch_size):
         batch = [[i] for i in order[start : start + batch_size]]
-        arrays = collate(examples, batch, batch_size, pad_to_multiple, max_seq_len, pack=False)
+        arrays = collate(examples, batch, batch_size, pad_to_multiple, max_seq_len, pack=False, pad_id=pad_id)
         yield {name: mx.array(value) for name, value in arrays.items()}

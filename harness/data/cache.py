@@ -1,5 +1,5 @@
 """On-disk cache of tokenized splits: `<cache_dir>/tokenized/<key>/`, written atomically, keyed by everything
-that changes the tokens (source fingerprint, tokenizer sha256, template, lengths, split settings)."""
+that changes the tokens (source fingerprint, tokenizer identity, template, lengths, split settings)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 # Bump when the encoding rules change, so that caches written by older code are not reused.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: BOS only when the tokenizer's model adds one
 COMPLETE_MARKER = "stats.json"  # written last: a directory without it is not a cache entry
 
 

@@ -46,8 +46,10 @@ class DataConfig:
     val_fraction: float = 0.1  # share of records in the validation split
     stratify: bool = True  # split each category in the same proportion
     split_seed: int = 0
-    tokenizer_path: Optional[str] = None  # a tokenizer.model or a model directory; null: Mistral-7B-v0.1's
-    tokenize_threads: int = 0  # SentencePiece threads; 0: one per CPU core
+    # A tokenizer.model, tokenizer.json, .gguf file or a model directory; null: the model's own (Mistral-7B-v0.1's
+    # for random-init models).
+    tokenizer_path: Optional[str] = None
+    tokenize_threads: int = 0  # SentencePiece threads (tokenizers uses its own pool); 0: one per CPU core
     # Batching: lengths are rounded up to a multiple of this (a few distinct shapes -> few recompilations).
     pad_to_multiple: int = 32
     sort_by_length: bool = True  # batch examples of similar length (within shuffled chunks)

@@ -17,7 +17,7 @@ from harness.data.errors import DataError
 from harness.data.examples import EncodedSplit
 from harness.data.records import INVALID_POLICIES, load_records
 from harness.data.split import split_indices
-from harness.data.tokenizer import Tokenizer, load_tokenizer
+from models.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
 PERCENTILES = (50, 90, 99)
@@ -75,7 +75,7 @@ def prepare_dataset(
 
     `cfg`: a `DataConfig` (or the `data` node of a composed Hydra config). `tokenizer`: None loads
     `cfg.tokenizer_path`. `cache_dir`: None uses `cfg.cache_dir`, then `$QLORA_CACHE_DIR`, then
-    `~/.cache/mistral-dolly-qlora`. The cache key covers the source fingerprint, tokenizer sha256, template,
+    `~/.cache/mistral-dolly-qlora`. The cache key covers the source fingerprint, the tokenizer's identity, template,
     `max_seq_len`, `val_max_seq_len`, split settings and `max_records`: changing any of them re-tokenizes.
     Raises `DataError` on bad records (see `harness.data.records`) and when no training example is left.
     """
@@ -95,7 +95,7 @@ def prepare_dataset(
         "source": loaded.fingerprint,
         "invalid_records": cfg.invalid_records,
         "max_records": cfg.max_records,
-        "tokenizer_sha256": tokenizer.fingerprint,
+        "tokenizer": tokenizer.identity,
         "template": {f.name: getattr(template, f.name) for f in fields(TemplateConfig)},
         "max_seq_len": cfg.max_seq_len,
         "val_max_seq_len": val_max_seq_len,

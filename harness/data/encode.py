@@ -1,11 +1,13 @@
 """Records -> token sequences with labels on the response only.
 
-Sequence layout: `[BOS] + prompt + response + [EOS]`. The prompt (`format_prompt`) and the response are encoded
-separately and concatenated, so the boundary is exact: labels are -100 on BOS and every prompt token and equal
-the token on every response token and on the final EOS. The response is encoded as a continuation of the prompt
-(no added leading "▁"), so its labelled tokens decode (`decode(..., continuation=True)`) to exactly the response.
-With the default template the prompt ends in a newline, a token boundary of Mistral's tokenizer, so this is
-also exactly how the whole text would be tokenized at once.
+Sequence layout: `[BOS] + prompt + response + [EOS]`, with BOS only when the tokenizer's model adds one
+(`tokenizer.add_bos`: Mistral yes, SmolLM2 no) and the model's own EOS. The prompt (`format_prompt`) and the
+response are encoded separately and concatenated, so the boundary is exact: labels are -100 on BOS and every
+prompt token and equal the token on every response token and on the final EOS. The response is encoded as a
+continuation of the prompt (no added leading "▁"), so its labelled tokens decode (`decode(...,
+continuation=True)`) to exactly the response. With the default template the prompt ends in a newline, a token
+boundary of Mistral's and of byte-level BPE tokenizers, so this is also exactly how the whole text would be
+tokenized at once.
 
 Truncation to `max_seq_len`, in this order, keeping the response whole when it can:
 1. the context is shortened from its end, at a word boundary where one is near (down to nothing, which
@@ -27,10 +29,10 @@ from tqdm.auto import tqdm
 
 from harness.data.config import TemplateConfig
 from harness.data.prompt import format_prompt
-from harness.data.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (HF convention)
-CHUNK_RECORDS = 2048  # records per batched SentencePiece call (one progress-bar step)
+CHUNK_RECORDS = 2048  # records per batched tokenizer call (one progress-bar step)
 
 DROP_EMPTY_INSTRUCTION = "empty instruction"
 DROP_EMPTY_RESPONSE = "empty response"
@@ -39,10 +41,10 @@ DROP_PROMPT_TOO_LONG = "prompt longer than max_seq_len"
 
 @dataclass(frozen=True)
 class EncodedSequence:
-    """One example: `input_ids` (BOS + prompt + response [+ EOS]); the first `prompt_length` carry no label."""
+    """One example: `input_ids` ([BOS] + prompt + response [+ EOS]); the first `prompt_length` carry no label."""
 
     input_ids: list[int]
-    prompt_length: int  # BOS + prompt tokens
+    prompt_length: int  # [BOS +] prompt tokens
     truncated: str = ""  # "" | "context" | "response": what truncation shortened
 
     def labels(self) -> list[int]:
@@ -76,7 +78,7 @@ def _with_context(record: Mapping[str, str], context: str) -> dict[str, str]:
 def _word_boundary(ids: list[int], keep: int, tokenizer: Tokenizer, max_back: int = 16) -> int:
     """`keep`, moved back (by at most `max_back` tokens) so that `ids[:keep]` does not end inside a word."""
     for cut in range(keep, max(0, keep - max_back), -1):
-        if cut == len(ids) or tokenizer.id_to_piece(ids[cut]).startswith(("▁", "<0x")):
+        if cut == len(ids) or tokenizer.starts_word(ids[cut]):
             return cut
     return keep
 
@@ -95,11 +97,12 @@ def fit_sequence(
         return None, DROP_EMPTY_INSTRUCTION
     if not record["response"].strip():
         return None, DROP_EMPTY_RESPONSE
-    budget = max_seq_len - 1  # BOS always comes first
+    start = [tokenizer.bos_id] if tokenizer.add_bos else []
+    budget = max_seq_len - len(start)
 
     def assemble(prompt: list[int], response: list[int], eos: bool, truncated: str) -> EncodedSequence:
-        ids = [tokenizer.bos_id, *prompt, *response] + ([tokenizer.eos_id] if eos else [])
-        return EncodedSequence(ids, 1 + len(prompt), truncated)
+        ids = [*start, *prompt, *response] + ([tokenizer.eos_id] if eos else [])
+        return EncodedSequence(ids, len(start) + len(prompt), truncated)
 
     if len(prompt_ids) + len(response_ids) + 1 <= budget:
         return assemble(prompt_ids, response_ids, True, ""), None
@@ -152,7 +155,7 @@ def encode_records(
     progress: bool = False,
     desc: str = "tokenizing",
 ) -> EncodeResult:
-    """`encode_example` for many records at once: prompts and responses go to SentencePiece in large batches
+    """`encode_example` for many records at once: prompts and responses go to the tokenizer in large batches
     encoded on `num_threads` threads (0: one per core). Gives the same sequences as `encode_example`."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2 (BOS + one response token), got {max_seq_len}")

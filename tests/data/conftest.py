@@ -6,12 +6,23 @@ from pathlib import Path
 import pytest
 
 from harness.data import DataConfig, load_tokenizer
+from tests.conftest import smollm2_gguf_path
+
+SMOLLM2_GGUF = smollm2_gguf_path()  # at import: fixtures may point QLORA_CACHE_DIR at tmp_path later
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """Mistral-7B-v0.1's tokenizer (the copy inside mistral_common)."""
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's byte-level BPE from its GGUF (no BOS added, pads with EOS)."""
+    if SMOLLM2_GGUF is None:
+        pytest.skip("SmolLM2-135M-Instruct GGUF not in the model cache (python -m harness.download)")
+    return load_tokenizer(SMOLLM2_GGUF)
 
 
 def dolly_records(n: int, *, categories=("open_qa", "closed_qa", "summarization")) -> list[dict]:

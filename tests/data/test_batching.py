@@ -10,6 +10,8 @@ from harness.data import (
 from harness.data.batching import example_lengths
 from harness.data.encode import EncodedSequence
 
+PAD = 0
+
 
 @pytest.fixture(scope="module")
 def split():
@@ -30,8 +32,9 @@ def rows_of(batch):
     return [(ids[r, : mask[r].sum()].tolist(), labels[r, : mask[r].sum()].tolist()) for r in range(len(ids)) if mask[r].any()]
 
 
-def test_batches_follow_the_contract(split):
-    batches = list(batch_iterator(split, 8, seed=0, max_seq_len=192))
+@pytest.mark.parametrize("pad_id", [0, 2])  # Mistral pads with <unk> (0), SmolLM2 with its EOS (2)
+def test_batches_follow_the_contract(split, pad_id):
+    batches = list(batch_iterator(split, 8, pad_id=pad_id, seed=0, max_seq_len=192))
     assert len(batches) == num_batches(split, 8) == 38
     widths = set()
     for batch in batches:
@@ -39,7 +42,7 @@ def test_batches_follow_the_contract(split):
         for value in batch.values():
             assert value.dtype == mx.int32 and value.shape[0] == 8  # a short last batch gets empty rows
         ids, labels, mask = (np.array(batch[k]) for k in ("input_ids", "labels", "attention_mask"))
-        assert np.all(ids[mask == 0] == 0) and np.all(labels[mask == 0] == IGNORE_INDEX)
+        assert np.all(ids[mask == 0] == pad_id) and np.all(labels[mask == 0] == IGNORE_INDEX)
         assert np.all(np.diff(mask, axis=1) <= 0)  # right padding
         widths.add(ids.shape[1])
     assert widths <= {32, 64, 96, 128, 160, 192}
@@ -72,16 +75,16 @@ def test_order_depends_on_seed_and_epoch_only(split):
 
 
 def test_resume_from_a_batch_index_gives_the_remaining_batches(split):
-    full = list(batch_iterator(split, 8, seed=5, epoch=2))
-    resumed = list(batch_iterator(split, 8, seed=5, epoch=2, start_batch=17))
+    full = list(batch_iterator(split, 8, pad_id=PAD, seed=5, epoch=2))
+    resumed = list(batch_iterator(split, 8, pad_id=PAD, seed=5, epoch=2, start_batch=17))
     assert len(resumed) == len(full) - 17
     for a, b in zip(full[17:], resumed):
         assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
 
 
 def test_validation_batches_are_fixed_and_complete(split):
-    first = list(validation_batches(split, 16))
-    second = list(validation_batches(split, 16))
+    first = list(validation_batches(split, 16, pad_id=PAD))
+    second = list(validation_batches(split, 16, pad_id=PAD))
     assert len(first) == 19
     assert all(np.array_equal(np.array(a["input_ids"]), np.array(b["input_ids"])) for a, b in zip(first, second))
     seen = sorted(row for batch in first for row in rows_of(batch))
@@ -90,13 +93,13 @@ def test_validation_batches_are_fixed_and_complete(split):
 
 def test_plain_lists_of_examples_are_accepted(split):
     as_list = [split[i] for i in range(40)]
-    a = list(batch_iterator(as_list, 4, seed=0))
-    b = list(batch_iterator(split[:40], 4, seed=0))
+    a = list(batch_iterator(as_list, 4, pad_id=PAD, seed=0))
+    b = list(batch_iterator(split[:40], 4, pad_id=PAD, seed=0))
     assert all(np.array_equal(np.array(x[k]), np.array(y[k])) for x, y in zip(a, b) for k in x)
 
 
 def test_packing_keeps_examples_apart(split):
-    batches = list(batch_iterator(split, 4, seed=0, pack=True, max_seq_len=256))
+    batches = list(batch_iterator(split, 4, pad_id=PAD, seed=0, pack=True, max_seq_len=256))
     assert len(batches) == num_batches(split, 4, seed=0, pack=True, max_seq_len=256)
     found = []
     for batch in batches:
@@ -121,7 +124,7 @@ def test_batching_options_come_from_the_data_config(split):
 
     cfg = DataConfig(max_seq_len=96, pad_to_multiple=16, pack=True)
     short = [x for x in split if len(x["input_ids"]) <= 96]
-    batches = list(batch_iterator(short, 4, seed=0, **batching_options(cfg)))
+    batches = list(batch_iterator(short, 4, pad_id=PAD, seed=0, **batching_options(cfg)))
     assert all("segment_ids" in b and b["input_ids"].shape[1] % 16 == 0 and b["input_ids"].shape[1] <= 96 for b in batches)
 
 
@@ -135,7 +138,7 @@ def test_packed_rows_give_the_same_logits_as_separate_examples():
     mx.random.seed(0)
     model = models.MistralForCausalLM(args)
     examples = [{"input_ids": [1, *range(3, 3 + n)], "labels": [IGNORE_INDEX, *range(3, 3 + n)]} for n in (9, 5, 12)]
-    batch = next(batch_iterator(examples, 1, shuffle=False, pack=True, max_seq_len=32, pad_to_multiple=8))
+    batch = next(batch_iterator(examples, 1, pad_id=PAD, shuffle=False, pack=True, max_seq_len=32, pad_to_multiple=8))
     logits = model(batch["input_ids"], segment_ids=batch["segment_ids"])
     segments = np.array(batch["segment_ids"])[0]
     for s in range(1, 4):

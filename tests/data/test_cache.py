@@ -8,7 +8,7 @@ import pytest
 
 from harness.data import TemplateConfig, load_tokenizer, prepare_dataset
 from harness.data.cache import default_cache_dir, entry_dir, write_entry
-from harness.data.tokenizer import default_tokenizer_path
+from models.tokenizer import default_tokenizer_path
 
 from tests.data.conftest import dolly_records, write_jsonl
 
@@ -61,6 +61,23 @@ def test_source_content_and_tokenizer_are_part_of_the_key(small_config, small_so
     shutil.copyfile(default_tokenizer_path().with_name("mistral_instruct_tokenizer_240216.model.v2"), tmp_path / "tokenizer.model")
     other = prepare(small_config, load_tokenizer(tmp_path))
     assert not other.cache_hit and other.cache_path != edited.cache_path
+
+
+def test_two_tokenizers_give_two_cache_entries(small_config, tokenizer, smollm2_tokenizer):
+    mistral = prepare(small_config, tokenizer)
+    smollm2 = prepare(small_config, smollm2_tokenizer)
+    assert not smollm2.cache_hit and smollm2.cache_path != mistral.cache_path
+    assert smollm2.stats["key"]["tokenizer"] == smollm2_tokenizer.identity != tokenizer.identity
+    # Each is reused by its own tokenizer, with that tokenizer's conventions: BOS only where the model adds it.
+    again = prepare(small_config, smollm2_tokenizer), prepare(small_config, tokenizer)
+    assert [p.cache_hit for p in again] == [True, True]
+    assert [p.cache_path for p in again] == [smollm2.cache_path, mistral.cache_path]
+    assert mistral.train[0]["input_ids"][0] == tokenizer.bos_id
+    assert smollm2_tokenizer.bos_id not in smollm2.train.tokens
+    example = smollm2.validation[0]
+    response = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert response[-1] == smollm2_tokenizer.eos_id
+    assert smollm2_tokenizer.decode(response[:-1], continuation=True) == example["record"]["response"]
 
 
 def test_cache_writes_are_atomic_and_leave_no_temporary_files(small_config, tokenizer):

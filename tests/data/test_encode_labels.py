@@ -1,8 +1,9 @@
-"""Examples: BOS + prompt + response + EOS, labels only on the response and EOS, truncation rules."""
+"""Examples: [BOS] + prompt + response + EOS, labels only on the response and EOS, truncation rules; for
+Mistral's SentencePiece (BOS added) and SmolLM2's byte-level BPE (no BOS)."""
 
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from harness.data import IGNORE_INDEX, encode_example, encode_records, format_prompt
 from harness.data.encode import DROP_EMPTY_RESPONSE, DROP_PROMPT_TOO_LONG
@@ -21,6 +22,20 @@ HYPOTHESIS = settings(
 )
 
 
+@pytest.fixture(params=["mistral", "smollm2"])
+def tokenizer(request):
+    return request.getfixturevalue("tokenizer" if request.param == "mistral" else "smollm2_tokenizer")
+
+
+def start(tokenizer) -> list[int]:
+    return [tokenizer.bos_id] if tokenizer.add_bos else []
+
+
+def representable(tokenizer, record) -> bool:
+    """Whether the tokenizer can spell every field (SmolLM2's vocabulary lacks a few byte tokens)."""
+    return all(tokenizer.decode(tokenizer.encode(v, continuation=True), continuation=True) == v for v in record.values())
+
+
 def labelled(example):
     return [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
 
@@ -29,12 +44,14 @@ def check_invariants(example, record, tokenizer, max_seq_len):
     ids, labels, mask = example["input_ids"], example["labels"], example["attention_mask"]
     assert len(ids) == len(labels) == len(mask) <= max_seq_len
     assert mask == [1] * len(ids)
-    assert ids[0] == tokenizer.bos_id
+    assert ids[: len(start(tokenizer))] == start(tokenizer)
+    if not tokenizer.add_bos:
+        assert tokenizer.bos_id not in ids
     first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     # The labelled part is one contiguous tail: no prompt token carries a label.
     assert all(label == IGNORE_INDEX for label in labels[:first])
     assert labels[first:] == ids[first:]
-    prompt_text = tokenizer.decode(ids[1:first])
+    prompt_text = tokenizer.decode(ids[len(start(tokenizer)) : first])
     assert prompt_text.startswith(format_prompt({"instruction": record["instruction"], "context": ""})[:20])
     response_ids = tokenizer.encode(record["response"], continuation=True)
     tail = labelled(example)
@@ -50,21 +67,23 @@ def check_invariants(example, record, tokenizer, max_seq_len):
 @HYPOTHESIS
 @given(record=RECORDS)
 def test_labels_decode_to_exactly_the_response_and_eos(tokenizer, record):
+    assume(representable(tokenizer, record))
     example = encode_example(record, tokenizer, max_seq_len=100_000)
     first = check_invariants(example, record, tokenizer, 100_000)
     assert example["labels"][-1] == tokenizer.eos_id
     # Untruncated: the prompt tokens are exactly the prompt as generation encodes it.
-    assert example["input_ids"][1:first] == tokenizer.encode(format_prompt(record))
+    assert example["input_ids"][len(start(tokenizer)) : first] == tokenizer.encode(format_prompt(record))
 
 
 @HYPOTHESIS
 @given(record=RECORDS, max_seq_len=st.integers(2, 96))
 def test_truncation_keeps_the_invariants(tokenizer, record, max_seq_len):
+    assume(representable(tokenizer, record))
     example = encode_example(record, tokenizer, max_seq_len)
     if example is None:
         # Dropped only when even the prompt without context leaves no room for one response token.
         bare = tokenizer.encode(format_prompt({"instruction": record["instruction"], "context": ""}))
-        assert 1 + len(bare) + 1 > max_seq_len
+        assert len(start(tokenizer)) + len(bare) + 1 > max_seq_len
         return
     check_invariants(example, record, tokenizer, max_seq_len)
 
@@ -118,4 +137,4 @@ def test_prompt_then_response_tokens_equal_tokenizing_the_whole_text(tokenizer):
     for record in load_local_file(embedded_sample_path()).records[:300]:
         example = encode_example(record, tokenizer, 10_000)
         whole = tokenizer.encode(format_prompt(record) + record["response"])
-        assert example["input_ids"][1:-1] == whole
+        assert example["input_ids"][len(start(tokenizer)) : -1] == whole

@@ -33,3 +33,16 @@ def test_bench_command_times_our_step_and_writes_json(tmp_path, hermetic_env):
     assert result["tokens_per_second"] == pytest.approx(2 * 32 / result["step_seconds"])
     assert 0 < result["mfu"] < 1 and result["peak_memory_gb"] > 0
 
+
+
+@pytest.mark.slow
+def test_bench_times_an_experiment_as_it_trains(tmp_path, hermetic_env):
+    """`experiment=` brings its accumulation, rank, dropout, batch size and checkpointing (hence its step)."""
+    out = tmp_path / "bench.jsonl"
+    run_cli("harness.bench", "experiment=mistral7b_dolly_qlora", "model=tiny", *SMALL, "--seq", "32",
+            "--steps", "1", "--warmup", "1", "--json", str(out), env=hermetic_env, cwd=tmp_path)
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (result["batch"], result["grad_accum_steps"], result["lora_rank"]) == (4, 4, 16)
+    assert result["lora_dropout"] == 0.05 and result["checkpointing"]
+    assert result["train_step"] == "LayerwiseTrainStep"
+    assert result["tokens_per_second"] == pytest.approx(4 * 32 * 4 / result["step_seconds"])

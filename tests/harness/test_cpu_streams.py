@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from harness.cpu_streams import EVAL_ORDER_WIDTH, cpu_cores, plan_cpu_streams, split_rows
 from harness.training import TrainStep, evaluate, make_eval_step, make_train_step
 from models import blas
+from models.backend import backend_name
 from tests.harness.tiny_lora import tiny_lora_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,8 +88,8 @@ def clean_eval_order(monkeypatch):
 
 
 def test_automatic_plan_uses_a_stream_per_core_each_with_its_share_of_blas_threads(clean_eval_order):
-    if blas.blas_threads() is None:
-        assert plan_cpu_streams(None, 8) == 1  # the BLAS's threads cannot be set: one stream
+    if backend_name() != "cpu" or blas.blas_threads() is None:
+        assert plan_cpu_streams(None, 8) == 1  # a GPU, or a BLAS whose threads cannot be set: one stream
         return
     cores = cpu_cores()
     streams = plan_cpu_streams(None, 8)
@@ -102,13 +103,18 @@ def test_automatic_plan_uses_a_stream_per_core_each_with_its_share_of_blas_threa
 def test_plan_honours_explicit_settings_and_refuses_bad_ones(clean_eval_order):
     assert plan_cpu_streams(1, 8) == 1
     assert "MLX_BFS_MAX_WIDTH" not in os.environ  # one stream leaves MLX's order alone
-    assert plan_cpu_streams(4, 2) == 2  # never more streams than rows
+    if backend_name() == "cpu":
+        assert plan_cpu_streams(4, 2) == 2  # never more streams than rows
+    else:
+        with pytest.warns(UserWarning, match="CPU backend"):
+            assert plan_cpu_streams(4, 2) == 1  # GPUs run one stream
     with pytest.warns(UserWarning, match="gradient checkpointing"):
         assert plan_cpu_streams(2, 8, checkpointing=True) == 1
     with pytest.raises(ValueError, match="trainer.cpu_streams"):
         plan_cpu_streams(0, 8)
 
 
+@pytest.mark.skipif(backend_name() != "cpu", reason="CPU-specific: the wide evaluation order serves CPU streams")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_loss_keeps_about_one_block_of_logits_alive_in_a_wide_evaluation_order(compiled):
     """The loss's vocabulary blocks are chained: in MLX's order as wide as streams need it, the loss of 2,048

@@ -1,4 +1,5 @@
-"""LayerwiseTrainStep (checkpointing by hand, one layer at a time) gives TrainStep's numbers."""
+"""LayerwiseTrainStep (checkpointing by hand, one layer at a time) gives TrainStep's numbers, and with adapter
+dropout those of plain autograd under the same masks."""
 
 import copy
 
@@ -8,8 +9,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from harness.layerwise_step import LayerwiseTrainStep
-from harness.training import TrainStep, make_train_step
+from mlx import nn
+
+from harness.layerwise_step import LayerwiseTrainStep, layer_dropout_keys, micro_batch_dropout_keys
+from harness.loss import loss_from_hidden
+from harness.training import TrainStep, make_train_step, make_update, sum_outputs
+from models.checkpointing import uncheckpointed_call
+from models.lora import dropout_keys
 from tests.harness.tiny_lora import tiny_lora_model
 
 
@@ -62,6 +68,62 @@ def test_layerwise_step_matches_train_step(case):
 def test_make_train_step_picks_layerwise_only_where_it_applies():
     optimizer = optim.AdamW(learning_rate=1e-3)
     assert isinstance(make_train_step(_model(), optimizer, grad_clip=1.0), LayerwiseTrainStep)
+    assert isinstance(make_train_step(_model(dropout=0.1), optimizer, grad_clip=1.0), LayerwiseTrainStep)
     assert type(make_train_step(_model(checkpointing=False), optimizer, grad_clip=1.0)) is TrainStep
-    # adapter dropout: the recomputation would draw other masks, so mx.checkpoint (which replays them) stays
-    assert type(make_train_step(_model(dropout=0.1), optimizer, grad_clip=1.0)) is TrainStep
+
+
+def _reference_step(model, optimizer, batches, step_key):
+    """Plain autograd through the model's public per-layer parts, uncompiled, every layer under the dropout key
+    the layerwise step derives for it: the masks both draw are the same, so the numbers must be too."""
+    keys = micro_batch_dropout_keys(step_key, len(batches))
+
+    def loss(model, batch, key):
+        hidden = model.embed(batch["input_ids"])
+        mask = model.mask(hidden.shape[1], 0, batch.get("segment_ids"))
+        for layer, layer_key in zip(model.layers, layer_dropout_keys(key, len(model.layers))):
+            with dropout_keys(layer_key):
+                hidden = uncheckpointed_call(layer)(layer, hidden, mask)
+        return loss_from_hidden(model, model.final_norm(hidden), batch["labels"])
+
+    loss_and_grad = nn.value_and_grad(model, loss)
+    outputs = []
+    for batch, key in zip(batches, keys):
+        (loss_sum, n_tokens), grads = loss_and_grad(model, batch, key)
+        outputs.append((loss_sum, n_tokens, grads))
+    loss_sum, n_tokens, grads = sum_outputs(outputs)
+    return loss_sum, n_tokens, make_update(model, optimizer, 0.5, compile=False)(grads, n_tokens)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("compile", [True, False])
+def test_layerwise_step_with_dropout_matches_autograd_under_the_same_masks(packed, compile):
+    schedule = [[_batch(1, packed), _batch(2, packed)], [_batch(3, packed), _batch(4, packed)]]
+    reference_model = _model(dropout=0.3)
+    layerwise_model = copy.deepcopy(reference_model)
+    reference_optimizer, layerwise_optimizer = optim.AdamW(learning_rate=1e-2), optim.AdamW(learning_rate=1e-2)
+    step = LayerwiseTrainStep(layerwise_model, layerwise_optimizer, grad_clip=0.5, compile=compile)
+    for index, batches in enumerate(schedule):
+        key = mx.random.key(100 + index)
+        expected = _reference_step(reference_model, reference_optimizer, batches, key)
+        got = step(batches, key=key)
+        mx.eval(expected, got, reference_model.parameters(), layerwise_model.parameters())
+        for value, reference in zip(got, expected):
+            assert value.item() == pytest.approx(reference.item(), rel=1e-4)
+    expected_params = dict(tree_flatten(reference_model.trainable_parameters()))
+    for name, value in tree_flatten(layerwise_model.trainable_parameters()):
+        np.testing.assert_allclose(np.array(value), np.array(expected_params[name]), rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_dropout_masks_follow_the_key():
+    """Dropout is on: other keys give other losses, the same key the same loss (so resumed runs repeat)."""
+    batches = [_batch(1)]
+
+    def loss_with(key, dropout=0.3):
+        model = _model(dropout=dropout)
+        step = LayerwiseTrainStep(model, optim.AdamW(learning_rate=1e-2), grad_clip=0.5)
+        return step(batches, key=key)[0].item()
+
+    assert loss_with(mx.random.key(1)) == loss_with(mx.random.key(1))
+    assert loss_with(mx.random.key(1)) != loss_with(mx.random.key(2))
+    assert loss_with(mx.random.key(1), dropout=0.0) != loss_with(mx.random.key(1))

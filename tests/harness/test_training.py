@@ -88,13 +88,14 @@ def test_best_adapters_reload_and_give_the_same_validation_loss(finished_run):
     from harness.data import validation_batches
 
     _, run_dir, value = finished_run
-    saved_cfg, model, _ = build.load_trained(run_dir, "best")
+    saved_cfg, model, tokenizer = build.load_trained(run_dir, "best")
     _, data = prepare_data(saved_cfg)
     validation = data.validation[: saved_cfg.trainer.max_eval_examples]
     loss, _ = evaluate(
         model,
         validation_batches(
-            validation, saved_cfg.trainer.eval_batch_size, pad_to_multiple=saved_cfg.data.pad_to_multiple
+            validation, saved_cfg.trainer.eval_batch_size, pad_id=tokenizer.pad_id,
+            pad_to_multiple=saved_cfg.data.pad_to_multiple,
         ),
         make_eval_step(model),
     )
@@ -129,7 +130,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train,
 
 def test_diverging_run_stops_early_returns_nan_and_keeps_its_state(compose_train, tmp_path):
     run_dir = tmp_path / "nan"
-    value = train(compose_train(*FAST, "logger=none", "debug=diverge"), run_dir=run_dir)
+    value = train(compose_train(*FAST, "logger=none", "debug=diverge", "model=tiny", "trainer.max_steps=6"), run_dir=run_dir)
     assert math.isnan(value)
     state = read_state(run_dir)
     assert state.diverged and not state.finished and state.step < 6
@@ -182,3 +183,19 @@ def test_training_from_a_local_hugging_face_checkpoint(compose_train, tmp_path, 
     assert model.args.sliding_window == 16  # the checkpoint's config.json, not a preset
     adapter_config = json.loads((checkpoint_dir(run_dir, "best") / "adapter_config.json").read_text())
     assert adapter_config["base_model"] == str(tiny_mistral_dir)
+
+
+def test_answers_before_and_after_training_are_kept_and_logged(finished_run):
+    from harness.before_after import AFTER_FILE, BEFORE_FILE, AnswerSheet
+
+    cfg, run_dir, _ = finished_run
+    before, after = AnswerSheet.load(run_dir / BEFORE_FILE), AnswerSheet.load(run_dir / AFTER_FILE)
+    assert len(before.shown) == len(after.shown) == cfg.trainer.num_sample_prompts
+    assert [r["instruction"] for r in before.shown] == [r["instruction"] for r in after.shown]
+    assert len(after.scored) == cfg.trainer.exact_match_examples
+    assert after.accuracy["all"][1] == cfg.trainer.exact_match_examples
+    final = [r for r in read_metrics(run_dir) if "eval/exact_match" in r]
+    assert final and final[-1]["step"] == cfg.trainer.max_steps
+    assert any("base/exact_match" in r and r["step"] == 0 for r in read_metrics(run_dir))
+    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert rows[0]["before"] == before.shown[0]["response"] and rows[0]["after"] == after.shown[0]["response"]

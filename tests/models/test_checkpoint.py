@@ -44,10 +44,27 @@ def sharded(make_mistral_checkpoint):
     return make_mistral_checkpoint("sharded", max_shard_size="40KB", **SMALL)
 
 
+def test_llama_directory_loads_and_quantizes_like_a_mistral(tmp_path):
+    from tests.conftest import write_hf_llama
+
+    checkpoint = write_hf_llama(tmp_path / "llama", vocab_size=300, tie_word_embeddings=True)
+    model = load_pretrained(checkpoint, dtype="float32", progress=False)
+    assert model.args.model_type == "llama" and "lm_head" not in model
+    reference = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokens = ids()
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(tokens).long()).logits.numpy()
+    assert np.abs(logits_of(model, tokens) - expected).max() < 1e-4
+    spec = QuantSpec(method="group", group_size=32)
+    quantized = load_pretrained(checkpoint, dtype="float32", quant=spec, cache_dir=tmp_path / "c", progress=False)
+    cached = load_pretrained(checkpoint, dtype="float32", quant=spec, cache_dir=tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(logits_of(cached, tokens), logits_of(quantized, tokens))
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied-embeddings"])
 def test_load_pretrained_matches_transformers(make_mistral_checkpoint, tied):
     checkpoint = make_mistral_checkpoint("tied" if tied else "untied", tie_word_embeddings=tied, **SMALL)
-    model = load_pretrained(checkpoint, progress=False)
+    model = load_pretrained(checkpoint, dtype="float32", progress=False)  # the reference's dtype, on every backend
     assert ("lm_head" in model) != tied
     reference = transformers.MistralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokens = ids()
@@ -245,10 +262,10 @@ def test_missing_and_unexpected_tensors_are_named(small, layers, message):
         load_pretrained(small, progress=False)
 
 
-def test_non_mistral_config_names_the_file(small):
+def test_unsupported_model_type_names_the_file(small):
     config_path = small / "config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "llama"}))
-    with pytest.raises(ConfigError, match=f"{config_path}: model_type='llama' is not supported"):
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "qwen2"}))
+    with pytest.raises(ConfigError, match=f"{config_path}: model_type='qwen2' is not supported"):
         load_pretrained(small, progress=False)
 
 

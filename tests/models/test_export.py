@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from mlx.utils import tree_flatten
 from safetensors import safe_open
 
-from models.export import export_merged, save_pretrained
+from models.export import export_merged, merged_state, save_pretrained
 from models.lora import LoRASpec, apply_lora
 from models.quant import QuantSpec, quantize_model
 from tests.conftest import mistral_tokenizer_path
@@ -63,12 +64,29 @@ def test_export_merged_qlora_model_matches_in_transformers(tmp_path, quant):
     randomize_adapters(model)
     ids = random_ids(length=12)
     adapted = np.array(model(ids))
-    out = export_merged(model, tmp_path / "merged", tokenizer_path=mistral_tokenizer_path(), dtype="float32",
+    out = export_merged(model, tmp_path / "merged", tokenizer=mistral_tokenizer_path(), dtype="float32",
                         progress=False)
     assert (out / "tokenizer.model").read_bytes() == mistral_tokenizer_path().read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mistral" and config["torch_dtype"] == "float32"
     assert np.abs(transformers_logits(out, ids) - adapted).max() < 1e-4
+
+
+def test_export_merged_lora_llama_loads_as_llama_in_transformers(tmp_path):
+    model = build_tiny_model(model_type="llama", tie_word_embeddings=True)
+    quantize_model(model, QuantSpec("group", group_size=32))
+    apply_lora(model, LoRASpec(rank=4, alpha=8))
+    randomize_adapters(model)
+    ids = random_ids(length=20)  # beyond the Mistral window of 8: a Llama has none
+    adapted = np.array(model(ids))
+    out = export_merged(model, tmp_path / "merged", dtype="float32", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reference).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(np.array(ids)).long()).logits.numpy()
+    assert np.abs(theirs - adapted).max() < 1e-4
 
 
 def test_bfloat16_export_stores_bfloat16(tmp_path):
@@ -86,3 +104,47 @@ def test_export_reloads_with_our_loader(tmp_path):
     reloaded = load_pretrained(out, dtype="float32", progress=False)
     ids = random_ids()
     assert mx.array_equal(reloaded(ids), model(ids))
+
+
+def test_export_merged_leaves_the_model_quantized_and_unchanged(tmp_path):
+    model = build_tiny_model()
+    quantize_model(model, QuantSpec("rowwise"))
+    apply_lora(model, LoRASpec(rank=4, alpha=8))
+    randomize_adapters(model)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    export_merged(model, tmp_path / "merged", dtype="float32", progress=False)
+    after = dict(tree_flatten(model.parameters()))
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], np.array(after[k])) for k in before)
+
+
+def test_merged_export_computes_one_shard_at_a_time(tmp_path):
+    """MLX's peak above the quantized model stays near one shard, far below the dense model (which the
+    export would hold whole if it merged every layer before writing)."""
+    model = build_tiny_model(num_hidden_layers=8, hidden_size=128, intermediate_size=512)
+    quantize_model(model, QuantSpec("rowwise"))
+    apply_lora(model, LoRASpec(rank=4, alpha=8))
+    randomize_adapters(model)
+    mx.eval(model.parameters())
+    dense_bytes = sum(v.size for v in merged_state(model, mx.float32).values()) * 4
+    shard = dense_bytes // 16
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = export_merged(model, tmp_path / "merged", dtype="float32", max_shard_bytes=shard, progress=False)
+    grown = mx.get_peak_memory() - before
+    assert len(list(out.glob("model-*.safetensors"))) >= 8
+    assert grown < dense_bytes / 4, f"export peaked {grown / dense_bytes:.2f}x the dense model above the base"
+
+
+def test_auto_dtype_is_bfloat16_for_large_models_float32_for_small(tmp_path, monkeypatch):
+    import models.export as export
+
+    model = build_tiny_model()
+    assert export.export_dtype(model, "auto") == mx.float32
+    assert export.export_dtype(model, "float32") == mx.float32
+    parameters = sum(v.size for v in merged_state(model, mx.float32).values())
+    monkeypatch.setattr(export, "BFLOAT16_FROM_PARAMETERS", parameters)
+    assert export.export_dtype(model, "auto") == mx.bfloat16
+    out = export_merged(model, tmp_path / "merged", progress=False)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

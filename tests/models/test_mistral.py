@@ -77,6 +77,23 @@ def test_rope_theta_reaches_the_model(make_mistral_checkpoint):
     assert np.abs(ours - reference_logits(load_reference(checkpoint), ids)).max() < 1e-4
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied-embeddings"])
+def test_llama_checkpoint_matches_transformers(tmp_path, tied):
+    """A Llama directory: no sliding window (24 tokens, beyond the Mistral's 16), head_dim and RoPE base from
+    config.json (head_dim 32 is not hidden_size / heads = 16)."""
+    from tests.conftest import write_hf_llama
+
+    checkpoint = write_hf_llama(
+        tmp_path / "llama", vocab_size=300, head_dim=32, rope_theta=5e5, tie_word_embeddings=tied
+    )
+    model = load_mlx(checkpoint)
+    assert (model.args.model_type, model.args.sliding_window, model.args.head_dim) == ("llama", None, 32)
+    assert model.args.rope_theta == 5e5 and model.args.tie_word_embeddings == tied
+    ids = token_ids(2, SEQ_LEN)
+    reference = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    assert np.abs(np.array(model(mx.array(ids))) - reference_logits(reference, ids)).max() < 1e-4
+
+
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_kv_cache_generation_matches_full_forward(small_checkpoint, chunk):
     """Feeding tokens through the cache (one or several at a time, past the window) gives the full-forward logits."""
@@ -180,10 +197,44 @@ def test_to_hf_config_round_trips_through_transformers():
     assert ModelArgs.from_hf_config(config.to_dict()) == args
 
 
+LLAMA_CONFIG = {**MISTRAL_7B_V01_CONFIG, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+
+
+def test_llama_config_has_no_sliding_window_and_defaults_kv_heads_to_heads():
+    config = {k: v for k, v in LLAMA_CONFIG.items() if k != "num_key_value_heads"}
+    args = ModelArgs.from_hf_config(config)
+    assert (args.model_type, args.sliding_window, args.num_key_value_heads) == ("llama", None, 32)
+    assert ModelArgs(model_type="llama").sliding_window is None
+
+
+def test_llama_to_hf_config_round_trips_through_transformers():
+    args = ModelArgs.from_hf_config({**LLAMA_CONFIG, "rope_theta": 1e5, "tie_word_embeddings": True})
+    written = args.to_hf_config()
+    assert written["architectures"] == ["LlamaForCausalLM"] and "sliding_window" not in written
+    config = transformers.AutoConfig.for_model(**written)
+    assert type(config).__name__ == "LlamaConfig"
+    assert ModelArgs.from_hf_config(config.to_dict()) == args
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "llama"}, "model_type='llama'"),
+        ({"attention_bias": True}, "attention_bias=True is not supported"),
+        ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling has rope_type='llama3'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters has rope_type='yarn'"),
+    ],
+)
+def test_llama_features_this_model_lacks_are_refused_naming_the_key(change, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        ModelArgs.from_hf_config({**LLAMA_CONFIG, **change}, source="/ckpt/config.json")
+    assert str(raised.value).startswith("/ckpt/config.json: ")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "qwen2"}, "model_type='qwen2'"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling"),
         ({"num_key_value_heads": 5}, "multiple"),
         ({"hidden_act": "gelu"}, "gelu"),

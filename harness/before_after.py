@@ -35,7 +35,7 @@ class AnswerSheet:
         return hits / total if total else None
 
     def save(self, path: Path) -> None:
-        from harness.checkpoints import atomic_write_text
+        from models.atomic_files import atomic_write_text
 
         atomic_write_text(path, json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n")
 
@@ -76,36 +76,36 @@ def answer_sheet(
 ) -> AnswerSheet:
     """Greedy answers to `shown` (up to `max_new_tokens` each) and to `scored` (each cut a few tokens past its
     reference's length: an exact match cannot be longer)."""
-    from tqdm.auto import tqdm
-
-    from harness.generate import complete
+    from harness.generate import complete_batch
 
     start = time.perf_counter()
-    sheet = AnswerSheet(shown=[], scored=[])
-    jobs = [(r, max_new_tokens, False) for r in shown] + [
-        (r, len(tokenizer.encode(r["response"], continuation=True)) + EXTRA_TOKENS, True) for r in scored
+    records = [*shown, *scored]
+    limits = [max_new_tokens] * len(shown) + [
+        len(tokenizer.encode(r["response"], continuation=True)) + EXTRA_TOKENS for r in scored
     ]
-    for record, limit, is_scored in tqdm(jobs, desc=desc, unit="prompt", disable=not progress):
-        response = complete(model, tokenizer, record, template=template, max_new_tokens=limit)
-        if is_scored:
-            sheet.scored.append(
-                {
-                    "instruction": record["instruction"],
-                    "reference": record["response"],
-                    "response": response,
-                    "task": exact_match.task_of(record),
-                    "match": exact_match.is_exact_match(response, record["response"]),
-                }
-            )
-        else:
-            sheet.shown.append(
-                {
-                    "instruction": record["instruction"],
-                    "context": record.get("context", ""),
-                    "reference": record["response"],
-                    "response": response,
-                }
-            )
+    if progress:
+        print(f"{desc}: {len(shown)} prompts + {len(scored)} exact-match records", file=sys.stderr)
+    responses = complete_batch(model, tokenizer, records, template=template, max_new_tokens=limits)
+    sheet = AnswerSheet(shown=[], scored=[])
+    for record, response in zip(shown, responses[: len(shown)]):
+        sheet.shown.append(
+            {
+                "instruction": record["instruction"],
+                "context": record.get("context", ""),
+                "reference": record["response"],
+                "response": response,
+            }
+        )
+    for record, response in zip(scored, responses[len(shown) :]):
+        sheet.scored.append(
+            {
+                "instruction": record["instruction"],
+                "reference": record["response"],
+                "response": response,
+                "task": exact_match.task_of(record),
+                "match": exact_match.is_exact_match(response, record["response"]),
+            }
+        )
     accuracy = exact_match.accuracy_by_task(list(scored), [row["response"] for row in sheet.scored])
     sheet.accuracy = {task: list(counts) for task, counts in accuracy.items()}
     sheet.seconds = time.perf_counter() - start

@@ -175,15 +175,15 @@ RUN_CONFIG_FILE = "run_config.yaml"
 def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = False):
     """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
     `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
-    from harness.checkpoints import CheckpointError, checkpoint_dir
+    from harness.checkpoints import RunStateError, checkpoint_dir
+    from harness.resume import load_saved_config
     from models.adapters import load_adapters
     from models.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
-    config_file = run_dir / RUN_CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing; is {run_dir} a training run directory?")
-    cfg = OmegaConf.load(config_file)
+    cfg = load_saved_config(run_dir)
+    if cfg is None:
+        raise RunStateError(f"{run_dir / RUN_CONFIG_FILE}: missing; is {run_dir} a training run directory?")
     model = build_base_model(cfg, progress=progress)
     load_adapters(model, checkpoint_dir(run_dir, which))
     tokenizer = load_tokenizer(tokenizer_path(cfg))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,22 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from models.adapters import AdapterError, load_adapters
+from models.atomic_files import atomic_save_safetensors, atomic_write_text
+
 STATE_FILE = "state.json"
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the file."""
+class RunStateError(RuntimeError):
+    """Run state (state.json, a checkpoint) that cannot be read or used; the message names the file.
+
+    Not `models.checkpoint.CheckpointError`, which is about pretrained weights."""
+
+
+CheckpointError = RunStateError  # the former name, for code written before the rename
 
 
 @dataclass
@@ -50,16 +58,6 @@ class TrainState:
     finished: bool = False
     diverged: bool = False
     numpy_rng: dict[str, Any] = field(default_factory=dict)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def capture_rng(state: TrainState) -> None:
@@ -84,7 +82,7 @@ def restore_rng(state: TrainState) -> None:
 
 def save_optimizer(optimizer: optim.Optimizer, path: Path) -> None:
     """Optimizer state (step, learning rate, AdamW moments) as safetensors, keyed by parameter path."""
-    mx.save_safetensors(str(path), dict(tree_flatten(optimizer.state)))
+    atomic_save_safetensors(path, dict(tree_flatten(optimizer.state)))
 
 
 def load_optimizer(optimizer: optim.Optimizer, path: Path, model: nn.Module) -> None:
@@ -92,41 +90,81 @@ def load_optimizer(optimizer: optim.Optimizer, path: Path, model: nn.Module) -> 
     try:
         flat = mx.load(str(path))
     except Exception as err:
-        raise CheckpointError(
+        raise RunStateError(
             f"{path}: cannot read optimizer state ({err}); the checkpoint is corrupt"
         ) from err
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     found = {k.rsplit(".", 1)[0] for k in flat if k not in ("step", "learning_rate")}
     if found != expected:
         missing = sorted(expected - found)[:3]
-        raise CheckpointError(
+        raise RunStateError(
             f"{path}: optimizer state does not match the model's LoRA parameters "
             f"(e.g. missing {missing}); was it written with another lora config?"
         )
+    parameters = dict(tree_flatten(model.trainable_parameters()))
+    for key, value in flat.items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in parameters and value.shape != parameters[owner].shape:
+            raise RunStateError(
+                f"{path}: {key} has shape {tuple(value.shape)}, but the model's {owner} is "
+                f"{tuple(parameters[owner].shape)}"
+            )
+        if mx.issubdtype(value.dtype, mx.inexact) and not mx.all(mx.isfinite(value)).item():
+            raise RunStateError(f"{path}: {key} holds NaN or inf values; the checkpoint is damaged")
     optimizer.state = tree_unflatten(list(flat.items()))
     optimizer.init(model.trainable_parameters())
 
 
 def read_state(run_dir: Path) -> TrainState | None:
-    """The run's `state.json`, or None when the run has never checkpointed."""
+    """The run's `state.json`, checked (JSON object, known fields, their types), or None when it does not exist."""
     path = Path(run_dir) / STATE_FILE
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
-        return TrainState(**data)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"{path}: not a valid training state ({err})") from err
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
+    except json.JSONDecodeError as err:
+        raise RunStateError(f"{path}: not a valid training state ({err})") from err
+    if not isinstance(data, dict):
+        raise RunStateError(f"{path}: not a valid training state (expected a JSON object)")
+    known = {f.name for f in fields(TrainState)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RunStateError(f"{path}: not a valid training state (unknown field {unknown[0]!r})")
+    for name, kinds in _STATE_TYPES.items():
+        value = data.get(name)
+        if name in data and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise RunStateError(f"{path}: field {name!r} has the wrong type ({data[name]!r:.40})")
+    for name in ("step", "epoch", "batch_in_epoch", "tokens_seen"):
+        if data.get(name, 0) < 0:
+            raise RunStateError(f"{path}: field {name!r} is negative ({data[name]})")
+    return TrainState(**data)
+
+
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "epoch": (int,),
+    "batch_in_epoch": (int,),
+    "tokens_seen": (int,),
+    "best_val_loss": (int, float, type(None)),
+    "best_step": (int, type(None)),
+    "latest": (str, type(None)),
+    "best": (str, type(None)),
+    "finished": (bool,),
+    "diverged": (bool,),
+    "numpy_rng": (dict,),
+}
 
 
 def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
     """Folder with `adapters.safetensors` + `adapter_config.json` of the run's `best` or `latest` checkpoint."""
     state = read_state(Path(run_dir))
     if state is None or getattr(state, which) is None:
-        raise CheckpointError(f"{Path(run_dir) / STATE_FILE}: no {which!r} checkpoint in this run directory")
+        raise RunStateError(f"{Path(run_dir) / STATE_FILE}: no {which!r} checkpoint in this run directory")
     path = Path(run_dir) / getattr(state, which)
     if not (path / ADAPTERS_FILE).exists():
-        raise CheckpointError(f"{path / ADAPTERS_FILE}: missing (the run directory is incomplete)")
+        raise RunStateError(f"{path / ADAPTERS_FILE}: missing (the run directory is incomplete)")
     return path
 
 
@@ -166,27 +204,22 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(
-    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, load_weights_fn
-) -> TrainState:
-    """Restore the latest checkpoint of `run_dir` into `model` (adapter weights) and `optimizer`; RNGs too.
-
-    `load_weights_fn(model, adapters_file)` loads LoRA weights into a model that already has LoRA applied.
-    """
+def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: optim.Optimizer) -> TrainState:
+    """Restore the latest checkpoint of `run_dir` into `model` (which carries its LoRA adapters already) and
+    `optimizer`; RNGs too. Everything is checked on the way (keys, shapes, adapter config, finite values) and
+    a failure is a `RunStateError` naming the file; nothing in the run directory is written."""
     run_dir = Path(run_dir)
     state = read_state(run_dir)
     if state is None or state.latest is None:
-        raise CheckpointError(f"{run_dir / STATE_FILE}: nothing to resume (no checkpoint was written)")
+        raise RunStateError(f"{run_dir / STATE_FILE}: nothing to resume (no checkpoint was written)")
     ckpt = run_dir / state.latest
     adapters = ckpt / ADAPTERS_FILE
     if not adapters.exists():
-        raise CheckpointError(f"{adapters}: missing; state.json points at a checkpoint that is not there")
+        raise RunStateError(f"{adapters}: missing; state.json points at a checkpoint that is not there")
     try:
-        load_weights_fn(model, adapters)
-    except CheckpointError:
-        raise
-    except Exception as err:
-        raise CheckpointError(f"{adapters}: cannot load adapters ({err}); the checkpoint is corrupt") from err
+        load_adapters(model, ckpt)
+    except AdapterError as err:
+        raise RunStateError(str(err)) from err
     load_optimizer(optimizer, ckpt / OPTIMIZER_FILE, model)
     restore_rng(state)
     return state

@@ -179,23 +179,49 @@ class Ranks:
 
     def broadcast_text(self, text: str) -> str:
         """Rank 0's `text` on every rank (e.g. its run directory: Hydra names one per process)."""
+        return self.broadcast_bytes(text.encode()).decode()
+
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        """Rank 0's `data` on every rank (the others' `data` is ignored)."""
         if self.size == 1:
-            return text
-        data = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int32) if self.is_main else None
-        length = int(self._all_sum(mx.array([len(data) if data is not None else 0])).item())
-        payload = mx.array(data) if data is not None else mx.zeros((length,), dtype=mx.int32)
+            return data
+        mine = np.frombuffer(data, dtype=np.uint8).astype(np.int32) if self.is_main else None
+        length = int(self._all_sum(mx.array([len(mine) if mine is not None else 0])).item())
         if length == 0:
-            return ""
-        return bytes(np.array(self._all_sum(payload), dtype=np.uint8)).decode()
+            return b""
+        payload = mx.array(mine) if mine is not None else mx.zeros((length,), dtype=mx.int32)
+        return bytes(np.array(self._all_sum(payload), dtype=np.uint8))
 
-    def share_config(self, cfg: Any) -> Any:
-        """Rank 0's resolved config on every rank (each composed its own; interpolations of time or of the
-        process could differ)."""
+    def decide_on_main(self, decide: Callable[[], Any]) -> Any:
+        """`decide()` on rank 0 only (it reads rank 0's files, e.g. the run's plan and config), its result sent
+        to every rank (pickled: the ranks are one job); a failure there stops every rank."""
         if self.size == 1:
-            return cfg
-        from omegaconf import OmegaConf
+            return decide()
+        import pickle
 
-        return OmegaConf.create(self.broadcast_text(OmegaConf.to_yaml(cfg, resolve=True)))
+        decided = self.on_main(decide)
+        return pickle.loads(self.broadcast_bytes(pickle.dumps(decided) if self.is_main else b""))
+
+    def agreed(self, ask: Callable[[], bool]) -> Callable[[], bool]:
+        """`ask()` answered for all ranks: true on every rank when true on any (e.g. a stop asked for on one
+        rank's terminal), so that all stop at the same step. One small collective per call."""
+        if self.size == 1:
+            return ask
+
+        def any_rank() -> bool:
+            return int(self._all_sum(mx.array([int(bool(ask()))])).item()) > 0
+
+        return any_rank
+
+    def stop_signals(self) -> tuple[int, ...]:
+        """The signals a run stops cleanly on (`harness.signals`). Under a launcher only SIGINT (Ctrl-C reaches
+        every rank): a launcher sends SIGTERM to stop the ranks after one failed, and a rank waiting for the
+        failed one in a collective could not act on it, so SIGTERM keeps its default action: end the rank."""
+        import signal
+
+        from harness.signals import STOP_SIGNALS
+
+        return STOP_SIGNALS if self.size == 1 else (signal.SIGINT,)
 
     def broadcast_tree(self, tree: Any) -> Any:
         """Rank 0's arrays on every rank (same shapes everywhere): e.g. freshly built or loaded adapters."""

@@ -56,7 +56,10 @@ def main() -> None:
     import harness.schema  # noqa: F401
     from harness.train import CONFIG_DIR, TRUSTED_TARGETS
 
-    hydra.main(config_path=CONFIG_DIR, config_name="export", execution_whitelist=TRUSTED_TARGETS)(run)()
+    from harness.command_outcome import hydra_task, run_command
+
+    task = hydra.main(config_path=CONFIG_DIR, config_name="export", execution_whitelist=TRUSTED_TARGETS)
+    run_command(task(hydra_task(run)))
 
 
 if __name__ == "__main__":

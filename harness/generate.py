@@ -53,6 +53,85 @@ def generate_tokens(
         logits = model(token[:, None].astype(mx.int32), cache=cache)[:, -1]
 
 
+def generate_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int | list[int],
+    eos_id: int | None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: the new token ids of each, EOS excluded.
+
+    Prompts are left-padded to one length and the padding is masked out (`attention_mask`); RoPE makes
+    attention depend only on distances between tokens, so each row gets what it would get alone, up to float
+    rounding. Rows stop at EOS or at their own `max_new_tokens`; the batch stops when every row has.
+    """
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if not prompts:
+        return []
+    width = max(len(p) for p in prompts)
+    ids = mx.array([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=mx.int32)
+    keep = mx.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=mx.bool_)
+    cache = model.make_cache()
+    logits = model(ids, cache=cache, attention_mask=keep)[:, -1]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [limit <= 0 for limit in limits]
+    ones = mx.ones((len(prompts), 1), dtype=mx.bool_)
+    for step in range(max(limits, default=0)):
+        tokens = mx.argmax(logits, axis=-1)
+        for row, token_id in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if eos_id is not None and token_id == eos_id:
+                done[row] = True
+                continue
+            outputs[row].append(token_id)
+            done[row] = len(outputs[row]) >= limits[row]
+        if all(done):
+            break
+        keep = mx.concatenate([keep, ones], axis=1)
+        logits = model(tokens[:, None].astype(mx.int32), cache=cache, attention_mask=keep)[:, -1]
+    return outputs
+
+
+def encode_prompt(tokenizer, record: Mapping[str, str], template=None) -> list[int]:
+    """Token ids of `record`'s prompt as training encodes it (BOS when the model's tokenizer adds one)."""
+    from harness.data import format_prompt
+
+    start = [tokenizer.bos_id] if tokenizer.add_bos else []  # as in training (harness/data/encode.py)
+    return [*start, *tokenizer.encode(format_prompt(record, template))]
+
+
+def complete_batch(
+    model: nn.Module,
+    tokenizer,
+    records: list[Mapping[str, str]],
+    *,
+    template=None,
+    max_new_tokens: int | list[int] = 64,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy responses to `records`, `batch_size` at a time (prompts of similar length batched together)."""
+    limits = [max_new_tokens] * len(records) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    prompts = [encode_prompt(tokenizer, record, template) for record in records]
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    responses = [""] * len(records)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        new = generate_batch(
+            model, [prompts[i] for i in rows], max_new_tokens=[limits[i] for i in rows],
+            eos_id=tokenizer.eos_id, pad_id=pad,
+        )
+        for i, ids in zip(rows, new):
+            responses[i] = tokenizer.decode(ids, continuation=True)
+    model.train(was_training)
+    return responses
+
+
 def complete(
     model: nn.Module,
     tokenizer,
@@ -63,22 +142,28 @@ def complete(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_text: Callable[[str], None] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> str:
     """The model's response to `record` (instruction [+ context]) under the training prompt template.
 
     `on_text` receives the response piece by piece as tokens arrive (streaming); the full text is returned.
+    A prompt longer than `max_prompt_tokens` tokens (None: no limit) raises `ConfigError` before any work.
     """
-    from harness.data import format_prompt
+    from harness.config_checks import ConfigError
 
+    prompt = encode_prompt(tokenizer, record, template)
+    if max_prompt_tokens is not None and len(prompt) > max_prompt_tokens:
+        raise ConfigError(
+            f"max_prompt_tokens={max_prompt_tokens}: the prompt is {len(prompt)} tokens; shorten it or raise "
+            "max_prompt_tokens (memory grows with the square of the prompt's length)"
+        )
     was_training = model.training
     model.eval()
-    start = [tokenizer.bos_id] if tokenizer.add_bos else []  # as in training (harness/data/encode.py)
-    prompt_ids = [*start, *tokenizer.encode(format_prompt(record, template))]
     ids: list[int] = []
     shown = ""
     for token_id in generate_tokens(
         model,
-        prompt_ids,
+        prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -109,8 +194,10 @@ def load_exported(model_dir: str | Path):
 
 def run(cfg) -> list[str]:
     """Generate for `cfg.prompt` (or each line of stdin), streaming to stdout; returns the responses."""
+    from harness.config_checks import check_generate_config
     from harness.process import set_up_process
 
+    check_generate_config(cfg)
     set_up_process()
     if cfg.model_dir:
         model, tokenizer = load_exported(cfg.model_dir)
@@ -136,6 +223,7 @@ def run(cfg) -> list[str]:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             on_text=lambda piece: print(piece, end="", flush=True),
+            max_prompt_tokens=cfg.max_prompt_tokens,
         )
         print(flush=True)
         responses.append(response)
@@ -149,7 +237,10 @@ def main() -> None:
     import harness.schema  # noqa: F401
     from harness.train import CONFIG_DIR, TRUSTED_TARGETS
 
-    hydra.main(config_path=CONFIG_DIR, config_name="generate", execution_whitelist=TRUSTED_TARGETS)(run)()
+    from harness.command_outcome import hydra_task, run_command
+
+    task = hydra.main(config_path=CONFIG_DIR, config_name="generate", execution_whitelist=TRUSTED_TARGETS)
+    run_command(task(hydra_task(run)))
 
 
 if __name__ == "__main__":

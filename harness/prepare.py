@@ -10,7 +10,10 @@ from harness import build
 
 
 def run(cfg):
+    from harness.config_checks import check_data_config
     from harness.data import load_tokenizer, prepare_dataset, print_report
+
+    check_data_config(cfg)
 
     tokenizer = load_tokenizer(build.tokenizer_path(cfg))
     prepared = prepare_dataset(cfg.data, tokenizer, cache_dir=build.data_cache_dir(cfg))
@@ -25,7 +28,10 @@ def main() -> None:
     import harness.schema  # noqa: F401
     from harness.train import CONFIG_DIR, TRUSTED_TARGETS
 
-    hydra.main(config_path=CONFIG_DIR, config_name="prepare", execution_whitelist=TRUSTED_TARGETS)(run)()
+    from harness.command_outcome import hydra_task, run_command
+
+    task = hydra.main(config_path=CONFIG_DIR, config_name="prepare", execution_whitelist=TRUSTED_TARGETS)
+    run_command(task(hydra_task(run)))
 
 
 if __name__ == "__main__":

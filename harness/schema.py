@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from harness.config_resolvers import register_resolvers
 from harness.data.config import DataConfig
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -199,6 +200,8 @@ class GenerateRoot:
     prompt: str | None = None  # an instruction; null: read instructions from stdin, one per line
     context: str = ""
     max_new_tokens: int = 128
+    # Longer prompts are refused: a prompt's attention memory grows with the square of its length.
+    max_prompt_tokens: int = 4096
     temperature: float = 0.7  # 0: greedy
     top_p: float = 0.9
     seed: int = 0
@@ -257,6 +260,7 @@ def register_configs() -> None:
     cs.store(name="export_schema", node=ExportRoot)
     cs.store(name="download_schema", node=DownloadRoot)
     cs.store(name="prepare_schema", node=PrepareRoot)
+    register_resolvers()
 
 
 register_configs()

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from models.atomic_files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -28,13 +30,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not a JSON line ({err})") from err
+            record = json.loads(raw.decode("utf-8"))
+        except ValueError as err:  # JSON or UTF-8
+            raise ValueError(f"{path}, line {n}: not a JSON line ({err})") from err
         records.append({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in record.items()})
     return records
 
@@ -61,12 +63,12 @@ class Tracker:
         self.metrics_path = self.run_dir / METRICS_FILE
         if resume_step is not None and self.metrics_path.exists():
             kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= resume_step]
-            tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-            tmp.write_text("".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in kept))
-            os.replace(tmp, self.metrics_path)
+            atomic_write_text(
+                self.metrics_path, "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in kept)
+            )
         elif resume_step is None and self.metrics_path.exists():
             self.metrics_path.unlink()
-        self._file = open(self.metrics_path, "a")  # noqa: SIM115 - open for the whole run, closed in finish()
+        self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run, closed in finish()
         self.wandb_run = None
         self.wandb_dir = None
         if wandb is not None and wandb.get("mode") != "disabled":
@@ -113,7 +115,7 @@ class Tracker:
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None:
         """A small table (e.g. generations for fixed prompts): W&B Table, and `<key>.jsonl` in the run dir."""
         path = self.run_dir / f"{key.replace('/', '_')}.jsonl"
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(dict(zip(columns, row))) + "\n" for row in rows)
         if self.wandb_run is not None:
             import wandb

@@ -15,22 +15,29 @@ import json
 import math
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
-import mlx.core as mx
 from omegaconf import DictConfig, OmegaConf
 
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
-from harness.checkpoints import CheckpointError, atomic_write_text, load_checkpoint, read_state
+from harness.checkpoints import STATE_FILE, load_checkpoint
+from harness.command_outcome import exit_if_diverged, hydra_task, run_command
+from harness.config_checks import check_train_config
+from harness.console import note
 from harness.distributed import SilentTracker, hydra_argv, world
 from harness.launch import JOB_ENV, starts_ranks, train_on_ranks
 from harness.process import set_up_process
+from harness.data.report import skipped_records_line
+from harness.resume import RunDirLock, plan_run, resume_target
+from harness.signals import RunInterrupted, StopSignals, signal_name
 from harness.tracking import Tracker
 from harness.before_after import metrics as before_after_metrics
 from harness.training import LoopSettings, TrainResult, train_loop
 from models.adapters import save_adapters
+from models.atomic_files import atomic_write_text
 from models.backend import describe
 from models.lora import trainable_parameter_count
 from models.quant import model_bits_per_weight
@@ -60,19 +67,6 @@ def hydra_job_info() -> dict[str, str | None]:
     }
 
 
-def resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The run directory to continue, from `resume` (false | true | a path)."""
-    value = cfg.resume
-    if value in (False, None, "false", "False", ""):
-        return None
-    if value in (True, "true", "True"):
-        return run_dir
-    path = Path(str(value))
-    if not path.is_dir():
-        raise CheckpointError(f"resume={value}: no such run directory")
-    return path
-
-
 def prepare_data(cfg: DictConfig):
     """Tokenizer and prepared (cached) splits for `cfg.data`."""
     from harness.data import load_tokenizer, prepare_dataset
@@ -85,29 +79,33 @@ def prepare_data(cfg: DictConfig):
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Run one experiment described by `cfg`; return its best validation loss (nan if it diverged).
 
-    `run_dir` defaults to Hydra's output directory for this job.
+    `run_dir` defaults to Hydra's output directory for this job. With `resume`, the run's saved config is used
+    (`harness.resume`). Raises `RunInterrupted` when SIGINT/SIGTERM stopped it (after a checkpoint).
     """
+    job = hydra_job_info()
+    check_train_config(cfg)  # before any model or data work
+    run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
+    if starts_ranks(cfg):  # `distributed.ranks_per_host` > 1 (or several hosts): the run goes to its ranks
+        return train_on_ranks(cfg, run_dir, {k: v for k, v in job.items() if k != "run_dir"})
+    ranks = world()  # under a distributed launcher, rank 0 decides the run directory and config, and alone writes
+    if ranks.is_main:
+        run_dir = resume_target(cfg.resume, run_dir) or run_dir
+    run_dir = Path(ranks.broadcast_text(str(run_dir)))
+    with RunDirLock(run_dir) if ranks.is_main else nullcontext(), StopSignals(ranks.stop_signals()) as stop:
+        plan = ranks.decide_on_main(lambda: plan_run(cfg, run_dir, job["overrides"] if job["run_dir"] else None))
+        check_train_config(plan.cfg)
+        for line in plan.notes if ranks.is_main else []:
+            note(line)
+        return run_training(plan.cfg, run_dir, job, continuing=plan.continuing, stop=stop)
+
+
+def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool, stop: StopSignals) -> float:
+    """`train` once the run directory is locked and the config decided."""
     from harness.data import batch_iterator, batching_options, num_batches, validation_batches
 
-    job = hydra_job_info()
-    if starts_ranks(cfg):  # `distributed.ranks_per_host` > 1 (or several hosts): the run goes to its ranks
-        job_run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
-        return train_on_ranks(cfg, job_run_dir, {k: v for k, v in job.items() if k != "run_dir"})
-    ranks = world()  # under a distributed launcher: rank 0's config and run directory; only rank 0 writes there
-    cfg = ranks.share_config(cfg)
-    run_dir = Path(ranks.broadcast_text(str(run_dir or job["run_dir"] or cfg.paths.outputs)))
-    continuing = resume_dir(cfg, run_dir)
-    if continuing is not None:
-        run_dir = continuing
-    if ranks.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / build.RUN_CONFIG_FILE, resolve=True)  # what generate/export rebuild from
-    if ranks.is_main and (continuing is None or not (run_dir / JOB_FILE).exists()):  # a resume keeps its job
-        atomic_write_text(
-            run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)
-        )
     trainer = cfg.trainer
     build.seed_everything(trainer.seed)
+    ranks = world()
     # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
     # (read once by MLX; harness/cpu_streams.py). Each rank has its share of a batch's rows.
     cpu_streams, _ = set_up_process(trainer, batch_size=-(-trainer.batch_size // ranks.size))
@@ -157,18 +155,26 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     def save(model, out_dir):
         save_adapters(model, out_dir, spec, base_model=base_id)
 
-    def load_weights(model, adapters_file):
-        model.load_weights(list(mx.load(str(adapters_file)).items()), strict=False)
-
     state = None
-    if continuing is not None and read_state(run_dir) is not None:
-        state = load_checkpoint(run_dir, model, optimizer, load_weights)
-        print(
-            f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})",
-            file=sys.stderr,
+    if continuing and (run_dir / STATE_FILE).exists():
+        state = load_checkpoint(run_dir, model, optimizer)  # checks everything; writes nothing
+        state.finished = state.finished and state.step >= total_steps  # a run extended with trainer.max_steps
+        note(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    elif continuing:
+        note(f"resume: {run_dir} has no checkpoint yet; starting from step 0")
+    # Only now, with everything to load checked, is the run directory written (by rank 0 alone).
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / build.RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    if ranks.is_main and (not continuing or not (run_dir / JOB_FILE).exists()):  # a resume keeps its job
+        atomic_write_text(
+            run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)
         )
-    elif continuing is not None:
-        print(f"resume: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+    if len(validation) == 0:
+        note(
+            "warning: the validation split is empty (data.val_fraction, data.max_records?): no validation loss, "
+            "no best checkpoint, and the objective is nan"
+        )
 
     wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
     config = {**OmegaConf.to_container(cfg, resolve=True), "backend": describe()}
@@ -225,6 +231,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             progress=trainer.progress,
             seed=trainer.seed,
         )
+        stop.armed = True
         result = train_loop(
             model,
             optimizer,
@@ -235,7 +242,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             settings,
             save_adapters=save,
             state=state,
+            should_stop=ranks.agreed(stop.requested),
         )
+        stop.armed = False
         if not result.diverged and not result.stopped_early and want_answers:
             after = answers(model, tokenizer, validation, cfg, desc="answers after training")
             log_answers(before, after, tracker, run_dir, step=total_steps)
@@ -254,8 +263,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         )
         if ranks.is_main:
             print_summary(run_dir, result, trainable, storage, tracker)
+        skipped = skipped_records_line(data.stats)
+        if skipped:
+            note(skipped)
     finally:
-        tracker.finish(exit_code=0 if result is not None and not result.diverged else 1)
+        stopped = stop.received is not None and result is not None and result.stopped_early
+        tracker.finish(exit_code=0 if result is not None and not result.diverged and not stopped else 1)
+    if stop.received is not None and result.stopped_early:
+        name = signal_name(stop.received)
+        raise RunInterrupted(
+            stop.received,
+            f"{name}: stopped at step {result.last_step} with a checkpoint in {run_dir}\n"
+            f"to continue: python -m harness.train resume={run_dir}",
+        )
     return result.best_val_loss
 
 
@@ -295,7 +315,7 @@ def log_answers(before, after, tracker: Tracker, run_dir: Path, *, step: int) ->
         for i, row in enumerate(after.shown)
     ]
     tracker.log_table("generations", ["instruction", "context", "reference", "before", "after"], rows, step=step)
-    print(before_after.format_report(before, after), file=sys.stderr)
+    note(before_after.format_report(before, after))
 
 
 def print_summary(
@@ -327,18 +347,21 @@ def print_summary(
     ]
     if tracker.wandb_dir is not None:
         lines.append(f"wandb          {tracker.wandb_dir}  (wandb sync to upload)")
-    print("\n".join(lines), file=sys.stderr)
+    note("\n".join(lines))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", execution_whitelist=TRUSTED_TARGETS)
+@hydra_task
 def _hydra_main(cfg: DictConfig) -> float:
-    return train(cfg)
+    objective = train(cfg)
+    exit_if_diverged(objective, hydra_job_info()["run_dir"])
+    return objective
 
 
 def main() -> None:
     """Console entry point (`qlora-train`)."""
     sys.argv = hydra_argv(sys.argv)  # under a distributed launcher, ranks other than 0 write no Hydra files
-    _hydra_main()
+    run_command(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class TrainResult:
     tokens_per_second: float  # non-padding tokens per second of training steps, compilation excluded
     peak_memory_gb: float
     wall_seconds: float
+    last_step: int = 0  # the run's optimizer step when this process stopped
 
 
 class TrainStep:
@@ -244,11 +245,13 @@ def train_loop(
     *,
     save_adapters: Callable[[nn.Module, Path], None],
     state: TrainState | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train until `settings.max_steps` optimizer steps, validating and checkpointing on the way.
 
     `state` continues a resumed run (weights and optimizer already restored). Returns the best validation loss
-    (nan when the loss diverged, which stops training early after saving the state).
+    (nan when the loss diverged, which stops training early after saving the state). `should_stop()` is asked
+    between steps (`harness.signals`): when true, the loop checkpoints and returns with `stopped_early`.
     """
     state = state or TrainState()
     run_dir = Path(run_dir)
@@ -291,6 +294,10 @@ def train_loop(
     wall_start = time.perf_counter()
 
     while state.step < settings.max_steps:
+        if should_stop is not None and should_stop():  # a stop asked for between steps: keep the work done
+            save_checkpoint(run_dir, model, optimizer, state, save_adapters, is_best=False)
+            stopped_early = True
+            break
         # 1. One optimizer step over `grad_accum_steps` micro-batches.
         step_start = time.perf_counter()
         batches = [next(stream) for _ in range(settings.grad_accum_steps)]
@@ -374,4 +381,5 @@ def train_loop(
         tokens_per_second=total_input_tokens / train_seconds if train_seconds > 0 else 0.0,
         peak_memory_gb=peak_memory_gb(),
         wall_seconds=time.perf_counter() - wall_start,
+        last_step=state.step,
     )

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.atomic_files import atomic_save_safetensors, atomic_write_text
 from models.lora import LoRALinear, LoRASpec, apply_lora
 from models.quant import QuantizedLinear, QuantSpec
 
@@ -29,29 +29,6 @@ FORMAT_VERSION = 1
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be loaded onto this model; the message names the file."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and `os.replace`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
-    """`mx.save_safetensors` to a temporary file beside `path`, then `os.replace` it into place."""
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.safetensors"
-    try:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def lora_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -111,7 +88,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise AdapterError(f"{path}: no adapter config here (expected {ADAPTER_CONFIG} from save_adapters)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise AdapterError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
     except json.JSONDecodeError as err:
         raise AdapterError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(config, dict):
@@ -121,6 +100,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("format_version", "lora", "base_model"):
         if key not in config:
             raise AdapterError(f"{path}: missing key {key!r}")
+    if not isinstance(config["format_version"], int) or not isinstance(config["lora"], dict):
+        raise AdapterError(f"{path}: 'format_version' must be an integer and 'lora' an object")
     if config["format_version"] > FORMAT_VERSION:
         raise AdapterError(f"{path}: format_version {config['format_version']} is newer than this code ({FORMAT_VERSION})")
     try:
@@ -169,9 +150,23 @@ def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module
             raise AdapterError(
                 f"{path}: {key} has shape {tuple(saved[key].shape)}, but this base needs {tuple(value.shape)}"
             )
+    check_finite(saved, path)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.alpha != spec.alpha:
+            raise AdapterError(
+                f"{Path(adapter_dir) / ADAPTER_CONFIG}: lora alpha {spec.alpha} differs from this model's "
+                f"adapters ({name}: alpha {module.alpha})"
+            )
     model.load_weights(list(saved.items()), strict=False)
     mx.eval(model.trainable_parameters())
     return model
+
+
+def check_finite(arrays: dict[str, mx.array], path: str | os.PathLike) -> None:
+    """Raise `AdapterError` naming `path` and the first tensor holding NaN or inf (a damaged file)."""
+    for key, value in arrays.items():
+        if mx.issubdtype(value.dtype, mx.inexact) and not mx.all(mx.isfinite(value)).item():
+            raise AdapterError(f"{path}: tensor {key!r} holds NaN or inf values; the file is damaged")
 
 
 def peft_key(path: str, matrix: str) -> str:

@@ -10,7 +10,9 @@ take the same path (quantization, the cache).
 Memory: `mx.load` on a safetensors file is lazy (a tensor is read when it is evaluated), so the loader walks
 the model layer by layer, reads that layer's tensors, casts them to the compute dtype, quantizes the layer
 when asked, evaluates it and lets the source arrays go. Peak memory stays near the final model's size plus
-one layer in the compute dtype; the whole model is never held in float32 (or in the file's dtype).
+one layer in the compute dtype; the whole model is never held in float32 (or in the file's dtype). A GGUF
+file is read whole by `mx.load` (MLX has no lazy GGUF reader), in its own compact types, and each block is
+dequantized only when the walk reaches it.
 
 Quantized bases can be cached with `cache_dir`: the quantized model is saved as safetensors under a key made
 of the checkpoint's identity, the `QuantSpec`, the dtype and `CACHE_FORMAT_VERSION`, and reloaded later
@@ -25,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from models import gguf
+from models.atomic_files import atomic_save_safetensors, make_temp_dir
 from models.backend import compute_dtype, dtype_name
 from models.mistral import MistralForCausalLM, ModelArgs
 
@@ -73,8 +75,8 @@ class CheckpointError(ValueError):
 def resolve_model_dir(
     path_or_repo_id: str | os.PathLike, *, revision: str | None = None, progress: bool = True
 ) -> Path:
-    """The local directory of a checkpoint: `path_or_repo_id` itself when it is a directory or a `.gguf`
-    file, else the Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless there).
+    """Where a checkpoint is: `path_or_repo_id` itself when it is a directory or a `.gguf` file, else the
+    directory of the Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless there).
 
     Raises `CheckpointError` when the path does not exist and is not a repo id, or when the repo cannot be
     fetched (offline and not cached, gated, not found).
@@ -439,9 +441,9 @@ def _load_cached(cache_path: Path, key: str, args: ModelArgs, quant) -> MistralF
 def _save_cached(model, cache_path: Path, key: str, model_dir: Path, quant, dtype) -> None:
     """Write the quantized base atomically: into a temporary directory renamed into place when complete."""
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_path.name}.", dir=cache_path.parent))
+    tmp = make_temp_dir(cache_path.parent, f".{cache_path.name}.")
     try:
-        mx.save_safetensors(str(tmp / CACHE_WEIGHTS), dict(tree_flatten(model.parameters())))
+        atomic_save_safetensors(tmp / CACHE_WEIGHTS, dict(tree_flatten(model.parameters())))
         meta = {
             "key": key,
             "format": CACHE_FORMAT_VERSION,
@@ -451,7 +453,7 @@ def _save_cached(model, cache_path: Path, key: str, model_dir: Path, quant, dtyp
             "mlx": mx.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(cache_path, ignore_errors=True)  # an unusable entry left by a failed reload
         os.replace(tmp, cache_path)
     except OSError:

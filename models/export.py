@@ -139,8 +139,10 @@ def _write_hf_directory(
         keys_iter = tqdm(list(keys_iter), desc=f"write {out.name}", unit="shard")
     weight_map = {}
     for name, keys in keys_iter:
-        arrays = {k: state.pop(k) for k in keys}
-        mx.eval(arrays)
+        arrays = {}
+        for key in keys:  # one tensor at a time: only its own float32 temporaries exist beside the shard
+            arrays[key] = state.pop(key)
+            mx.eval(arrays[key])
         atomic_save_safetensors(out / name, arrays, metadata={"format": "pt"})
         weight_map.update({k: name for k in keys})
         del arrays

@@ -251,6 +251,8 @@ def model_args(header: GGUFHeader) -> ModelArgs:
     def get(key: str, kind: type, required: bool = True):
         """A positive number `llama.<key>` of the metadata (None when optional and absent)."""
         full = f"{ARCHITECTURE}.{key}"
+        if full in header.array_lengths:
+            raise GGUFError(f"{path}: metadata {full} is an array (one value per layer), which is not supported")
         if full not in meta:
             if required:
                 raise GGUFError(f"{path}: metadata {full} is missing")
@@ -299,8 +301,6 @@ def model_args(header: GGUFHeader) -> ModelArgs:
     }
     # Keys the file leaves out take ModelArgs' defaults (one list of defaults, in models.mistral).
     config = {key: value for key, value in config.items() if value is not None}
-    if "rms_norm_eps" in config:
-        config["rms_norm_eps"] = float(config["rms_norm_eps"])
     return ModelArgs.from_hf_config(config, source=str(path))
 
 

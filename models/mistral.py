@@ -155,16 +155,19 @@ def attention_mask(
     key_len: int,
     sliding_window: int | None,
     segment_ids: mx.array | None = None,
+    key_padding: mx.array | None = None,
 ) -> mx.array | str | None:
     """Boolean mask `(…, query_len, key_len)`; True where a query may attend to a key.
 
     Queries are the last `query_len` positions of the `key_len` keys (a KV cache holds the rest).
     A query at position i attends to keys j with `i - sliding_window < j <= i`, and, when `segment_ids`
-    `(B, L)` is given (packed sequences), only to keys of its own segment.
+    `(B, L)` is given (packed sequences), only to keys of its own segment. `key_padding` `(B, key_len)`, true
+    at real tokens (Hugging Face's `attention_mask`), hides padding from every query; a padding query still
+    sees itself, so no row of the softmax is empty (its output is never read).
     Returns the string "causal" when a plain causal mask is exact, so the fused kernel can use it.
     """
     window_matters = sliding_window is not None and key_len > sliding_window
-    if segment_ids is None and not window_matters:
+    if segment_ids is None and key_padding is None and not window_matters:
         if query_len == 1:
             return None
         if query_len == key_len:
@@ -180,6 +183,9 @@ def attention_mask(
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         mask = mask[None] & same
         mask = mask[:, None]  # broadcast over heads
+    if key_padding is not None:
+        keep = key_padding.astype(mx.bool_)[:, None, None, :] | (k_pos == q_pos)
+        mask = mask & keep
     return mask
 
 
@@ -271,10 +277,13 @@ class MistralModel(nn.Module):
         input_ids: mx.array,
         cache: list[KVCache] | None = None,
         segment_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
     ) -> mx.array:
-        """Final hidden states `(B, L, hidden_size)` for token ids `(B, L)`."""
+        """Final hidden states `(B, L, hidden_size)` for token ids `(B, L)`. `attention_mask` `(B, cached + L)`,
+        1 at real tokens and 0 at padding (left padding, for batched generation), as in Hugging Face."""
         h = self.embed(input_ids)
-        mask = self.mask(input_ids.shape[1], 0 if cache is None else cache[0].offset, segment_ids)
+        offset = 0 if cache is None else cache[0].offset
+        mask = self.mask(input_ids.shape[1], offset, segment_ids, attention_mask)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, None if cache is None else cache[i])
         return self.final_norm(h)
@@ -285,9 +294,15 @@ class MistralModel(nn.Module):
         """Token embeddings `(B, L, hidden_size)` for ids `(B, L)`: the first layer's input."""
         return self.embed_tokens(input_ids)
 
-    def mask(self, length: int, offset: int = 0, segment_ids: mx.array | None = None) -> mx.array | str | None:
+    def mask(
+        self,
+        length: int,
+        offset: int = 0,
+        segment_ids: mx.array | None = None,
+        key_padding: mx.array | None = None,
+    ) -> mx.array | str | None:
         """The attention mask every layer takes for `length` new positions after `offset` cached ones."""
-        return attention_mask(length, offset + length, self.args.sliding_window, segment_ids)
+        return attention_mask(length, offset + length, self.args.sliding_window, segment_ids, key_padding)
 
     def final_norm(self, hidden: mx.array) -> mx.array:
         """The last layer's output `(…, hidden_size)` normed: what the head reads."""
@@ -315,16 +330,25 @@ class MistralForCausalLM(nn.Module):
         input_ids: mx.array,
         cache: list[KVCache] | None = None,
         segment_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
     ) -> mx.array:
-        return self.logits(self.model(input_ids, cache=cache, segment_ids=segment_ids))
+        return self.logits(
+            self.model(input_ids, cache=cache, segment_ids=segment_ids, attention_mask=attention_mask)
+        )
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """`self.model.embed`: the first decoder layer's input `(B, L, hidden_size)`."""
         return self.model.embed(input_ids)
 
-    def mask(self, length: int, offset: int = 0, segment_ids: mx.array | None = None) -> mx.array | str | None:
+    def mask(
+        self,
+        length: int,
+        offset: int = 0,
+        segment_ids: mx.array | None = None,
+        key_padding: mx.array | None = None,
+    ) -> mx.array | str | None:
         """`self.model.mask`: the attention mask every decoder layer takes."""
-        return self.model.mask(length, offset, segment_ids)
+        return self.model.mask(length, offset, segment_ids, key_padding)
 
     def final_norm(self, hidden: mx.array) -> mx.array:
         """`self.model.final_norm`: the last decoder layer's output normed for `logits`."""

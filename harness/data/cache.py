@@ -7,9 +7,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from models.atomic_files import make_temp_dir
 
 # Bump when the encoding rules change, so that caches written by older code are not reused.
 ENCODING_VERSION = 2  # 2: BOS only when the tokenizer's model adds one
@@ -42,7 +43,7 @@ def write_entry(directory: Path, write: Callable[[Path], None]) -> None:
     entry first, its copy is kept and this one discarded (both hold the same tokens).
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = make_temp_dir(directory.parent, f".{directory.name}.")
     try:
         write(tmp)
         if not is_complete(tmp):
@@ -56,3 +57,13 @@ def write_entry(directory: Path, write: Callable[[Path], None]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard_entry(directory: Path) -> None:
+    """Remove a (damaged) entry: renamed aside first, so no reader sees it half deleted."""
+    aside = directory.with_name(f".{directory.name}.discarded-{os.getpid()}")
+    try:
+        os.replace(directory, aside)
+    except OSError:
+        return  # already gone (another process discarded or replaced it)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data.cache import cache_key, default_cache_dir, entry_dir, is_complete, write_entry
+from harness.console import note
+from harness.data.cache import cache_key, default_cache_dir, discard_entry, entry_dir, is_complete, write_entry
 from harness.data.config import DataConfig, TemplateConfig
 from harness.data.encode import encode_records
 from harness.data.errors import DataError
@@ -64,6 +65,18 @@ def _check_config(cfg) -> None:
             raise DataError(f"data.{key} must be at least 2 (BOS + one response token), got {value}")
 
 
+def read_stats(entry: Path) -> dict:
+    """The `stats.json` of a cache entry; a damaged one is a `DataError` naming it."""
+    path = entry / "stats.json"
+    try:
+        stats = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
+        raise DataError(f"{path}: unreadable ({err})") from err
+    if not isinstance(stats, dict) or not isinstance(stats.get("splits"), dict):
+        raise DataError(f"{path}: not the statistics of a cache entry")
+    return stats
+
+
 def prepare_dataset(
     cfg: DataConfig,
     tokenizer: Tokenizer | None = None,
@@ -107,16 +120,20 @@ def prepare_dataset(
     path = entry_dir(root, cache_key(key_parts))
     if is_complete(path):
         start = time.perf_counter()
-        prepared = PreparedData(
-            train=EncodedSplit.load(path, "train"),
-            validation=EncodedSplit.load(path, "validation"),
-            stats=json.loads((path / "stats.json").read_text(encoding="utf-8")),
-            cache_path=path,
-            cache_hit=True,
-            timings=timings,
-        )
-        timings["cache_read"] = time.perf_counter() - start
-        return prepared
+        try:
+            prepared = PreparedData(
+                train=EncodedSplit.load(path, "train"),
+                validation=EncodedSplit.load(path, "validation"),
+                stats=read_stats(path),
+                cache_path=path,
+                cache_hit=True,
+                timings=timings,
+            )
+            timings["cache_read"] = time.perf_counter() - start
+            return prepared
+        except DataError as err:  # a damaged entry: say so, drop it, and tokenize again below
+            note(f"warning: damaged cache entry, tokenizing again: {err}")
+            discard_entry(path)
 
     start = time.perf_counter()
     train_idx, val_idx = split_indices(records, cfg.val_fraction, seed=cfg.split_seed, stratify=cfg.stratify)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.data.encode import IGNORE_INDEX, EncodedSequence
+from harness.data.errors import DataError
 
 
 class EncodedSplit(Sequence):
@@ -95,8 +96,30 @@ class EncodedSplit(Sequence):
 
     @classmethod
     def load(cls, directory: Path, name: str) -> EncodedSplit:
-        with np.load(directory / f"{name}.npz") as arrays:
-            tokens, offsets, prompt_lengths = arrays["tokens"], arrays["offsets"], arrays["prompt_lengths"]
-        with (directory / f"{name}.records.jsonl").open("r", encoding="utf-8") as f:
-            records = [json.loads(line) for line in f]
+        """Read a split written by `save`, checked; a damaged file is a `DataError` naming it."""
+        arrays_file, records_file = directory / f"{name}.npz", directory / f"{name}.records.jsonl"
+        try:
+            with np.load(arrays_file, allow_pickle=False) as arrays:
+                tokens, offsets, prompt_lengths = arrays["tokens"], arrays["offsets"], arrays["prompt_lengths"]
+        except Exception as err:  # zipfile, numpy and OS errors of a truncated or overwritten file
+            raise DataError(f"{arrays_file}: unreadable ({type(err).__name__}: {err})") from err
+        lengths = np.diff(offsets)
+        if (
+            offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens)
+            or (lengths < 0).any() or len(prompt_lengths) != len(lengths) or (prompt_lengths > lengths).any()
+            or (tokens < 0).any()
+        ):
+            raise DataError(f"{arrays_file}: inconsistent arrays (offsets, tokens, prompt lengths)")
+        records = []
+        try:
+            with records_file.open("r", encoding="utf-8") as f:
+                for line_number, line in enumerate(f, start=1):
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError(f"line {line_number} is not a JSON object")
+                    records.append(record)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{records_file}: unreadable ({err})") from err
+        if len(records) != len(prompt_lengths):
+            raise DataError(f"{records_file}: {len(records)} records for {len(prompt_lengths)} examples")
         return cls(tokens, offsets, prompt_lengths, records)

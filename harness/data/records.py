@@ -79,12 +79,39 @@ def _collect(rows: Iterable[tuple[str, object]], policy: str, loaded: LoadedReco
             loaded.invalid.append((where, str(error).removeprefix(f"{where}: ")))
 
 
+# Byte-order marks of the encodings a text editor may save instead of UTF-8.
+FOREIGN_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+                b"\xfe\xff": "UTF-16"}
+
+
+def _check_not_utf16(path: Path, head: bytes) -> None:
+    for bom, name in FOREIGN_BOMS.items():
+        if head.startswith(bom):
+            raise DataError(f"{path}: the file is {name} text; save it as UTF-8")
+
+
+def _undecodable(path: Path, line_number: int, err: UnicodeDecodeError) -> DataError:
+    return DataError(
+        f"{path}, line {line_number}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at column {err.start + 1}); "
+        "save the file as UTF-8"
+    )
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open("r", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    """Rows of a JSON Lines file, read as UTF-8 (a leading BOM is accepted); an undecodable or malformed
+    line becomes a `DataError` row naming the line, so the `skip` policy can count it."""
+    with path.open("rb") as f:
+        _check_not_utf16(path, f.read(4))
+        f.seek(0)
+        for line_number, raw_line in enumerate(f, start=1):
+            where = f"{path}, line {line_number}"
+            try:
+                line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield where, _undecodable(path, line_number, error)
+                continue
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) carry no record
-            where = f"{path}, line {line_number}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as error:
@@ -92,8 +119,16 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
+    data_bytes = path.read_bytes()
+    _check_not_utf16(path, data_bytes[:4])
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = data_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_start = data_bytes.rfind(b"\n", 0, error.start) + 1
+        column_error = UnicodeDecodeError("utf-8", data_bytes[line_start:], error.start - line_start, error.end - line_start, error.reason)
+        raise _undecodable(path, data_bytes.count(b"\n", 0, error.start) + 1, column_error) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}, line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -171,6 +206,16 @@ def load_hub_dataset(
     return loaded
 
 
+def looks_like_a_path(source: str) -> bool:
+    """A source that can only mean a local path: absolute, `./` `../` `~`, or more than one `/` (a Hub id is
+    `owner/name`)."""
+    first = source.split("/")[0]
+    return (
+        source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+        or ("/" in source and Path(first).is_dir())  # `data/x` where ./data exists
+    )
+
+
 def load_records(
     source: str, *, revision: str | None = None, hub_split: str = "train", invalid_records: str = "error"
 ) -> LoadedRecords:
@@ -182,4 +227,12 @@ def load_records(
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES or path.is_file():
         return load_local_file(path, invalid_records=invalid_records)
-    return load_hub_dataset(source, revision=revision, split=hub_split, invalid_records=invalid_records)
+    if looks_like_a_path(source) and not path.exists():
+        raise DataError(f"data.source={source!r}: no such file or directory")
+    try:
+        return load_hub_dataset(source, revision=revision, split=hub_split, invalid_records=invalid_records)
+    except DataError as error:
+        if path.exists():
+            raise
+        # `owner/name` may be a Hub id or a relative path: say both were tried.
+        raise DataError(f"data.source={source!r}: no such local file or directory, and {error}") from error

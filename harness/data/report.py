@@ -38,10 +38,18 @@ def format_report(prepared: PreparedData) -> str:
         truncated = ", ".join(f"{n} {what}" for what, n in split["truncated"].items()) or "none"
         lines.append(f"{name}: dropped {dropped}; truncated {truncated}")
     if stats["invalid_records"]:
-        skipped = ", ".join(f"{n} {reason}" for reason, n in stats["invalid_records"].items())
-        lines.append(f"invalid records skipped: {skipped}")
+        lines.append(skipped_records_line(stats))
         lines.extend(f"  {example}" for example in stats["invalid_examples"])
     return "\n".join(lines)
+
+
+def skipped_records_line(stats: dict) -> str | None:
+    """`invalid records skipped: N (reasons)` under `data.invalid_records=skip`, or None when none were."""
+    counts = stats.get("invalid_records") or {}
+    if not counts:
+        return None
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items())
+    return f"invalid records skipped: {sum(counts.values())} ({reasons}) from {stats.get('source')}"
 
 
 def print_report(prepared: PreparedData, file: TextIO | None = None) -> None:

@@ -111,3 +111,43 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("QLORA_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / ".cache" / "mistral-dolly-qlora"
+
+
+def _overwrite_middle(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\x00" * 64
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, damaged_file",
+    [
+        (lambda entry: _overwrite_middle(entry / "train.npz"), "train.npz"),
+        (lambda entry: (entry / "validation.npz").write_bytes(b"PK\x03\x04 truncated"), "validation.npz"),
+        (lambda entry: (entry / "train.records.jsonl").write_text('{"a": 1}\n', encoding="utf-8"), "train.records.jsonl"),
+        (lambda entry: (entry / "validation.records.jsonl").write_bytes(b"\xff\xfe\x00"), "validation.records.jsonl"),
+        (lambda entry: (entry / "stats.json").write_text("{trunc", encoding="utf-8"), "stats.json"),
+    ],
+    ids=["npz-overwritten", "npz-truncated", "records-count", "records-binary", "stats-truncated"],
+)
+def test_a_damaged_cache_entry_is_reported_and_rebuilt(small_config, tokenizer, capfd, damage, damaged_file):
+    first = prepare(small_config, tokenizer)
+    damage(first.cache_path)
+    again = prepare(small_config, tokenizer)
+    assert not again.cache_hit and again.cache_path == first.cache_path
+    assert same_examples(first, again)
+    err = capfd.readouterr().err
+    assert "damaged cache entry" in err and str(first.cache_path / damaged_file) in err, err
+    third = prepare(small_config, tokenizer)  # the rebuilt entry is whole again
+    assert third.cache_hit and same_examples(first, third)
+    assert not [p for p in first.cache_path.parent.iterdir() if p.name.startswith(".")], "nothing left aside"
+
+
+def test_cache_folders_and_files_follow_the_umask(small_config, tokenizer):
+    old = os.umask(0o002)  # a team's shared cache: group-writable
+    try:
+        entry = prepare(small_config, tokenizer).cache_path
+    finally:
+        os.umask(old)
+    assert entry.stat().st_mode & 0o777 == 0o775
+    assert all(p.stat().st_mode & 0o777 == 0o664 for p in entry.iterdir())

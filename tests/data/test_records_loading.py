@@ -134,3 +134,63 @@ def test_hub_dataset_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"could not load dataset 'databricks/databricks-dolly-15k'.*offline") as error:
         load_hub_dataset("databricks/databricks-dolly-15k")
     assert "local .jsonl" in str(error.value)
+
+
+RECORD = {"instruction": "Name a café in Zürich.", "response": "Café Sprüngli.", "category": "open_qa"}
+
+
+def test_a_utf8_bom_is_accepted_in_jsonl_and_json(tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (json.dumps(RECORD, ensure_ascii=False) + "\n").encode() * 2)
+    assert [r["instruction"] for r in load_local_file(jsonl).records] == [RECORD["instruction"]] * 2
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([RECORD], ensure_ascii=False).encode())
+    assert load_local_file(array).records[0]["response"] == RECORD["response"]
+
+
+def test_latin1_line_names_file_and_line_or_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps(RECORD, ensure_ascii=False).encode()
+    path.write_bytes(good + b"\n" + json.dumps(RECORD, ensure_ascii=False).encode("latin-1") + b"\n" + good + b"\n")
+    with pytest.raises(DataError, match=rf"{path}, line 2: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        load_local_file(path)
+    loaded = load_local_file(path, invalid_records="skip")
+    assert len(loaded.records) == 2
+    assert [where for where, _ in loaded.invalid] == [f"{path}, line 2"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_utf16_and_utf32_files_are_named(tmp_path, encoding):
+    for suffix in (".jsonl", ".json"):
+        path = tmp_path / f"wide{suffix}"
+        text = json.dumps(RECORD) if suffix == ".jsonl" else json.dumps([RECORD])
+        path.write_bytes(text.encode(encoding))
+        with pytest.raises(DataError, match=rf"{path}: the file is {encoding.upper()} text; save it as UTF-8"):
+            load_local_file(path, invalid_records="skip")
+
+
+def test_binary_files_name_file_and_line(tmp_path):
+    path = tmp_path / "binary.json"
+    path.write_bytes(b'[{"instruction": "a",\n "response": "\x89PNG\x00\xff"}]')
+    with pytest.raises(DataError, match=rf"{path}, line 2: not UTF-8 text"):
+        load_local_file(path)
+    path = tmp_path / "binary.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)  # an image renamed .jsonl
+    with pytest.raises(DataError, match=rf"{path}, line 1: not UTF-8 text"):
+        load_local_file(path)
+    with pytest.raises(DataError, match=rf"{path}: no valid record \(first problem: {path}, line 1: not UTF-8"):
+        load_local_file(path, invalid_records="skip")
+
+
+@pytest.mark.parametrize("source", ["data/my_records", "./records", "/nonexistent/dolly", "~/no/such/file", "a/b/c"])
+def test_a_missing_local_path_without_suffix_is_not_looked_up_on_the_hub(source, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match=rf"data.source='{source}': no such file or directory"):
+        load_records(source)
+
+
+def test_a_missing_owner_slash_name_says_it_is_neither_local_nor_on_the_hub(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data.source='records/dolly': no such local file or directory, and could not"):
+        load_records("records/dolly")

@@ -140,3 +140,30 @@ def test_peft_adapters_load_with_peft_and_match_our_logits(make_mistral_checkpoi
     assert np.abs(theirs - ours).max() < 1e-4
     assert np.abs(base_only - ours).max() < 1e-4
     assert np.abs(plain - ours).max() > 1e-2  # the adapters really change the output
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_adapters_with_non_finite_values_are_refused_naming_file_and_tensor(saved_adapters, bad):
+    _, out = saved_adapters
+    path = out / "adapters.safetensors"
+    arrays = mx.load(str(path))
+    key = sorted(arrays)[1]
+    arrays[key] = mx.where(mx.arange(arrays[key].size).reshape(arrays[key].shape) == 3, bad, arrays[key])
+    mx.save_safetensors(str(path), arrays)
+    with pytest.raises(AdapterError, match=rf"{path}: tensor '{key}' holds NaN or inf"):
+        load_adapters(quantized_base(), out)
+
+
+def test_a_binary_adapter_config_is_named(saved_adapters):
+    _, out = saved_adapters
+    (out / "adapter_config.json").write_bytes(b"\x00\x81\xfe binary")
+    with pytest.raises(AdapterError, match=rf"{out / 'adapter_config.json'}: not UTF-8 text"):
+        load_adapters(quantized_base(), out)
+
+
+def test_a_different_alpha_on_an_adapted_model_is_refused(saved_adapters):
+    _, out = saved_adapters
+    resumed = quantized_base()
+    apply_lora(resumed, LoRASpec(**{**SPEC.to_dict(), "alpha": 32.0}))
+    with pytest.raises(AdapterError, match="alpha 8.0 differs"):
+        load_adapters(resumed, out)

@@ -119,14 +119,16 @@ def test_export_merged_leaves_the_model_quantized_and_unchanged(tmp_path):
 
 
 def test_merged_export_computes_one_shard_at_a_time(tmp_path):
-    """MLX's peak above the quantized model stays near one shard, far below the dense model (which the
-    export would hold whole if it merged every layer before writing)."""
+    """MLX's peak above the quantized model is one shard plus one tensor's float32 temporaries: far below the
+    dense model (held whole when every layer was merged before writing) and below a shard whose tensors are
+    all computed at once (their temporaries side by side)."""
     model = build_tiny_model(num_hidden_layers=8, hidden_size=128, intermediate_size=512)
     quantize_model(model, QuantSpec("rowwise"))
     apply_lora(model, LoRASpec(rank=4, alpha=8))
     randomize_adapters(model)
     mx.eval(model.parameters())
-    dense_bytes = sum(v.size for v in merged_state(model, mx.float32).values()) * 4
+    sizes = [v.size * 4 for v in merged_state(model, mx.float32).values()]
+    dense_bytes, largest = sum(sizes), max(sizes)
     shard = dense_bytes // 16
     mx.clear_cache()
     before = mx.get_active_memory()
@@ -134,7 +136,7 @@ def test_merged_export_computes_one_shard_at_a_time(tmp_path):
     out = export_merged(model, tmp_path / "merged", dtype="float32", max_shard_bytes=shard, progress=False)
     grown = mx.get_peak_memory() - before
     assert len(list(out.glob("model-*.safetensors"))) >= 8
-    assert grown < dense_bytes / 4, f"export peaked {grown / dense_bytes:.2f}x the dense model above the base"
+    assert grown < shard + 2 * largest, f"export peaked {grown / shard:.2f} shards above the base"
 
 
 def test_auto_dtype_is_bfloat16_for_large_models_float32_for_small(tmp_path, monkeypatch):

@@ -86,9 +86,10 @@ def write_gguf(path, tensors: dict[str, np.ndarray], meta: dict, types: dict[str
     types = types or {}
     kind = {n: types.get(n.split(".")[-2], "F32") for n in tensors}
     if set(kind.values()) <= {"F32", "F16"}:
-        arrays = {n: mx.array(v).astype(mx.float16 if kind[n] == "F16" else mx.float32) for n, v in tensors.items()}
-        dtypes = {"uint32": mx.uint32, "float32": mx.float32}
-        mx.save_gguf(str(path), arrays, {k: v if t == "string" else mx.array(v, dtypes[t]) for k, (v, t) in meta.items()})
+        dtypes = {"F16": mx.float16, "F32": mx.float32, "uint32": mx.uint32, "float32": mx.float32}
+        arrays = {n: mx.array(v, dtypes[kind[n]]) for n, v in tensors.items()}
+        values = {k: v if t == "string" else mx.array(v, dtypes[t]) for k, (v, t) in meta.items()}
+        mx.save_gguf(str(path), arrays, values)
         return path
     meta = dict(meta)
     writer = gguf_py.GGUFWriter(str(path), arch=meta.pop("general.architecture")[0])  # the writer adds the key
@@ -110,12 +111,12 @@ def round_trip(value: np.ndarray, type_name: str) -> np.ndarray:
     return gguf_py.quants.dequantize(gguf_py.quants.quantize(value, qtype), qtype).astype(np.float32)
 
 
-def make_gguf(path, *, tied=False, types=None, seed=0, meta_changes=None, extra_tensors=None):
-    """A random tiny llama as a GGUF file at `path`, and the `LlamaForCausalLM` holding exactly the weights the
-    file stores (after its quantization). Returns (path, reference)."""
-    config = {**TINY, "tie_word_embeddings": tied}
+def make_gguf(path, *, tied=False, types=None, seed=0, meta_changes=None, extra_tensors=None, **shape):
+    """A random llama (TINY, with `shape` overrides) as a GGUF file at `path`, and the `LlamaForCausalLM`
+    holding exactly the weights the file stores (after its quantization). Returns (path, reference)."""
+    config = {**TINY, **shape, "tie_word_embeddings": tied}
     reference = random_hf_model(transformers.LlamaConfig(**config), seed)
-    heads = {"attn_q": TINY["num_attention_heads"], "attn_k": TINY["num_key_value_heads"]}
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors = {}
     state = {}
     for hf, param in reference.state_dict().items():
@@ -131,7 +132,7 @@ def make_gguf(path, *, tied=False, types=None, seed=0, meta_changes=None, extra_
     reference.load_state_dict(state, strict=not tied)
     if tied:
         reference.tie_weights()
-    write_gguf(path, tensors, metadata(TINY, **(meta_changes or {})), types)
+    write_gguf(path, tensors, metadata(config, **(meta_changes or {})), types)
     return path, reference
 
 
@@ -201,6 +202,26 @@ def test_quantized_load_of_a_gguf_equals_quantizing_the_float_load_and_is_cached
     assert len(list(cache.iterdir())) == 2
 
 
+def test_gguf_loading_dequantizes_one_layer_at_a_time(tmp_path):
+    """Beyond the file's own (compact) tensors, loading holds about one decoder layer in float32, not the
+    whole dequantized model."""
+    import gc
+
+    path, _ = make_gguf(tmp_path / "eight.gguf", types=MIXED_TYPES, num_hidden_layers=8, hidden_size=128,
+                        intermediate_size=256, head_dim=32)
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model = load_pretrained(path, dtype="float32", quant=QuantSpec("rowwise"), progress=False)
+    peak = mx.get_peak_memory() - before
+    final = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    layer = sum(v.nbytes for _, v in tree_flatten(load_pretrained(path, dtype="float32", progress=False)
+                                                      .layers[0].parameters()))
+    # Dequantizing every layer up front would add about 8 layers.
+    assert peak - final < path.stat().st_size + 2 * layer
+
+
 def test_unsupported_tensor_type_names_tensor_type_and_file(tmp_path):
     path, _ = make_gguf(tmp_path / "q5.gguf", types={**MIXED_TYPES, "attn_v": "Q5_0"})
     with pytest.raises(CheckpointError, match=rf"{path}: tensor blk\.0\.attn_v\.weight has GGUF type Q5_0"):
@@ -211,7 +232,7 @@ def test_unsupported_tensor_type_names_tensor_type_and_file(tmp_path):
     "change, message",
     [
         ({"llama.block_count": None}, "metadata llama.block_count is missing"),
-        ({"llama.embedding_length": ("64", "string")}, "metadata llama.embedding_length='64' should be a positive int"),
+        ({"llama.embedding_length": ("64", "string")}, "llama.embedding_length='64' should be a positive int"),
         ({"general.architecture": ("gpt2", "string")}, "general.architecture='gpt2' is not supported"),
         ({"llama.rope.scaling.type": ("linear", "string")}, "llama.rope.scaling.type='linear' is not supported"),
         ({"llama.rope.dimension_count": (8, "uint32")}, "llama.rope.dimension_count=8 .* partial rotary"),
@@ -344,6 +365,7 @@ def lora_smollm2(real_path, spec: LoRASpec):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_real_gguf_peft_adapters_load_onto_transformers_gguf_model(real_path, real_reference, tmp_path):
     import peft
 

@@ -127,6 +127,29 @@ def test_packed_segments_match_separate_sequences(small_checkpoint):
     assert np.abs(unpacked[:, 10:21] - alone_second).max() > 1e-2
 
 
+def test_left_padding_masked_gives_each_row_its_own_logits_through_the_cache(small_checkpoint):
+    """Rows of different lengths left-padded into one batch (Hugging Face's `attention_mask`), then decoded
+    through the KV cache, give the logits each row gets alone: padding is invisible and RoPE is relative."""
+    model = load_mlx(small_checkpoint)
+    rows = [token_ids(1, n, seed=10 + n)[0] for n in (4, 9, SEQ_LEN - 3)]
+    width = max(len(r) for r in rows)
+    ids = np.stack([np.concatenate([np.full(width - len(r), 7, np.int32), r]) for r in rows])
+    keep = np.stack([np.arange(width) >= width - len(r) for r in rows])
+    cache = model.make_cache()
+    logits = np.array(model(mx.array(ids), cache=cache, attention_mask=mx.array(keep)))
+    step_ids = token_ids(3, 1, seed=99)
+    keep = np.concatenate([keep, np.ones((3, 1), bool)], axis=1)
+    step = np.array(model(mx.array(step_ids), cache=cache, attention_mask=mx.array(keep)))
+    for i, row in enumerate(rows):
+        alone = np.array(model(mx.array(np.concatenate([row, step_ids[i]])[None])))
+        np.testing.assert_allclose(logits[i, width - len(row) :], alone[0, : len(row)], atol=1e-4)
+        np.testing.assert_allclose(step[i, 0], alone[0, -1], atol=1e-4)
+    assert np.isfinite(logits).all()
+    # Without the mask the short rows see the padding.
+    unmasked = np.array(model(mx.array(ids)))
+    assert np.abs(unmasked[0, -1] - logits[0, -1]).max() > 1e-3
+
+
 def test_attention_mask_window_and_segments():
     mask = np.array(attention_mask(5, 5, sliding_window=2, segment_ids=mx.array([[1, 1, 1, 2, 2]])))[0, 0]
     expected = np.array(

@@ -1,0 +1,66 @@
+"""Stopping a run cleanly on SIGINT (Ctrl-C) and SIGTERM (what Slurm and most schedulers send before a kill).
+
+While training (`armed`), a signal only asks the loop to stop: it finishes the step in progress, writes a
+checkpoint and returns; the command then closes W&B, prints how to resume and exits with 128 + the signal's
+number. A second signal, or one that arrives before training began, stops at once (`RunInterrupted`): the last
+checkpoint stays as it was, since checkpoints are written atomically.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped on a signal; `message` says what was saved and how to continue."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
+        self.exit_code = 128 + signum  # the shell's convention for "ended by signal N"
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class StopSignals:
+    """Context manager: SIGINT/SIGTERM handlers while training (module docstring). Outside the main thread
+    (where Python cannot install handlers) it does nothing and `requested()` stays False."""
+
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+        self._signals = signals  # the ones handled here; others keep their default action
+        self.armed = False
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self._signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for (the loop's `should_stop`)."""
+        return self.received is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if not self.armed or self.received is not None:
+            when = "again" if self.received is not None else "before training began"
+            raise RunInterrupted(signum, f"{signal_name(signum)} {when}: stopped at once; nothing more was saved")
+        self.received = signum
+        print(
+            f"{signal_name(signum)} received: stopping after this step with a checkpoint (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,139 @@
+"""How a training command ends: SIGINT/SIGTERM stop cleanly with a checkpoint and a resume hint, a diverged
+run exits non-zero, and what the data pipeline dropped or lacked is said at the end."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.checkpoints import read_state
+from harness.tracking import read_metrics
+from harness.train import train
+from tests.harness.conftest import FAST, REPO, run_cli
+
+LONG_RUN = [
+    *FAST, "model=tiny", "logger=none", "trainer.max_steps=400", "trainer.log_every=1", "trainer.eval_every=0",
+    "trainer.num_sample_prompts=0",
+]
+
+
+def logged_a_step(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and any("train/loss" in json.loads(line) for line in metrics.read_text().splitlines())
+
+
+def stop_a_run(tmp_path: Path, env: dict, signum: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start a long run, send `signum` at a random moment after its first logged step, wait for it to end."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", *LONG_RUN, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not logged_a_step(run_dir):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run logged no step"
+            time.sleep(0.1)
+        time.sleep(random.uniform(0, 0.5))
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_with_a_checkpoint_and_a_resume_hint(tmp_path, hermetic_env, signum):
+    proc, run_dir = stop_a_run(tmp_path, hermetic_env, signum)
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    state = read_state(run_dir)
+    assert 1 <= state.step < 400 and not state.finished
+    assert (run_dir / state.latest).name == f"step-{state.step:06d}"
+    assert (run_dir / state.latest / "adapters.safetensors").is_file()
+    logged = [r["step"] for r in read_metrics(run_dir) if "step" in r]
+    assert max(logged) == state.step, "every step trained was checkpointed"
+    assert f"stopped at step {state.step}" in proc.stderr
+    assert f"python -m harness.train resume={run_dir}" in proc.stderr
+    if signum == signal.SIGTERM:  # and the hint works: the run continues from there
+        run_cli(
+            "harness.train", *LONG_RUN, f"resume={run_dir}", f"trainer.max_steps={state.step + 2}",
+            env=hermetic_env, cwd=tmp_path,
+        )
+        resumed = read_state(run_dir)
+        assert resumed.finished and resumed.step == state.step + 2
+
+
+@pytest.mark.slow
+def test_a_diverged_single_run_exits_non_zero(tmp_path, hermetic_env):
+    proc = run_cli(
+        "harness.train", *FAST, "model=tiny", "logger=none", "optim.lr=1e30", "optim.grad_clip=0",
+        "trainer.num_sample_prompts=0", f"hydra.run.dir={tmp_path}/run",
+        env=hermetic_env, cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "diverged" in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
+    assert read_state(tmp_path / "run").diverged
+
+
+def test_an_empty_validation_split_is_warned_about(compose_train, tmp_path, capfd):
+    train(
+        compose_train(*FAST, "model=tiny", "logger=none", "data.val_fraction=0", "trainer.max_steps=2",
+                      "trainer.num_sample_prompts=0"),
+        run_dir=tmp_path / "run",
+    )
+    assert "warning: the validation split is empty" in capfd.readouterr().err
+
+
+def test_skipped_records_are_counted_at_the_end_of_training(compose_train, tmp_path, capfd):
+    from harness.data import load_records
+
+    good = [json.dumps(r) for r in load_records("embedded:dolly_sample").records[:80]]
+    source = tmp_path / "data.jsonl"
+    source.write_bytes(
+        "\n".join([*good[:40], "{not json", '{"instruction": 3}', *good[40:]]).encode() + b"\n\xe9t\xe9\n"
+    )
+    train(
+        compose_train(*FAST, "model=tiny", "logger=none", f"data.source={source}", "data.invalid_records=skip",
+                      "data.max_records=null", "trainer.max_steps=2", "trainer.num_sample_prompts=0"),
+        run_dir=tmp_path / "run",
+    )
+    err = capfd.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("invalid records skipped"))
+    assert "skipped: 3 " in line and str(source) in line
+
+
+@pytest.mark.slow
+def test_prepare_names_an_undecodable_line_skips_it_on_request_and_rebuilds_a_damaged_cache(tmp_path, hermetic_env):
+    from harness.data import load_records
+
+    records = load_records("embedded:dolly_sample").records[:120]
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+    lines[6] = json.dumps({**records[6], "response": "Café"}, ensure_ascii=False).encode("latin-1")
+    source = tmp_path / "latin1.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM too: accepted
+    env = {**hermetic_env, "QLORA_CACHE_DIR": str(tmp_path / "cache")}
+    common = ["model=tiny", f"data.source={source}", "data.max_seq_len=128"]
+    proc = run_cli("harness.prepare", *common, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {source}, line 7: not UTF-8 text")
+
+    proc = run_cli("harness.prepare", *common, "data.invalid_records=skip", env=env, cwd=tmp_path)
+    assert "invalid records skipped: 1 " in proc.stdout and f"{source}, line 7" in proc.stdout
+    (entry,) = (tmp_path / "cache").rglob("stats.json")
+    (entry.parent / "train.npz").write_bytes(b"PK\x03\x04 not a zip any more")
+    proc = run_cli("harness.prepare", *common, "data.invalid_records=skip", env=env, cwd=tmp_path)
+    assert f"damaged cache entry, tokenizing again: {entry.parent / 'train.npz'}" in proc.stderr
+    assert "(written)" in proc.stdout
+    proc = run_cli("harness.prepare", *common, "data.invalid_records=skip", env=env, cwd=tmp_path)
+    assert "(reused)" in proc.stdout and "damaged" not in proc.stderr

@@ -1,0 +1,29 @@
+"""`StopSignals`: while armed a signal only asks for a stop; a second one, or one before training, stops at once."""
+
+import os
+import signal
+
+import pytest
+
+from harness.signals import RunInterrupted, StopSignals
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_armed_signal_asks_a_second_one_stops_at_once(signum, capfd):
+    before = signal.getsignal(signum)
+    with StopSignals() as stop:
+        stop.armed = True
+        os.kill(os.getpid(), signum)
+        assert stop.requested() and stop.received == signum
+        assert "stopping after this step" in capfd.readouterr().err
+        with pytest.raises(RunInterrupted) as again:
+            os.kill(os.getpid(), signum)
+        assert again.value.exit_code == 128 + signum
+    assert signal.getsignal(signum) == before, "the previous handler is back"
+
+
+def test_a_signal_before_training_stops_at_once():
+    with StopSignals() as stop:
+        with pytest.raises(RunInterrupted, match="before training began"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop.requested()

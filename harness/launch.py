@@ -153,13 +153,14 @@ def starts_ranks(cfg) -> bool:
 
 def train_on_ranks(cfg, run_dir: Path, job: dict) -> float:
     """Train `cfg` on the ranks `cfg.distributed` asks for, with `run_dir` as the run directory; returns the
-    run's best validation loss (what `harness.train.train` returns). Raises when the job fails."""
+    run's best validation loss (what `harness.train.train` returns). Raises when the job fails. `job`: the Hydra
+    job (`harness.train.hydra_job_info`), passed on to the ranks."""
     from omegaconf import OmegaConf
 
+    from harness.resume import resume_target
     from harness.tracking import read_metrics
-    from harness.train import resume_dir
 
-    results_dir = resume_dir(cfg, run_dir) or run_dir  # a resumed run goes on in its own directory
+    results_dir = resume_target(cfg.resume, run_dir) or run_dir  # a resumed run goes on in its own directory
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / RANKS_CONFIG_FILE
     OmegaConf.save(cfg, config_file, resolve=True)

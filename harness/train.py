@@ -86,7 +86,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     check_train_config(cfg)  # before any model or data work
     run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
     if starts_ranks(cfg):  # `distributed.ranks_per_host` > 1 (or several hosts): the run goes to its ranks
-        return train_on_ranks(cfg, run_dir, {k: v for k, v in job.items() if k != "run_dir"})
+        return train_on_ranks(cfg, run_dir, job)
     ranks = world()  # under a distributed launcher, rank 0 decides the run directory and config, and alone writes
     if ranks.is_main:
         run_dir = resume_target(cfg.resume, run_dir) or run_dir

@@ -3,6 +3,7 @@
     python -m harness.bench                                   # the default run's step: tiny shape, 8 x 256
     python -m harness.bench model=mistral-7b-shape --batch 8 --seq 512 --compare-mlx-lm
     python -m harness.bench experiment=mistral7b_dolly_qlora model=mistral-7b-shape   # the flagship as shipped
+    python -m harness.launch -n 2 --backend nccl -- -m harness.bench model=mistral-7b-shape --batch 8 --seq 512
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
 quantization, LoRA (rank, dropout) and optimizer exactly as `harness.train` does, and times the trainer's own
@@ -12,6 +13,9 @@ step (`harness.training.make_train_step`) over whole optimizer steps: `--accum` 
 to first step are its own. Reported per stack: median seconds per optimizer step after warm-up (every step
 synchronized), tokens/s, model FLOP utilisation against a matmul rate measured in the same run, the peak memory
 over the whole optimizer steps (all micro-batches), time to first step.
+Under a distributed launcher (`harness.launch`) the step is the data-parallel one (`harness.distributed`): each
+rank takes `--batch` rows of every global micro-batch of `--batch` x ranks rows, tokens/s count all ranks' tokens,
+MFU is per device, and rank 0 reports.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import models  # noqa: E402,F401  (loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
 from harness.cpu_streams import cpu_cores  # noqa: E402
+from harness.distributed import launched_rank  # noqa: E402
 from models import blas  # noqa: E402
 from models.backend import backend_name, compute_dtype, describe  # noqa: E402
 from models.mistral import ModelArgs  # noqa: E402
@@ -64,6 +69,7 @@ class Result:
     lora_rank: int = 0
     lora_dropout: float = 0.0
     train_step: str = ""  # the step class the trainer chose (TrainStep, LayerwiseTrainStep)
+    ranks: int = 1  # data-parallel ranks; `batch` is rows per rank, tokens/s count every rank's tokens
 
 
 def compose(overrides: list[str]):
@@ -137,11 +143,12 @@ def build_peak_then_reset(*arrays) -> float:
 
 
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
-                streams: int = 1, build_peak: float = float("nan"), accum: int = 1, train_step: str = "") -> Result:
-    """A `Result` from the optimizer-step times of one stack (`accum` micro-batches of batch x seq each), with
-    FLOPs and the matmul ceiling measured now."""
+                streams: int = 1, build_peak: float = float("nan"), accum: int = 1, train_step: str = "",
+                ranks: int = 1) -> Result:
+    """A `Result` from the optimizer-step times of one stack (`accum` micro-batches of batch x seq each on each
+    of `ranks` ranks), with FLOPs and the matmul ceiling measured now."""
     step = statistics.median(times)
-    tokens = batch * seq * accum
+    tokens = batch * seq * accum * ranks
     lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
     flops = flops_per_token(args, seq, cfg.lora.rank, lora_layers, list(cfg.lora.target_modules))
     achieved = flops * tokens / step / 1e12
@@ -150,10 +157,11 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
         stack=stack, shape=cfg.model.name, batch=batch, seq=seq, checkpointing=ckpt,
         quant=quant, trainable_params=trainable, step_seconds=step,
         tokens_per_second=tokens / step, tflops_per_second=achieved, matmul_tflops=ceiling,
-        mfu=achieved / ceiling, peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
+        mfu=achieved / (ceiling * ranks), peak_memory_gb=mx.get_peak_memory() / 1e9, first_step_seconds=first_step,
         device=describe()["device"] + f" ({platform.processor() or platform.machine()})",
         dtype=str(dtype).replace("mlx.core.", ""), streams=streams, build_peak_memory_gb=build_peak,
         grad_accum_steps=accum, lora_rank=cfg.lora.rank, lora_dropout=cfg.lora.dropout, train_step=train_step,
+        ranks=ranks,
     )
 
 
@@ -161,6 +169,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`:
     optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`."""
     from harness.build import build_model, build_optimizer
+    from harness.distributed import world
     from harness.process import set_up_process
     from harness.training import make_train_step
     from models.lora import trainable_parameter_count
@@ -171,9 +180,10 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
     step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
                            streams=streams)
+    ranks = world()  # several under a distributed launcher: the step takes this rank's rows of each global batch
     micro_batches = []
     for index in range(accum):
-        tokens = synthetic_tokens(batch, seq, model.args.vocab_size, seed=index)
+        tokens = synthetic_tokens(batch * ranks.size, seq, model.args.vocab_size, seed=index)
         micro_batches.append({"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)})
     model.train()
     build_peak = build_peak_then_reset(model.parameters(), optimizer.state, micro_batches)
@@ -191,16 +201,20 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     return make_result("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
                    f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak,
-                   accum=accum, train_step=type(step).__name__)
+                   accum=accum, train_step=type(step).__name__, ranks=ranks.size)
+
+
+def stack_command(stack: str, overrides: list[str], options: argparse.Namespace) -> list[str]:
+    """The command line that times one stack in a child process."""
+    sizes = [f"--{name}={value}" for name in ("batch", "seq", "accum")
+             if (value := getattr(options, name)) is not None]
+    return [sys.executable, "-m", "harness.bench", "--stack", stack, *sizes, "--steps", str(options.steps),
+            "--warmup", str(options.warmup), *(["--checkpointing"] if options.checkpointing else []), *overrides]
 
 
 def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> dict | None:
     """Run one stack in a fresh process; returns its result, or None (with the error shown) if it failed."""
-    sizes = [f"--{name}={value}" for name in ("batch", "seq", "accum")
-             if (value := getattr(options, name)) is not None]
-    command = [sys.executable, "-m", "harness.bench", "--stack", stack, *sizes, "--steps", str(options.steps),
-               "--warmup", str(options.warmup), *(["--checkpointing"] if options.checkpointing else []), *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(stack_command(stack, overrides, options), capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -209,16 +223,16 @@ def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> 
 
 
 def print_table(results: list[dict]) -> None:
-    columns = [("stack", "{}"), ("shape", "{}"), ("batch", "{}"), ("seq", "{}"), ("grad_accum_steps", "{}"),
+    columns = [("stack", "{}"), ("shape", "{}"), ("ranks", "{}"), ("batch", "{}"), ("seq", "{}"), ("grad_accum_steps", "{}"),
                ("checkpointing", "{}"), ("lora_rank", "{}"), ("lora_dropout", "{:g}"), ("train_step", "{}"),
                ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"),
                ("step_seconds", "{:.3f}"), ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"),
                ("peak_memory_gb", "{:.2f}"), ("build_peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
-    headers = ["stack", "shape", "batch", "seq", "accum", "ckpt", "rank", "dropout", "step", "quant", "dtype",
+    headers = ["stack", "shape", "dp ranks", "batch", "seq", "accum", "ckpt", "rank", "dropout", "step", "quant", "dtype",
                "streams", "tok/s", "s/step", "TFLOP/s", "MFU", "peak GB", "build GB", "1st step s"]
     # results of older versions lack some fields
     defaults = {"streams": 1, "build_peak_memory_gb": float("nan"), "grad_accum_steps": 1, "lora_rank": 0,
-                "lora_dropout": 0.0, "train_step": ""}
+                "lora_dropout": 0.0, "train_step": "", "ranks": 1}
     rows = [[fmt.format(r.get(key, defaults.get(key))) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
@@ -264,11 +278,17 @@ def main(argv: list[str] | None = None) -> None:
             from harness.mlx_lm_baseline import bench_mlx_lm
 
             result = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START)
-        print("RESULT " + json.dumps(asdict(result)), flush=True)
+        if launched_rank() in (None, 0):
+            print("RESULT " + json.dumps(asdict(result)), flush=True)
         return
 
+    if launched_rank() not in (None, 0):  # this rank's child joins rank 0's, which reports
+        sys.exit(subprocess.run(stack_command("ours", options.overrides, options)).returncode)
     results = [r for r in [run_stack("ours", options.overrides, options)] if r]
-    if options.compare_mlx_lm:
+    if options.compare_mlx_lm and launched_rank() is not None:
+        print("--compare-mlx-lm is skipped under a distributed launcher (mlx-lm runs on one device here)",
+              file=sys.stderr)
+    elif options.compare_mlx_lm:
         try:
             import mlx_lm  # noqa: F401
         except ImportError:

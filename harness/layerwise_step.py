@@ -34,6 +34,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from harness.distributed import world
 from harness.loss import loss_from_hidden
 from harness.training import make_update, sum_outputs
 from models.checkpointing import gradient_checkpointing_enabled, uncheckpointed_call
@@ -199,14 +200,19 @@ class LayerwiseTrainStep:
         """One optimizer step over `batches` (the micro-batches). `key`: the step's dropout key
         (`mx.random.key`); by default drawn from MLX's global random state."""
         keys = micro_batch_dropout_keys(step_dropout_key() if key is None else key, len(batches))
-        total = None
-        for batch, batch_key in zip(batches, keys):
-            # Each micro-batch is evaluated (inside `_gradients`) before the next is built; the running sum is
-            # evaluated too, so only it and one micro-batch's gradients are alive at a time.
-            output = self._gradients(batch, batch_key)
-            total = output if total is None else sum_outputs([total, output])
-            mx.eval(total)
-        loss_sum, n_tokens, grads = total
+        ranks = world()  # under a distributed launcher: this rank's rows of each batch, sums over ranks
+
+        def local_sums():
+            total = None
+            for batch, batch_key in zip(batches, keys):
+                # Each micro-batch is evaluated (inside `_gradients`) before the next is built; the running sum
+                # is evaluated too, so only it and one micro-batch's gradients are alive at a time.
+                output = self._gradients(ranks.rows(batch), batch_key)
+                total = output if total is None else sum_outputs([total, output])
+                mx.eval(total)
+            return total
+
+        loss_sum, n_tokens, grads = ranks.sum_outputs(local_sums)
         return loss_sum, n_tokens, self._update(grads, n_tokens)
 
 

@@ -45,6 +45,7 @@ SAFE_ON_RESUME = (
     "logger",
     "paths",
     "experiment_name",
+    "distributed",
 )
 # Settings of one process, not of the run: always this command's value (a run stopped with stop_after_steps
 # resumes without stopping again unless asked).

@@ -161,6 +161,17 @@ class PathsConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data parallelism: `harness.train` starts the run on several ranks through `harness.launch` (MLX's
+    launcher). Not used by a process that a launcher started: it is already one rank."""
+
+    ranks_per_host: int = 1  # 1: train in this process
+    backend: str = "ring"  # mlx.launch --backend: ring (CPUs, Macs) | nccl (NVIDIA GPUs) | mpi | jaccl
+    hosts: str | None = None  # comma-separated IP addresses (ranks start over ssh); null: this host only
+    launcher_args: list[str] = field(default_factory=list)  # more mlx.launch options, e.g. ["--hostfile", "h.json"]
+
+
+@dataclass
 class TrainRoot:
     """`conf/train.yaml`: one training run."""
 
@@ -172,6 +183,7 @@ class TrainRoot:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # false | true (continue the run in this run dir) | a run directory to continue.
     resume: Any = False
     # Free-form tags for the experiment (the `experiment/` configs set it).
@@ -240,6 +252,7 @@ def register_configs() -> None:
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
         ("paths", PathsConfig),
+        ("distributed", DistributedConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
     cs.store(name="train_schema", node=TrainRoot)

@@ -33,14 +33,15 @@ class StopSignals:
     """Context manager: SIGINT/SIGTERM handlers while training (module docstring). Outside the main thread
     (where Python cannot install handlers) it does nothing and `requested()` stays False."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+        self._signals = signals  # the ones handled here; others keep their default action
         self.armed = False
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
+            for signum in self._signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

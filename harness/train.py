@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -24,6 +27,8 @@ from harness.checkpoints import STATE_FILE, load_checkpoint
 from harness.command_outcome import exit_if_diverged, hydra_task, run_command
 from harness.config_checks import check_train_config
 from harness.console import note
+from harness.distributed import SilentTracker, hydra_argv, world
+from harness.launch import JOB_ENV, starts_ranks, train_on_ranks
 from harness.process import set_up_process
 from harness.data.report import skipped_records_line
 from harness.pruning import reporter_for_job
@@ -53,7 +58,11 @@ def hydra_job_info() -> dict[str, str | None]:
     from harness.pruning import trial_number_from_env
 
     if not HydraConfig.initialized():
-        return {"run_dir": None, "name": None, "study": None, "storage": None, "overrides": [], "trial": None}
+        started_by = json.loads(os.environ.get(JOB_ENV, "{}"))  # a rank of a job `harness.train` started
+        return {
+            "run_dir": None, "name": None, "study": None, "storage": None, "overrides": [], "trial": None,
+            **started_by,
+        }
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     return {
@@ -94,11 +103,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     job = hydra_job_info()
     check_train_config(cfg)  # before any model or data work
     run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
-    run_dir = resume_target(cfg.resume, run_dir) or run_dir
-    with RunDirLock(run_dir), StopSignals() as stop:
-        plan = plan_run(cfg, run_dir, job["overrides"] if job["run_dir"] else None)
+    if starts_ranks(cfg):  # `distributed.ranks_per_host` > 1 (or several hosts): the run goes to its ranks
+        return train_on_ranks(cfg, run_dir, job)
+    ranks = world()  # under a distributed launcher, rank 0 decides the run directory and config, and alone writes
+    if ranks.is_main:
+        run_dir = resume_target(cfg.resume, run_dir) or run_dir
+    run_dir = Path(ranks.broadcast_text(str(run_dir)))
+    with RunDirLock(run_dir) if ranks.is_main else nullcontext(), StopSignals(ranks.stop_signals()) as stop:
+        plan = ranks.decide_on_main(lambda: plan_run(cfg, run_dir, job["overrides"] if job["run_dir"] else None))
         check_train_config(plan.cfg)
-        for line in plan.notes:
+        for line in plan.notes if ranks.is_main else []:
             note(line)
         return run_training(plan.cfg, run_dir, job, continuing=plan.continuing, stop=stop)
 
@@ -110,9 +124,10 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
     trainer = cfg.trainer
     claim_worker_device(sweeper_config())
     build.seed_everything(trainer.seed)
+    ranks = world()
     # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
-    # (read once by MLX; harness/cpu_streams.py).
-    cpu_streams, _ = set_up_process(trainer)
+    # (read once by MLX; harness/cpu_streams.py). Each rank has its share of a batch's rows.
+    cpu_streams, _ = set_up_process(trainer, batch_size=-(-trainer.batch_size // ranks.size))
 
     tokenizer, data = prepare_data(cfg)
     validation = data.validation
@@ -166,10 +181,11 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
         note(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     elif continuing:
         note(f"resume: {run_dir} has no checkpoint yet; starting from step 0")
-    # Only now, with everything to load checked, is the run directory written.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / build.RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    if not continuing or not (run_dir / JOB_FILE).exists():  # a resumed run keeps the job that started it
+    # Only now, with everything to load checked, is the run directory written (by rank 0 alone).
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / build.RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    if ranks.is_main and (not continuing or not (run_dir / JOB_FILE).exists()):  # a resume keeps its job
         atomic_write_text(
             run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)
         )
@@ -181,7 +197,7 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
 
     wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
     config = {**OmegaConf.to_container(cfg, resolve=True), "backend": describe()}
-    tracker = Tracker(
+    tracker = (Tracker if ranks.is_main else SilentTracker)(
         run_dir,
         wandb=wandb_cfg,
         config=config,
@@ -209,7 +225,9 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
             },
             step=0 if state is None else state.step,
         )
-        want_answers = cfg.trainer.num_sample_prompts > 0 or cfg.trainer.exact_match_examples != 0
+        want_answers = ranks.is_main and (  # generation is rank 0's
+            cfg.trainer.num_sample_prompts > 0 or cfg.trainer.exact_match_examples != 0
+        )
         before = None
         if want_answers:
             from harness.before_after import BEFORE_FILE, AnswerSheet
@@ -243,7 +261,8 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
             settings,
             save_adapters=save,
             state=state,
-            should_stop=stop.requested,
+            should_stop=ranks.agreed(stop.requested),
+            # A trial of the project's sweeper reports to Optuna (a distributed trial's ranks have no sweeper).
             on_validation=reporter_for_job(sweeper_config()),
         )
         stop.armed = False
@@ -265,7 +284,8 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
                 "wall_seconds": result.wall_seconds,
             }
         )
-        print_summary(run_dir, result, trainable, storage, tracker)
+        if ranks.is_main:
+            print_summary(run_dir, result, trainable, storage, tracker)
         skipped = skipped_records_line(data.stats)
         if skipped:
             note(skipped)
@@ -365,6 +385,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console entry point (`qlora-train`)."""
+    sys.argv = hydra_argv(sys.argv)  # under a distributed launcher, ranks other than 0 write no Hydra files
     run_command(_hydra_main)
 
 

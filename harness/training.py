@@ -22,13 +22,17 @@ from mlx import nn
 from mlx.utils import tree_map
 from tqdm.auto import tqdm
 
-from harness.checkpoints import TrainState, save_checkpoint
+from harness import checkpoints
+from harness.checkpoints import TrainState
 from harness.cpu_streams import new_streams, split_rows
+from harness.distributed import save_on_main_rank, world
 from harness.loss import causal_lm_loss
 from harness.tracking import Tracker
 from models.memory import release_cache
 
 Batch = dict[str, mx.array]
+# Under a distributed launcher, rank 0 writes the checkpoints, after checking every rank holds the same adapters.
+save_checkpoint = save_on_main_rank(checkpoints.save_checkpoint)
 
 
 @dataclass
@@ -106,8 +110,12 @@ class TrainStep:
 def accumulate_gradients(
     gradients: Callable[[Batch], tuple], batches: list[Batch]
 ) -> tuple[mx.array, mx.array, dict]:
-    """Summed `(loss_sum, n_tokens, grads)` of `gradients(batch)` over the micro-batches of one step."""
-    return sum_outputs([gradients(batch) for batch in batches])
+    """Summed `(loss_sum, n_tokens, grads)` of `gradients(batch)` over the micro-batches of one step.
+
+    Under a distributed launcher each rank takes its own rows of every batch, and the sums are summed over
+    ranks (`harness.distributed`)."""
+    ranks = world()
+    return ranks.sum_outputs(lambda: sum_outputs([gradients(ranks.rows(batch)) for batch in batches]))
 
 
 def sum_outputs(outputs: list[Any]) -> Any:
@@ -187,14 +195,21 @@ def make_eval_step(
 def evaluate(
     model: nn.Module, batches: Iterable[Batch], eval_step, *, progress: bool = False
 ) -> tuple[float, int]:
-    """Token-weighted mean loss (nats per token) over `batches`, and the number of loss tokens."""
+    """Token-weighted mean loss (nats per token) over `batches`, and the number of loss tokens (under a
+    distributed launcher each rank scores its own rows of every batch and the sums are summed over ranks)."""
     was_training = model.training
     model.eval()
-    total_loss, total_tokens = mx.array(0.0), mx.array(0)
-    for batch in tqdm(batches, desc="validate", unit="batch", leave=False, disable=not progress):
-        loss_sum, n_tokens = eval_step(batch)
-        total_loss, total_tokens = total_loss + loss_sum, total_tokens + n_tokens
-        mx.eval(total_loss, total_tokens)
+    ranks = world()
+
+    def local_sums() -> tuple[mx.array, mx.array]:
+        total_loss, total_tokens = mx.array(0.0), mx.array(0)
+        for batch in tqdm(batches, desc="validate", unit="batch", leave=False, disable=not progress):
+            loss_sum, n_tokens = eval_step(ranks.rows(batch))
+            total_loss, total_tokens = total_loss + loss_sum, total_tokens + n_tokens
+            mx.eval(total_loss, total_tokens)
+        return total_loss, total_tokens
+
+    total_loss, total_tokens = ranks.sum_outputs(local_sums)
     model.train(was_training)
     n = int(total_tokens.item())
     return (float(total_loss.item()) / n if n else float("nan")), n
@@ -245,6 +260,7 @@ def train_loop(
     state = state or TrainState()
     run_dir = Path(run_dir)
     model.train()
+    world().start_together(model, state.step)  # under a distributed launcher: rank 0's adapters, one step
     train_step = make_train_step(
         model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile, streams=settings.cpu_streams
     )

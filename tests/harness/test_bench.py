@@ -9,7 +9,7 @@ from models.mistral import ModelArgs
 
 from .conftest import run_cli
 
-SMALL = ["model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+SMALL = ["model=tiny", "model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
          "model.arch.num_attention_heads=4", "model.arch.vocab_size=512"]
 
 
@@ -52,7 +52,7 @@ def test_bench_times_an_experiment_as_it_trains(tmp_path, hermetic_env):
 def test_bench_on_dolly_lengths_counts_only_real_tokens(tmp_path, hermetic_env):
     """`--dolly-lengths`: length-sorted batches of Dolly-profile records; tokens/s over real tokens only."""
     out = tmp_path / "bench.jsonl"
-    run_cli("harness.bench", "model=tiny", *SMALL, "data.max_seq_len=128", "--batch", "2", "--dolly-lengths",
+    run_cli("harness.bench", *SMALL, "data.max_seq_len=128", "--batch", "2", "--dolly-lengths",
             "--steps", "2", "--json", str(out), env=hermetic_env, cwd=tmp_path)
     (result,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["lengths"] == "dolly" and 0 < result["padding_fraction"] < 1

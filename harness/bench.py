@@ -4,6 +4,7 @@
     python -m harness.bench model=mistral-7b-shape --batch 8 --seq 512 --compare-mlx-lm
     python -m harness.bench experiment=mistral7b_dolly_qlora model=mistral-7b-shape   # the flagship as shipped
     python -m harness.launch -n 2 --backend nccl -- -m harness.bench model=mistral-7b-shape --batch 8 --seq 512
+    python -m harness.bench model=smollm2-135m-shape --batch 8 --dolly-lengths --compare-mlx-lm   # real lengths
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
 quantization, LoRA (rank, dropout) and optimizer exactly as `harness.train` does, and times the trainer's own
@@ -16,6 +17,11 @@ over the whole optimizer steps (all micro-batches), time to first step.
 Under a distributed launcher (`harness.launch`) the step is the data-parallel one (`harness.distributed`): each
 rank takes `--batch` rows of every global micro-batch of `--batch` x ranks rows, tokens/s count all ranks' tokens,
 MFU is per device, and rank 0 reports.
+
+`--dolly-lengths` trains instead on `--steps` length-sorted batches of Dolly-profile records
+(`harness.bench_lengths`), each stack batching the same records its own way (ours as `harness.train` does,
+mlx-lm with its trainer's `iterate_batches`): one untimed pass over the batches (compiling each width), then
+one timed pass; tokens/s counts real (non-padding) tokens over the timed pass's total time.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class Result:
     lora_dropout: float = 0.0
     train_step: str = ""  # the step class the trainer chose (TrainStep, LayerwiseTrainStep)
     ranks: int = 1  # data-parallel ranks; `batch` is rows per rank, tokens/s count every rank's tokens
+    lengths: str = "fixed"  # "fixed": batch x seq every step; "dolly": length-sorted Dolly-profile batches
+    padding_fraction: float = 0.0  # padding tokens / all tokens of the timed steps
 
 
 def compose(overrides: list[str]):
@@ -144,11 +152,15 @@ def build_peak_then_reset(*arrays) -> float:
 
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
                 streams: int = 1, build_peak: float = float("nan"), accum: int = 1, train_step: str = "",
-                ranks: int = 1) -> Result:
+                ranks: int = 1, real_tokens: int | None = None, padding: float = 0.0) -> Result:
     """A `Result` from the optimizer-step times of one stack (`accum` micro-batches of batch x seq each on each
-    of `ranks` ranks), with FLOPs and the matmul ceiling measured now."""
+    of `ranks` ranks), with FLOPs and the matmul ceiling measured now. `real_tokens`: with batches of real
+    lengths (`seq` their mean width), the non-padding tokens of all timed steps; tokens/s is then those over the
+    steps' total time."""
     step = statistics.median(times)
     tokens = batch * seq * accum * ranks
+    if real_tokens is not None:
+        step, tokens = statistics.fmean(times), real_tokens / len(times)
     lora_layers = len(cfg.lora.layers) if cfg.lora.layers is not None else args.num_hidden_layers
     flops = flops_per_token(args, seq, cfg.lora.rank, lora_layers, list(cfg.lora.target_modules))
     achieved = flops * tokens / step / 1e12
@@ -162,12 +174,23 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
         dtype=str(dtype).replace("mlx.core.", ""), streams=streams, build_peak_memory_gb=build_peak,
         grad_accum_steps=accum, lora_rank=cfg.lora.rank, lora_dropout=cfg.lora.dropout, train_step=train_step,
         ranks=ranks,
+        lengths="fixed" if real_tokens is None else "dolly", padding_fraction=padding,
     )
 
 
-def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 1) -> Result:
+def dolly_batches(cfg, batch: int, count: int, vocab_size: int) -> list[dict]:
+    """`count` length-sorted batches of `batch` Dolly-profile records each, as training batches them."""
+    from harness.bench_lengths import dolly_profile_examples, length_sorted_batches
+
+    examples = dolly_profile_examples(cfg, batch * count, vocab_size)
+    return [{k: mx.array(v) for k, v in b.items()} for b in length_sorted_batches(examples, batch, cfg.data)]
+
+
+def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 1,
+               dolly_lengths: bool = False) -> Result:
     """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`:
-    optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`."""
+    optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`; with `dolly_lengths`,
+    `steps` steps of one length-sorted Dolly-profile batch each (module docstring)."""
     from harness.build import build_model, build_optimizer
     from harness.distributed import world
     from harness.process import set_up_process
@@ -181,27 +204,41 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
                            streams=streams)
     ranks = world()  # several under a distributed launcher: the step takes this rank's rows of each global batch
-    micro_batches = []
-    for index in range(accum):
-        tokens = synthetic_tokens(batch * ranks.size, seq, model.args.vocab_size, seed=index)
-        micro_batches.append({"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)})
+    if dolly_lengths:
+        accum = 1
+        steps_batches = [[b] for b in dolly_batches(cfg, batch * ranks.size, steps, model.args.vocab_size)]
+    else:
+        micro_batches = []
+        for index in range(accum):
+            tokens = synthetic_tokens(batch * ranks.size, seq, model.args.vocab_size, seed=index)
+            micro_batches.append({"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)})
+        steps_batches = [micro_batches]
     model.train()
-    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, micro_batches)
+    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, steps_batches)
     steps_run = 0
 
     def run():
         nonlocal steps_run
         mx.random.seed(cfg.trainer.seed * 1_000_003 + steps_run)  # dropout keyed by (seed, step), as in training
+        micro_batches = steps_batches[steps_run % len(steps_batches)]
         steps_run += 1
         mx.eval(step(micro_batches), model.trainable_parameters(), optimizer.state)
 
     run()
     first_step = time.perf_counter() - _PROCESS_START
-    times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
+    real_tokens = padding = None
+    if dolly_lengths:  # the rest of an untimed pass (one compilation per width), then one timed pass
+        times = timed_runs(run, warmup=len(steps_batches) - 1, repeat=len(steps_batches))
+        real_tokens = sum(int(b[0]["attention_mask"].sum()) for b in steps_batches)
+        total = sum(b[0]["input_ids"].size for b in steps_batches)
+        seq, padding = round(total / batch / len(steps_batches)), 1 - real_tokens / total
+    else:
+        times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     return make_result("ours", cfg, model.args, batch, seq, cfg.trainer.gradient_checkpointing,
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
                    f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak,
-                   accum=accum, train_step=type(step).__name__, ranks=ranks.size)
+                   accum=accum, train_step=type(step).__name__, ranks=ranks.size, real_tokens=real_tokens,
+                   padding=padding or 0.0)
 
 
 def stack_command(stack: str, overrides: list[str], options: argparse.Namespace) -> list[str]:
@@ -209,7 +246,8 @@ def stack_command(stack: str, overrides: list[str], options: argparse.Namespace)
     sizes = [f"--{name}={value}" for name in ("batch", "seq", "accum")
              if (value := getattr(options, name)) is not None]
     return [sys.executable, "-m", "harness.bench", "--stack", stack, *sizes, "--steps", str(options.steps),
-            "--warmup", str(options.warmup), *(["--checkpointing"] if options.checkpointing else []), *overrides]
+            "--warmup", str(options.warmup), *(["--checkpointing"] if options.checkpointing else []),
+            *(["--dolly-lengths"] if options.dolly_lengths else []), *overrides]
 
 
 def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> dict | None:
@@ -223,16 +261,19 @@ def run_stack(stack: str, overrides: list[str], options: argparse.Namespace) -> 
 
 
 def print_table(results: list[dict]) -> None:
-    columns = [("stack", "{}"), ("shape", "{}"), ("ranks", "{}"), ("batch", "{}"), ("seq", "{}"), ("grad_accum_steps", "{}"),
+    columns = [("stack", "{}"), ("shape", "{}"), ("ranks", "{}"), ("batch", "{}"), ("seq", "{}"),
+               ("grad_accum_steps", "{}"),
                ("checkpointing", "{}"), ("lora_rank", "{}"), ("lora_dropout", "{:g}"), ("train_step", "{}"),
-               ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("tokens_per_second", "{:,.0f}"),
+               ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("lengths", "{}"), ("padding_fraction", "{:.0%}"),
+               ("tokens_per_second", "{:,.0f}"),
                ("step_seconds", "{:.3f}"), ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"),
                ("peak_memory_gb", "{:.2f}"), ("build_peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
-    headers = ["stack", "shape", "dp ranks", "batch", "seq", "accum", "ckpt", "rank", "dropout", "step", "quant", "dtype",
-               "streams", "tok/s", "s/step", "TFLOP/s", "MFU", "peak GB", "build GB", "1st step s"]
+    headers = ["stack", "shape", "dp ranks", "batch", "seq", "accum", "ckpt", "rank", "dropout", "step", "quant",
+               "dtype", "streams", "lengths", "padding", "tok/s", "s/step", "TFLOP/s", "MFU", "peak GB", "build GB",
+               "1st step s"]
     # results of older versions lack some fields
     defaults = {"streams": 1, "build_peak_memory_gb": float("nan"), "grad_accum_steps": 1, "lora_rank": 0,
-                "lora_dropout": 0.0, "train_step": "", "ranks": 1}
+                "lora_dropout": 0.0, "train_step": "", "ranks": 1, "lengths": "fixed", "padding_fraction": 0.0}
     rows = [[fmt.format(r.get(key, defaults.get(key))) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
@@ -259,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    parser.add_argument("--dolly-lengths", action="store_true",
+                        help="train on --steps length-sorted batches of Dolly-profile records; real tokens/s")
     parser.add_argument("--compare-mlx-lm", action="store_true", help="also time mlx-lm's trainer")
     parser.add_argument("--json", type=Path, help="append the results (one JSON object per line) to this file")
     parser.add_argument("--stack", choices=["ours", "mlx-lm"], help=argparse.SUPPRESS)  # child process
@@ -273,11 +316,12 @@ def main(argv: list[str] | None = None) -> None:
         seq = options.seq or cfg.data.max_seq_len
         if options.stack == "ours":
             accum = options.accum or cfg.optim.grad_accum_steps
-            result = bench_ours(cfg, batch, seq, options.steps, options.warmup, accum)
+            result = bench_ours(cfg, batch, seq, options.steps, options.warmup, accum, options.dolly_lengths)
         else:  # one micro-batch per step (mlx-lm's own step)
             from harness.mlx_lm_baseline import bench_mlx_lm
 
-            result = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START)
+            result = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START,
+                                  dolly_lengths=options.dolly_lengths)
         if launched_rank() in (None, 0):
             print("RESULT " + json.dumps(asdict(result)), flush=True)
         return

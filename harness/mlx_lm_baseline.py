@@ -45,8 +45,23 @@ def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict)
     return model
 
 
-def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_start: float):
-    """Time mlx-lm's compiled LoRA step on `cfg`'s model shape; `process_start` is when the process began."""
+def dolly_batches_mlx_lm(cfg, batch: int, count: int, vocab_size: int) -> list[tuple[mx.array, mx.array]]:
+    """The records `harness.bench.dolly_batches` trains ours on, batched by mlx-lm's own `iterate_batches`
+    (sorted by length, padded to a multiple of 32 plus one): `(tokens, (offset, length) rows)` per batch, the
+    offset masking the prompt as our labels do."""
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    from harness.bench_lengths import dolly_profile_examples
+
+    examples = dolly_profile_examples(cfg, batch * count, vocab_size)
+    dataset = [(e["input_ids"], sum(label == -100 for label in e["labels"])) for e in examples]
+    return list(iterate_batches(dataset, batch, cfg.data.max_seq_len, seed=0))
+
+
+def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_start: float,
+                 dolly_lengths: bool = False):
+    """Time mlx-lm's compiled LoRA step on `cfg`'s model shape; `process_start` is when the process began.
+    `dolly_lengths`: `steps` batches of Dolly-profile records instead (`harness.bench`'s module docstring)."""
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 
     arch = plain(cfg.model.arch)
@@ -63,18 +78,33 @@ def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_
         optimizer.update(model, grads)
         return loss, n_tokens
 
-    tokens = synthetic_tokens(batch, seq, arch["vocab_size"])
-    lengths = mx.array([[0, seq]] * batch)
+    if dolly_lengths:
+        batches = dolly_batches_mlx_lm(cfg, batch, steps, arch["vocab_size"])
+    else:
+        tokens = synthetic_tokens(batch, seq, arch["vocab_size"])
+        batches = [(tokens, mx.array([[0, seq]] * batch))]
     model.train()
-    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, tokens, lengths)
+    build_peak = build_peak_then_reset(model.parameters(), optimizer.state, batches)
+    steps_run = 0
 
     def run():
+        nonlocal steps_run
+        tokens, lengths = batches[steps_run % len(batches)]
+        steps_run += 1
         mx.eval(step(tokens, lengths), model.trainable_parameters(), optimizer.state)
 
     run()
     first_step = time.perf_counter() - process_start
-    times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
+    real_tokens = padding = None
+    if dolly_lengths:  # as ours: the rest of an untimed pass, then one timed pass
+        times = timed_runs(run, warmup=len(batches) - 1, repeat=len(batches))
+        real_tokens = sum(int(lengths[:, 1].sum()) for _, lengths in batches)
+        total = sum(tokens.size for tokens, _ in batches)
+        seq, padding = round(total / batch / len(batches)), 1 - real_tokens / total
+    else:
+        times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = ModelArgs(**arch)
     return make_result("mlx-lm", cfg, args, batch, seq, cfg.trainer.gradient_checkpointing, trainable, times,
-                  first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64", build_peak=build_peak)
+                  first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64", build_peak=build_peak,
+                  real_tokens=real_tokens, padding=padding or 0.0)

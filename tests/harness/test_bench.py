@@ -46,3 +46,17 @@ def test_bench_times_an_experiment_as_it_trains(tmp_path, hermetic_env):
     assert result["lora_dropout"] == 0.05 and result["checkpointing"]
     assert result["train_step"] == "LayerwiseTrainStep"
     assert result["tokens_per_second"] == pytest.approx(4 * 32 * 4 / result["step_seconds"])
+
+
+@pytest.mark.slow
+def test_bench_on_dolly_lengths_counts_only_real_tokens(tmp_path, hermetic_env):
+    """`--dolly-lengths`: length-sorted batches of Dolly-profile records; tokens/s over real tokens only."""
+    out = tmp_path / "bench.jsonl"
+    run_cli("harness.bench", *SMALL, "data.max_seq_len=128", "--batch", "2", "--dolly-lengths",
+            "--steps", "2", "--json", str(out), env=hermetic_env, cwd=tmp_path)
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["lengths"] == "dolly" and 0 < result["padding_fraction"] < 1
+    assert 32 <= result["seq"] <= 128  # mean padded width of the two batches
+    padded_tokens_per_second = 2 * result["seq"] / result["step_seconds"]
+    assert result["tokens_per_second"] == pytest.approx(padded_tokens_per_second * (1 - result["padding_fraction"]),
+                                                        rel=0.05)

@@ -389,3 +389,26 @@ def test_real_gguf_merged_export_loads_as_llama_in_transformers(real_path, tmp_p
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(exported).__name__ == "LlamaForCausalLM"
     assert np.abs(torch_logits(exported, REAL_IDS) - adapted).max() < REAL_TOLERANCE
+
+
+@pytest.mark.slow
+def test_real_gguf_export_round_trip_generates_the_same_text_in_transformers(real_path, tmp_path):
+    """The merged export of an adapted SmolLM2 with its tokenizer is a directory `transformers` loads alone, and
+    its greedy continuation of a prompt in the project's template is the one `harness.generate` gives."""
+    from harness.generate import complete, encode_prompt
+    from models.tokenizer import load_tokenizer
+
+    model = lora_smollm2(real_path, LoRASpec(rank=4, alpha=8.0))
+    tokenizer = load_tokenizer(real_path)
+    out = export_merged(model, tmp_path / "merged", tokenizer=tokenizer, dtype="float32", progress=False)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    record = {"instruction": "What is the capital of France?", "context": ""}
+    ours = complete(model, tokenizer, record, max_new_tokens=12)
+    prompt = encode_prompt(tokenizer, record)
+    assert hf_tokenizer(hf_tokenizer.decode(prompt), add_special_tokens=False)["input_ids"] == prompt
+    with torch.no_grad():
+        generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                      eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    theirs = hf_tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True)
+    assert ours.strip() and ours == theirs

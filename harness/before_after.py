@@ -129,7 +129,7 @@ def _clip(text: str, width: int, lines: int = 4) -> list[str]:
 def format_report(before: AnswerSheet | None, after: AnswerSheet, width: int = 116) -> str:
     """Each shown prompt with the reference, the base's and the fine-tuned model's answers; then exact match."""
     lines = []
-    label = 11
+    label = 12
     for i, row in enumerate(after.shown):
         lines.append(f"prompt {i + 1}".ljust(label) + _clip(row["instruction"], width - label)[0])
         answers = [("reference", row["reference"])]

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     from harness import build
     from harness.data import validation_batches
     from harness.train import CONFIG_DIR, prepare_data
-    from harness.training import evaluate, make_eval_step
+    from harness.step.factory import make_eval_step
+    from harness.training import evaluate
 
     rows = []
     for scheme in args.schemes:

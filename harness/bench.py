@@ -7,7 +7,7 @@
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
 quantization, LoRA (rank, dropout) and optimizer exactly as `harness.train` does, and times the trainer's own
-step (`harness.training.make_train_step`) over whole optimizer steps: `--accum` micro-batches of `--batch` x
+step (`harness.step.factory.make_train_step`) over whole optimizer steps: `--accum` micro-batches of `--batch` x
 `--seq` each, by default the config's `optim.grad_accum_steps`, `trainer.batch_size` and `data.max_seq_len`, so
 `experiment=...` times what that experiment runs. Each stack runs in a fresh process so its peak memory and time
 to first step are its own. Reported per stack: median seconds per optimizer step after warm-up (every step
@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 import models  # noqa: E402,F401  (loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
-from harness.cpu_streams import cpu_cores  # noqa: E402
+from harness.step.cpu_streams import cpu_cores  # noqa: E402
 from harness.distributed import launched_rank  # noqa: E402
 from models import blas  # noqa: E402
 from models.backend import backend_name, compute_dtype, describe  # noqa: E402
@@ -63,7 +63,7 @@ class Result:
     first_step_seconds: float  # process start -> end of the first training step (build, compile included)
     device: str
     dtype: str
-    streams: int = 1  # CPU streams sharing each batch's rows (harness/cpu_streams.py)
+    streams: int = 1  # CPU streams sharing each batch's rows (harness/step/cpu_streams.py)
     build_peak_memory_gb: float = float("nan")  # building (and quantizing) the model, before the first step
     grad_accum_steps: int = 1  # micro-batches of batch x seq in each timed optimizer step
     lora_rank: int = 0
@@ -166,12 +166,12 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
 
 
 def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 1) -> Result:
-    """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`:
+    """Time the trainer's step (`harness.step.factory.make_train_step`) on the model `harness.build` makes from `cfg`:
     optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`."""
     from harness.build import build_model, build_optimizer
     from harness.distributed import world
     from harness.process import set_up_process
-    from harness.training import make_train_step
+    from harness.step.factory import make_train_step
     from models.lora import trainable_parameter_count
 
     # Before the model is built: memory policy; the streams' plan may set MLX's evaluation order (read once).

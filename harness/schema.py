@@ -119,7 +119,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = True
     # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
-    # the BLAS's threads can be set; 1: off). GPUs use one. See harness/cpu_streams.py.
+    # the BLAS's threads can be set; 1: off). GPUs use one. See harness/step/cpu_streams.py.
     cpu_streams: int | None = None
     # Cap on MLX's memory (GB). null: on Metal the GPU's recommended working set (models/memory.py, which also sets
     # Metal's wired limit to it), elsewhere MLX's default. Past the cap MLX waits for queued work (slower, smaller).

@@ -33,6 +33,7 @@ from harness.process import set_up_process
 from harness.data.report import skipped_records_line
 from harness.pruning import reporter_for_job
 from harness.resume import RunDirLock, plan_run, resume_target
+from harness.step.factory import make_eval_step, make_train_step
 from harness.signals import RunInterrupted, StopSignals, signal_name
 from harness.tracking import Tracker
 from harness.before_after import metrics as before_after_metrics
@@ -126,7 +127,7 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
     build.seed_everything(trainer.seed)
     ranks = world()
     # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
-    # (read once by MLX; harness/cpu_streams.py). Each rank has its share of a batch's rows.
+    # (read once by MLX; harness/step/cpu_streams.py). Each rank has its share of a batch's rows.
     cpu_streams, _ = set_up_process(trainer, batch_size=-(-trainer.batch_size // ranks.size))
 
     tokenizer, data = prepare_data(cfg)
@@ -240,20 +241,23 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
         settings = LoopSettings(
             max_steps=total_steps,
             grad_accum_steps=cfg.optim.grad_accum_steps,
-            grad_clip=cfg.optim.grad_clip,
             eval_every=trainer.eval_every,
             log_every=trainer.log_every,
             save_every=trainer.save_every,
             stop_after_steps=trainer.stop_after_steps,
-            compile=trainer.compile,
-            cpu_streams=cpu_streams,
             progress=trainer.progress,
             seed=trainer.seed,
         )
+        train_step = make_train_step(
+            model, optimizer, grad_clip=cfg.optim.grad_clip, compile=trainer.compile, streams=cpu_streams
+        )
+        eval_step = make_eval_step(model, compile=trainer.compile, streams=cpu_streams)
         stop.armed = True
         result = train_loop(
             model,
             optimizer,
+            train_step,
+            eval_step,
             train_batches,
             val_batches,
             tracker,

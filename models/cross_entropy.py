@@ -100,7 +100,7 @@ def _blocked_chunk_loss_and_grad(h, weight, labels, exp, with_grad, vocab_block,
     (the online-softmax identity), so no array is larger than one block of logits.
 
     Each block's logits wait for the previous block's results (and the first block's for `after`, the previous
-    chunk's): however wide MLX's evaluation order is (`harness/cpu_streams.py`), one block of logits and its
+    chunk's): however wide MLX's evaluation order is (`harness/step/cpu_streams.py`), one block of logits and its
     temporaries are alive at a time. Returns `(loss, grad, last)`, `last` for the next chunk."""
     maxes, sums, partials = [], [], []
     ones = mx.ones((vocab_block, 1), dtype=mx.float32)

@@ -11,7 +11,8 @@ from harness import build
 from harness.checkpoints import CheckpointError, checkpoint_dir, read_state
 from harness.tracking import read_metrics
 from harness.train import prepare_data, train
-from harness.training import evaluate, make_eval_step
+from harness.step.factory import make_eval_step
+from harness.training import evaluate
 from tests.harness.conftest import FAST
 
 

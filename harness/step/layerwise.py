@@ -21,7 +21,7 @@ masks of the forward pass. The step's key is drawn from MLX's global random stat
 Gradient accumulation: micro-batches run one after another, each evaluated before the next starts, and their
 gradients are summed as they come: the peak does not grow with the number of micro-batches.
 
-The optimizer update is `harness.training.make_update`, as in `TrainStep`; without dropout the numbers are
+The optimizer update is `harness.step.accumulate.make_update`, as in `TrainStep`; without dropout the numbers are
 `TrainStep`'s, with dropout those of plain autograd under the same masks (tests/harness/test_layerwise_step.py).
 """
 
@@ -35,8 +35,8 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from harness.distributed import world
-from harness.loss import loss_from_hidden
-from harness.training import make_update, sum_outputs
+from harness.step.loss import loss_from_hidden
+from harness.step.accumulate import make_update, sum_outputs
 from models.checkpointing import gradient_checkpointing_enabled, uncheckpointed_call
 from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
@@ -48,7 +48,7 @@ IN_FLIGHT = 1
 
 
 class LayerwiseTrainStep:
-    """`step(batches) -> (loss_sum, n_tokens, grad_norm)`, like `harness.training.TrainStep`."""
+    """`step(batches) -> (loss_sum, n_tokens, grad_norm)`, like `harness.step.standard.TrainStep`."""
 
     @staticmethod
     def supports(model: nn.Module) -> bool:

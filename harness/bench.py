@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 import models  # noqa: E402,F401  (loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
+from harness.bench_timing import build_peak_then_reset, synthetic_tokens, timed_runs  # noqa: E402
 from harness.step.cpu_streams import cpu_cores  # noqa: E402
 from harness.distributed import launched_rank  # noqa: E402
 from models import blas  # noqa: E402
@@ -114,32 +115,6 @@ def matmul_tflops(dtype: mx.Dtype) -> float:
         if threads is not None:
             blas.set_blas_threads(threads)
     return 2 * size**3 / statistics.median(times) / 1e12
-
-
-def timed_runs(fn, *, warmup: int, repeat: int) -> list[float]:
-    """Seconds of each of `repeat` calls of `fn` (which must synchronize), after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def synthetic_tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> mx.array:
-    """Random token ids `(batch, seq)` (never 0, the padding id): every position is a loss token."""
-    return mx.random.randint(3, vocab, (batch, seq), key=mx.random.key(seed)).astype(mx.int32)
-
-
-def build_peak_then_reset(*arrays) -> float:
-    """Evaluate `arrays` (the built model), return MLX's peak memory so far (GB) and start a new peak, so that
-    a result's `peak_memory_gb` is the training steps' own."""
-    mx.eval(*arrays)
-    peak = mx.get_peak_memory() / 1e9
-    mx.reset_peak_memory()
-    return peak
 
 
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
@@ -277,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         else:  # one micro-batch per step (mlx-lm's own step)
             from harness.mlx_lm_baseline import bench_mlx_lm
 
-            result = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START)
+            timed = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START)
+            result = make_result("mlx-lm", cfg, timed.args, batch, seq, timed.checkpointing, timed.trainable,
+                                 timed.times, timed.first_step, timed.dtype, timed.quant, build_peak=timed.build_peak)
         if launched_rank() in (None, 0):
             print("RESULT " + json.dumps(asdict(result)), flush=True)
         return

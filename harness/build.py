@@ -169,14 +169,10 @@ def data_cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.paths.cache) / "data")
 
 
-RUN_CONFIG_FILE = "run_config.yaml"
-
-
 def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = False):
     """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
     `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
-    from harness.checkpoints import RunStateError, checkpoint_dir
-    from harness.resume import load_saved_config
+    from harness.checkpoints import RUN_CONFIG_FILE, RunStateError, checkpoint_dir, load_saved_config
     from models.adapters import load_adapters
     from models.tokenizer import load_tokenizer
 

@@ -24,11 +24,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
+from omegaconf import DictConfig, OmegaConf
 
 from models.adapters import AdapterError, load_adapters
 from models.atomic_files import atomic_save_safetensors, atomic_write_text
 
 STATE_FILE = "state.json"
+RUN_CONFIG_FILE = "run_config.yaml"  # the run's resolved config, written before training starts
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"
@@ -223,3 +225,19 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: optim.Optimizer)
     load_optimizer(optimizer, ckpt / OPTIMIZER_FILE, model)
     restore_rng(state)
     return state
+
+
+def load_saved_config(run_dir: Path) -> DictConfig | None:
+    """`run_config.yaml` of a run, checked (UTF-8, a YAML mapping); None when the run has none."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = OmegaConf.create(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
+    except Exception as err:  # OmegaConf/YAML parse errors come in several types
+        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {err})") from err
+    if not isinstance(saved, DictConfig):
+        raise RunStateError(f"{path}: not a readable config (expected a mapping)")
+    return saved

@@ -68,7 +68,7 @@ def main() -> None:
     import hydra
 
     import harness.schema  # noqa: F401
-    from harness.train import CONFIG_DIR, TRUSTED_TARGETS
+    from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
 
     hydra.main(config_path=CONFIG_DIR, config_name="download", execution_whitelist=TRUSTED_TARGETS)(run)()
 

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from harness.bench import build_peak_then_reset, make_result, synthetic_tokens, timed_runs
+from harness.bench_timing import StackTimes, build_peak_then_reset, synthetic_tokens, timed_runs
 from harness.build import plain
 from models.mistral import ModelArgs
 
@@ -76,5 +76,5 @@ def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_
     times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = ModelArgs(**arch)
-    return make_result("mlx-lm", cfg, args, batch, seq, cfg.trainer.gradient_checkpointing, trainable, times,
-                  first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64", build_peak=build_peak)
+    return StackTimes(args, cfg.trainer.gradient_checkpointing, trainable, times, first_step, mx.bfloat16,
+                      f"mlx group{cfg.quant.bits} g64", build_peak)

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build
-from harness.checkpoints import STATE_FILE, load_checkpoint
+from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
+from harness.checkpoints import RUN_CONFIG_FILE, STATE_FILE, load_checkpoint
 from harness.command_outcome import exit_if_diverged, hydra_task, run_command
 from harness.config_checks import check_train_config
 from harness.console import note
@@ -46,10 +47,6 @@ from models.lora import trainable_parameter_count
 from models.quant import model_bits_per_weight
 
 JOB_FILE = "job.json"  # the Hydra job: overrides, sweep study and storage (read by harness.compare)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# Python targets a config may instantiate (Hydra 1.4's execution whitelist): our callback, the sweeper and
-# launcher plugins, Optuna's samplers, and the logging handlers of Hydra's job logging.
-TRUSTED_TARGETS = ["harness.*", "hydra_plugins.*", "optuna.samplers.*", "logging.*"]
 
 
 def hydra_job_info() -> dict[str, str | None]:
@@ -185,7 +182,7 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
     # Only now, with everything to load checked, is the run directory written (by rank 0 alone).
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / build.RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     if ranks.is_main and (not continuing or not (run_dir / JOB_FILE).exists()):  # a resume keeps its job
         atomic_write_text(
             run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)

@@ -7,7 +7,7 @@ import pytest
 
 from harness.build import build_model
 from harness.step.layerwise import LayerwiseTrainStep
-from harness.train import CONFIG_DIR
+from harness.cli import CONFIG_DIR
 from harness.step.factory import make_train_step
 from harness.step.standard import TrainStep
 

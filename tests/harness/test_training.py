@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory, hermetic_env):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.train import CONFIG_DIR
+    from harness.cli import CONFIG_DIR
 
     run_dir = tmp_path_factory.mktemp("finished_run")
     GlobalHydra.instance().clear()

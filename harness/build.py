@@ -54,6 +54,18 @@ def base_model_id(model_cfg: DictConfig) -> str:
     return model_cfg.path if model_cfg.path else f"random:{model_cfg.name}"
 
 
+def adapter_saver(cfg: DictConfig):
+    """`save(model, out_dir)`: the run's adapters in PEFT's format, naming their LoRA settings and base model."""
+    from models.adapters import save_adapters
+
+    spec, base_id = lora_spec(cfg.lora), base_model_id(cfg.model)
+
+    def save(model: nn.Module, out_dir: Path) -> None:
+        save_adapters(model, out_dir, spec, base_model=base_id)
+
+    return save
+
+
 def seed_everything(seed: int) -> None:
     """Seed MLX (LoRA init, dropout, sampling) and numpy. Data order is seeded separately, per epoch."""
     mx.random.seed(seed)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     from harness.cli import CONFIG_DIR
     from harness.train import prepare_data
     from harness.step.factory import make_eval_step
-    from harness.training import evaluate
+    from harness.loop import evaluate
 
     rows = []
     for scheme in args.schemes:

@@ -101,7 +101,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     dtype = compute_dtype(model_cfg.dtype)
     spec = quant_spec(cfg.quant)
     if model_cfg.path:
-        from models.checkpoint import load_pretrained
+        from models.loading import load_pretrained
 
         source = model_source(model_cfg, cfg.paths.models)
         model = load_pretrained(
@@ -134,7 +134,7 @@ def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))
     if cfg.trainer.gradient_checkpointing:
-        from models.checkpointing import enable_gradient_checkpointing
+        from models.recompute import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     return model
@@ -184,7 +184,7 @@ def data_cache_dir(cfg: DictConfig) -> Path:
 def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = False):
     """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
     `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
-    from harness.checkpoints import RUN_CONFIG_FILE, RunStateError, checkpoint_dir, load_saved_config
+    from harness.run_state import RUN_CONFIG_FILE, RunStateError, checkpoint_dir, load_saved_config
     from models.adapters import load_adapters
     from models.tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from harness.bench_timing import StackTimes, build_peak_then_reset, synthetic_tokens, timed_runs
 from harness.build import plain
-from models.mistral import ModelArgs
+from models.mistral import ATTENTION_PROJECTIONS, ModelArgs
 
 
 def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict):
@@ -37,7 +37,7 @@ def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict)
     nn.quantize(model, group_size=group_size, bits=quant_bits)
     mx.eval(model.parameters())
     model.freeze()
-    keys = [f"{'self_attn' if m.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{m}"
+    keys = [f"{'self_attn' if m in ATTENTION_PROJECTIONS else 'mlp'}.{m}"
             for m in lora["target_modules"]]
     linear_to_lora_layers(model, args.num_hidden_layers,
                           {"rank": lora["rank"], "scale": lora["alpha"] / lora["rank"], "dropout": lora["dropout"],

@@ -12,7 +12,7 @@ from harness.console import note
 from harness.data.report import skipped_records_line
 from harness.distributed import world
 from harness.tracking import Tracker
-from harness.training import TrainResult
+from harness.loop import TrainResult
 from models.lora import trainable_parameter_count
 from models.quant import model_bits_per_weight
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.checkpoints import (
+from harness.run_state import (
     ADAPTERS_FILE,
     CHECKPOINTS_DIR,
     OPTIMIZER_FILE,

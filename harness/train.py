@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build, report
-from harness.checkpoints import restore_run_state, write_run_record
+from harness.run_state import restore_run_state, write_run_record
 from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
 from harness.command_outcome import exit_if_diverged, hydra_task, run_command
 from harness.config_checks import check_train_config
@@ -36,7 +36,7 @@ from harness.resume import RunDirLock, plan_run, resume_target
 from harness.signals import RunInterrupted, StopSignals, signal_name
 from harness.step.factory import make_eval_step, make_train_step
 from harness.tracking import Tracker
-from harness.training import LoopSettings, TrainResult, train_loop
+from harness.loop import LoopSettings, TrainResult, train_loop
 from harness.worker_devices import claim_worker_device
 from models.backend import describe
 

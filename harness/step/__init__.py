@@ -1,4 +1,4 @@
-"""The training and validation steps, apart from the loop that calls them (`harness.training`).
+"""The training and validation steps, apart from the loop that calls them (`harness.loop`).
 
 `factory.make_train_step` / `factory.make_eval_step` choose and build them; `standard.TrainStep` is the compiled
 whole-graph step, `layerwise.LayerwiseTrainStep` the layer-by-layer checkpointed one, `accumulate` holds what

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from harness.distributed import world
 from harness.step.cpu_streams import split_rows
@@ -59,7 +59,7 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, 
         if grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, grad_clip)
         else:
-            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in _leaves(grads)))
+            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
         optimizer.update(model, grads)
         return norm
 
@@ -67,14 +67,3 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, 
         state = [model.state, optimizer.state, mx.random.state]
         update = partial(mx.compile, inputs=state, outputs=state)(update)
     return update
-
-
-def _leaves(tree: Any) -> Iterator[mx.array]:
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    else:
-        yield tree

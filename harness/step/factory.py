@@ -1,4 +1,4 @@
-"""One place that builds the steps the loop receives (`harness.training.train_loop`)."""
+"""One place that builds the steps the loop receives (`harness.loop.train_loop`)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from harness.step.loss import loss_from_hidden
 from harness.step.accumulate import make_update, sum_outputs
 from harness.step.factory import make_train_step
 from harness.step.standard import TrainStep
-from models.checkpointing import uncheckpointed_call
+from models.recompute import uncheckpointed_call
 from models.lora import dropout_keys
 from tests.harness.tiny_lora import tiny_lora_model
 

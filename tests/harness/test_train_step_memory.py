@@ -9,7 +9,7 @@ import pytest
 from harness.step.layerwise import LayerwiseTrainStep
 from harness.step.standard import TrainStep
 from models.backend import backend_name
-from models.checkpointing import enable_gradient_checkpointing
+from models.recompute import enable_gradient_checkpointing
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
 

@@ -20,8 +20,8 @@ import mlx.optimizers as optim
 from mlx import nn
 from tqdm.auto import tqdm
 
-from harness import checkpoints
-from harness.checkpoints import TrainState
+from harness import run_state
+from harness.run_state import TrainState
 from harness.distributed import save_on_main_rank, world
 from harness.tracking import Tracker
 from models.memory import release_cache
@@ -32,7 +32,7 @@ Batch = dict[str, mx.array]
 TrainStepFn = Callable[[list[Batch]], tuple[mx.array, mx.array, mx.array]]
 EvalStepFn = Callable[[Batch], tuple[mx.array, mx.array]]
 # Under a distributed launcher, rank 0 writes the checkpoints, after checking every rank holds the same adapters.
-save_checkpoint = save_on_main_rank(checkpoints.save_checkpoint)
+save_checkpoint = save_on_main_rank(run_state.save_checkpoint)
 
 
 @dataclass

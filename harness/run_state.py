@@ -40,10 +40,9 @@ ADAPTERS_FILE = "adapters.safetensors"
 class RunStateError(RuntimeError):
     """Run state (state.json, a checkpoint) that cannot be read or used; the message names the file.
 
-    Not `models.checkpoint.CheckpointError`, which is about pretrained weights."""
+    Not `models.loading.CheckpointError`, which is about pretrained weights."""
 
 
-CheckpointError = RunStateError  # the former name, for code written before the rename
 
 
 @dataclass

@@ -62,7 +62,7 @@ def quantized_base(source: str, method: str, cache_dir: str):
         quantize_model(model, QuantSpec(method=method), progress=False)  # the random weights are lazy until here
         mx.eval(model.parameters())
         return model
-    from models.checkpoint import load_pretrained
+    from models.loading import load_pretrained
 
     return load_pretrained(source, dtype="float32", quant=QuantSpec(method=method), cache_dir=cache_dir,
                            progress=False)

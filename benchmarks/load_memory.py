@@ -33,7 +33,7 @@ def measure(checkpoint: str, method: str, dtype: str, cache_dir: str) -> dict:
 
     import mlx.core as mx
 
-    from models.checkpoint import load_pretrained
+    from models.loading import load_pretrained
     from models.quant import QuantSpec, model_bits_per_weight
 
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     import harness.schema  # noqa: F401
     from harness import build
     from harness.data import validation_batches
-    from harness.train import CONFIG_DIR, prepare_data
-    from harness.training import evaluate, make_eval_step
+    from harness.cli import CONFIG_DIR
+    from harness.train import prepare_data
+    from harness.step.factory import make_eval_step
+    from harness.loop import evaluate
 
     rows = []
     for scheme in args.schemes:

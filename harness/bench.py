@@ -8,7 +8,7 @@
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
 quantization, LoRA (rank, dropout) and optimizer exactly as `harness.train` does, and times the trainer's own
-step (`harness.training.make_train_step`) over whole optimizer steps: `--accum` micro-batches of `--batch` x
+step (`harness.step.factory.make_train_step`) over whole optimizer steps: `--accum` micro-batches of `--batch` x
 `--seq` each, by default the config's `optim.grad_accum_steps`, `trainer.batch_size` and `data.max_seq_len`, so
 `experiment=...` times what that experiment runs. Each stack runs in a fresh process so its peak memory and time
 to first step are its own. Reported per stack: median seconds per optimizer step after warm-up (every step
@@ -42,7 +42,8 @@ from pathlib import Path  # noqa: E402
 import models  # noqa: E402,F401  (loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
-from harness.cpu_streams import cpu_cores  # noqa: E402
+from harness.bench_timing import build_peak_then_reset, synthetic_tokens, timed_runs  # noqa: E402
+from harness.step.cpu_streams import cpu_cores  # noqa: E402
 from harness.distributed import launched_rank  # noqa: E402
 from models import blas  # noqa: E402
 from models.backend import backend_name, compute_dtype, describe  # noqa: E402
@@ -69,7 +70,7 @@ class Result:
     first_step_seconds: float  # process start -> end of the first training step (build, compile included)
     device: str
     dtype: str
-    streams: int = 1  # CPU streams sharing each batch's rows (harness/cpu_streams.py)
+    streams: int = 1  # CPU streams sharing each batch's rows (harness/step/cpu_streams.py)
     build_peak_memory_gb: float = float("nan")  # building (and quantizing) the model, before the first step
     grad_accum_steps: int = 1  # micro-batches of batch x seq in each timed optimizer step
     lora_rank: int = 0
@@ -124,32 +125,6 @@ def matmul_tflops(dtype: mx.Dtype) -> float:
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
-def timed_runs(fn, *, warmup: int, repeat: int) -> list[float]:
-    """Seconds of each of `repeat` calls of `fn` (which must synchronize), after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def synthetic_tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> mx.array:
-    """Random token ids `(batch, seq)` (never 0, the padding id): every position is a loss token."""
-    return mx.random.randint(3, vocab, (batch, seq), key=mx.random.key(seed)).astype(mx.int32)
-
-
-def build_peak_then_reset(*arrays) -> float:
-    """Evaluate `arrays` (the built model), return MLX's peak memory so far (GB) and start a new peak, so that
-    a result's `peak_memory_gb` is the training steps' own."""
-    mx.eval(*arrays)
-    peak = mx.get_peak_memory() / 1e9
-    mx.reset_peak_memory()
-    return peak
-
-
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
                 streams: int = 1, build_peak: float = float("nan"), accum: int = 1, train_step: str = "",
                 ranks: int = 1, real_tokens: int | None = None, padding: float = 0.0) -> Result:
@@ -188,13 +163,13 @@ def dolly_batches(cfg, batch: int, count: int, vocab_size: int) -> list[dict]:
 
 def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 1,
                dolly_lengths: bool = False) -> Result:
-    """Time the trainer's step (`harness.training.make_train_step`) on the model `harness.build` makes from `cfg`:
-    optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`; with `dolly_lengths`,
-    `steps` steps of one length-sorted Dolly-profile batch each (module docstring)."""
+    """Time the trainer's step (`harness.step.factory.make_train_step`) on the model `harness.build` makes from
+    `cfg`: optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`; with
+    `dolly_lengths`, `steps` steps of one length-sorted Dolly-profile batch each (module docstring)."""
     from harness.build import build_model, build_optimizer
     from harness.distributed import world
     from harness.process import set_up_process
-    from harness.training import make_train_step
+    from harness.step.factory import make_train_step
     from models.lora import trainable_parameter_count
 
     # Before the model is built: memory policy; the streams' plan may set MLX's evaluation order (read once).
@@ -320,8 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         else:  # one micro-batch per step (mlx-lm's own step)
             from harness.mlx_lm_baseline import bench_mlx_lm
 
-            result = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START,
-                                  dolly_lengths=options.dolly_lengths)
+            timed = bench_mlx_lm(cfg, batch, seq, options.steps, options.warmup, process_start=_PROCESS_START,
+                                 dolly_lengths=options.dolly_lengths)
+            result = make_result("mlx-lm", cfg, timed.args, batch, timed.seq or seq, timed.checkpointing,
+                                 timed.trainable, timed.times, timed.first_step, timed.dtype, timed.quant,
+                                 build_peak=timed.build_peak, real_tokens=timed.real_tokens, padding=timed.padding)
         if launched_rank() in (None, 0):
             print("RESULT " + json.dumps(asdict(result)), flush=True)
         return

@@ -54,6 +54,18 @@ def base_model_id(model_cfg: DictConfig) -> str:
     return model_cfg.path if model_cfg.path else f"random:{model_cfg.name}"
 
 
+def adapter_saver(cfg: DictConfig):
+    """`save(model, out_dir)`: the run's adapters in PEFT's format, naming their LoRA settings and base model."""
+    from models.adapters import save_adapters
+
+    spec, base_id = lora_spec(cfg.lora), base_model_id(cfg.model)
+
+    def save(model: nn.Module, out_dir: Path) -> None:
+        save_adapters(model, out_dir, spec, base_model=base_id)
+
+    return save
+
+
 def seed_everything(seed: int) -> None:
     """Seed MLX (LoRA init, dropout, sampling) and numpy. Data order is seeded separately, per epoch."""
     mx.random.seed(seed)
@@ -89,7 +101,7 @@ def build_base_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     dtype = compute_dtype(model_cfg.dtype)
     spec = quant_spec(cfg.quant)
     if model_cfg.path:
-        from models.checkpoint import load_pretrained
+        from models.loading import load_pretrained
 
         source = model_source(model_cfg, cfg.paths.models)
         model = load_pretrained(
@@ -122,7 +134,7 @@ def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))
     if cfg.trainer.gradient_checkpointing:
-        from models.checkpointing import enable_gradient_checkpointing
+        from models.recompute import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     return model
@@ -169,14 +181,10 @@ def data_cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.paths.cache) / "data")
 
 
-RUN_CONFIG_FILE = "run_config.yaml"
-
-
 def load_trained(run_dir: str | Path, which: str = "best", *, progress: bool = False):
     """`(cfg, model, tokenizer)` of a training run: its base rebuilt from `run_config.yaml`, plus the
     `best` or `latest` adapters. Raises a clear error when the run directory is incomplete."""
-    from harness.checkpoints import RunStateError, checkpoint_dir
-    from harness.resume import load_saved_config
+    from harness.run_state import RUN_CONFIG_FILE, RunStateError, checkpoint_dir, load_saved_config
     from models.adapters import load_adapters
     from models.tokenizer import load_tokenizer
 

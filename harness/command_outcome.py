@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.checkpoints import RunStateError, read_state
+from harness.run_state import RunStateError, read_state
 from harness.config_checks import ConfigError
 from harness.console import note
 from harness.data.errors import DataError
@@ -24,7 +24,7 @@ from harness.resume import ResumeError
 from harness.signals import RunInterrupted
 from models.adapters import AdapterError
 from models.atomic_files import DiskWriteError
-from models.checkpoint import CheckpointError as PretrainedWeightsError
+from models.loading import CheckpointError as PretrainedWeightsError
 
 USER_ERRORS = (ConfigError, ResumeError, RunStateError, DataError, AdapterError, PretrainedWeightsError, DiskWriteError)
 EXIT_USER_ERROR = 2

@@ -29,7 +29,7 @@ from harness.tracking import read_metrics
 
 JOB_FILE = "job.json"
 NOISE_FILE = "noise.json"
-RUN_CONFIG_FILE = "run_config.yaml"  # harness.build.RUN_CONFIG_FILE (not imported: it pulls in MLX)
+RUN_CONFIG_FILE = "run_config.yaml"  # harness.run_state.RUN_CONFIG_FILE (not imported: it pulls in MLX)
 # Overrides that say where things go, not what is trained: left out of the "ready to paste" line.
 LOCATION_PREFIXES = ("hydra.", "paths.", "hparams_search", "resume")
 # fANOVA importances from fewer completed trials mostly describe where the sampler happened to look, not what

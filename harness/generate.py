@@ -184,12 +184,13 @@ def complete(
 def load_exported(model_dir: str | Path):
     """`(model, tokenizer)` from an exported (merged) Hugging Face directory (its own tokenizer files)."""
     from models.backend import compute_dtype
-    from models.checkpoint import load_pretrained
+    from models.cpu_paths import use_cpu_paths
+    from models.loading import load_pretrained
     from models.tokenizer import load_tokenizer
 
-    return load_pretrained(str(model_dir), dtype=compute_dtype("auto"), progress=False), load_tokenizer(
-        model_dir
-    )
+    model = load_pretrained(str(model_dir), dtype=compute_dtype("auto"), progress=False)
+    use_cpu_paths(model)  # as for every model harness.build loads: on the CPU only, MLX's exp is a scalar loop there
+    return model, load_tokenizer(model_dir)
 
 
 def run(cfg) -> list[str]:
@@ -235,7 +236,7 @@ def main() -> None:
     import hydra
 
     import harness.schema  # noqa: F401
-    from harness.train import CONFIG_DIR, TRUSTED_TARGETS
+    from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
 
     from harness.command_outcome import hydra_task, run_command
 

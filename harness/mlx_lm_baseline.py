@@ -18,9 +18,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from harness.bench import build_peak_then_reset, make_result, synthetic_tokens, timed_runs
+from harness.bench_timing import StackTimes, build_peak_then_reset, synthetic_tokens, timed_runs
 from harness.build import plain
-from models.mistral import ModelArgs
+from models.mistral import ATTENTION_PROJECTIONS, ModelArgs
 
 
 def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict):
@@ -37,7 +37,7 @@ def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict)
     nn.quantize(model, group_size=group_size, bits=quant_bits)
     mx.eval(model.parameters())
     model.freeze()
-    keys = [f"{'self_attn' if m.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{m}"
+    keys = [f"{'self_attn' if m in ATTENTION_PROJECTIONS else 'mlp'}.{m}"
             for m in lora["target_modules"]]
     linear_to_lora_layers(model, args.num_hidden_layers,
                           {"rank": lora["rank"], "scale": lora["alpha"] / lora["rank"], "dropout": lora["dropout"],
@@ -105,6 +105,6 @@ def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_
         times = timed_runs(run, warmup=max(warmup - 1, 0), repeat=steps)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = ModelArgs(**arch)
-    return make_result("mlx-lm", cfg, args, batch, seq, cfg.trainer.gradient_checkpointing, trainable, times,
-                  first_step, mx.bfloat16, f"mlx group{cfg.quant.bits} g64", build_peak=build_peak,
-                  real_tokens=real_tokens, padding=padding or 0.0)
+    return StackTimes(args, cfg.trainer.gradient_checkpointing, trainable, times, first_step, mx.bfloat16,
+                      f"mlx group{cfg.quant.bits} g64", build_peak, seq=seq, real_tokens=real_tokens,
+                      padding=padding or 0.0)

@@ -26,7 +26,7 @@ def main() -> None:
     import hydra
 
     import harness.schema  # noqa: F401
-    from harness.train import CONFIG_DIR, TRUSTED_TARGETS
+    from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
 
     from harness.command_outcome import hydra_task, run_command
 

@@ -17,13 +17,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.build import RUN_CONFIG_FILE
-from harness.checkpoints import (
+from harness.run_state import (
     ADAPTERS_FILE,
     CHECKPOINTS_DIR,
     OPTIMIZER_FILE,
+    RUN_CONFIG_FILE,
     STATE_FILE,
     RunStateError,
+    load_saved_config,
     read_state,
 )
 
@@ -120,22 +121,6 @@ def requested_keys(overrides: list[str] | None) -> tuple[set[str], bool]:
 
 def _covered(key: str, by: set[str]) -> bool:
     return any(key == k or key.startswith(k + ".") for k in by)
-
-
-def load_saved_config(run_dir: Path) -> DictConfig | None:
-    """`run_config.yaml` of a run, checked (UTF-8, a YAML mapping); None when the run has none."""
-    path = Path(run_dir) / RUN_CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        saved = OmegaConf.create(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
-    except Exception as err:  # OmegaConf/YAML parse errors come in several types
-        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {err})") from err
-    if not isinstance(saved, DictConfig):
-        raise RunStateError(f"{path}: not a readable config (expected a mapping)")
-    return saved
 
 
 def check_run_dir(run_dir: Path) -> None:

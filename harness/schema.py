@@ -7,7 +7,7 @@ fails when Hydra composes the config, with a message naming the key (e.g. `Key '
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -15,25 +15,29 @@ from omegaconf import MISSING
 
 from harness.config_resolvers import register_resolvers
 from harness.data.config import DataConfig
+from models.mistral import PROJECTIONS, ModelArgs
 
-SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_MODEL_ARGS_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}
+SEVEN_PROJECTIONS = list(PROJECTIONS)  # the config's default lists: all of the model's projections
 
 
 @dataclass
 class ArchConfig:
-    """Shape of a randomly initialised Mistral (`model.path: null`); names as in HF's `MistralConfig`."""
+    """Shape of a randomly initialised Mistral (`model.path: null`); names as in HF's `MistralConfig`.
 
-    vocab_size: int = 32000
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 32768
-    sliding_window: int | None = 32768
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
+    The defaults are `models.mistral.ModelArgs`' own (one source of truth); `conf/model/*.yaml` set the shapes."""
+
+    vocab_size: int = _MODEL_ARGS_DEFAULTS["vocab_size"]
+    hidden_size: int = _MODEL_ARGS_DEFAULTS["hidden_size"]
+    intermediate_size: int = _MODEL_ARGS_DEFAULTS["intermediate_size"]
+    num_hidden_layers: int = _MODEL_ARGS_DEFAULTS["num_hidden_layers"]
+    num_attention_heads: int = _MODEL_ARGS_DEFAULTS["num_attention_heads"]
+    num_key_value_heads: int = _MODEL_ARGS_DEFAULTS["num_key_value_heads"]
+    max_position_embeddings: int = _MODEL_ARGS_DEFAULTS["max_position_embeddings"]
+    sliding_window: int | None = _MODEL_ARGS_DEFAULTS["sliding_window"]
+    rope_theta: float = _MODEL_ARGS_DEFAULTS["rope_theta"]
+    rms_norm_eps: float = _MODEL_ARGS_DEFAULTS["rms_norm_eps"]
+    tie_word_embeddings: bool = _MODEL_ARGS_DEFAULTS["tie_word_embeddings"]
 
 
 @dataclass
@@ -119,7 +123,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = True
     # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
-    # the BLAS's threads can be set; 1: off). GPUs use one. See harness/cpu_streams.py.
+    # the BLAS's threads can be set; 1: off). GPUs use one. See harness/step/cpu_streams.py.
     cpu_streams: int | None = None
     # Cap on MLX's memory (GB). null: on Metal the GPU's recommended working set (models/memory.py, which also sets
     # Metal's wired limit to it), elsewhere MLX's default. Past the cap MLX waits for queued work (slower, smaller).

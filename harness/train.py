@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from contextlib import nullcontext
@@ -22,33 +21,24 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import harness.schema  # noqa: F401  (registers the structured configs)
-from harness import build
-from harness.checkpoints import STATE_FILE, load_checkpoint
+from harness import build, report
+from harness.run_state import restore_run_state, write_run_record
+from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
 from harness.command_outcome import exit_if_diverged, hydra_task, run_command
 from harness.config_checks import check_train_config
 from harness.console import note
+from harness.data.batching import RunBatches
 from harness.distributed import SilentTracker, hydra_argv, world
 from harness.launch import JOB_ENV, starts_ranks, train_on_ranks
 from harness.process import set_up_process
-from harness.data.report import skipped_records_line
 from harness.pruning import reporter_for_job
 from harness.resume import RunDirLock, plan_run, resume_target
 from harness.signals import RunInterrupted, StopSignals, signal_name
+from harness.step.factory import make_eval_step, make_train_step
 from harness.tracking import Tracker
-from harness.before_after import metrics as before_after_metrics
-from harness.training import LoopSettings, TrainResult, train_loop
+from harness.loop import LoopSettings, TrainResult, train_loop
 from harness.worker_devices import claim_worker_device
-from models.adapters import save_adapters
-from models.atomic_files import atomic_write_text
 from models.backend import describe
-from models.lora import trainable_parameter_count
-from models.quant import model_bits_per_weight
-
-JOB_FILE = "job.json"  # the Hydra job: overrides, sweep study and storage (read by harness.compare)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# Python targets a config may instantiate (Hydra 1.4's execution whitelist): our callback, the sweeper and
-# launcher plugins, Optuna's samplers, and the logging handlers of Hydra's job logging.
-TRUSTED_TARGETS = ["harness.*", "hydra_plugins.*", "optuna.samplers.*", "logging.*"]
 
 
 def hydra_job_info() -> dict[str, str | None]:
@@ -118,261 +108,93 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 
 
 def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool, stop: StopSignals) -> float:
-    """`train` once the run directory is locked and the config decided."""
-    from harness.data import batch_iterator, batching_options, num_batches, validation_batches
-
-    trainer = cfg.trainer
+    """`train` once the run directory is locked and the config decided: build, restore, train, report."""
+    trainer, ranks = cfg.trainer, world()
     claim_worker_device(sweeper_config())
     build.seed_everything(trainer.seed)
-    ranks = world()
     # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
-    # (read once by MLX; harness/cpu_streams.py). Each rank has its share of a batch's rows.
+    # (read once by MLX; harness/step/cpu_streams.py). Each rank has its share of a batch's rows.
     cpu_streams, _ = set_up_process(trainer, batch_size=-(-trainer.batch_size // ranks.size))
 
     tokenizer, data = prepare_data(cfg)
-    validation = data.validation
-    if trainer.max_eval_examples is not None:
-        validation = validation[: trainer.max_eval_examples]
-    data_cfg = cfg.data
-
-    def train_batches(epoch: int, start_batch: int = 0):
-        return batch_iterator(
-            data.train,
-            trainer.batch_size,
-            seed=trainer.seed,
-            epoch=epoch,
-            shuffle=True,
-            start_batch=start_batch,
-            pad_id=tokenizer.pad_id,
-            **batching_options(data_cfg),
-        )
-
-    def val_batches():
-        return validation_batches(
-            validation,
-            trainer.eval_batch_size,
-            pad_id=tokenizer.pad_id,
-            pad_to_multiple=data_cfg.pad_to_multiple,
-            max_seq_len=data_cfg.val_max_seq_len or data_cfg.max_seq_len,
-        )
-
-    batches_per_epoch = num_batches(
-        data.train,
-        trainer.batch_size,
-        seed=trainer.seed,
-        pack=data_cfg.pack,
-        max_seq_len=data_cfg.max_seq_len,
-        sort_chunk_batches=data_cfg.sort_chunk_batches,
-    )
-    total_steps = build.total_optimizer_steps(trainer, cfg.optim, batches_per_epoch)
+    batches = RunBatches(cfg, data, tokenizer.pad_id)
+    total_steps = build.total_optimizer_steps(trainer, cfg.optim, batches.per_epoch)
     model = build.build_model(cfg, progress=trainer.progress)
     build.check_tokenizer_fits(tokenizer, model)
     optimizer = build.build_optimizer(cfg.optim, model, total_steps)
-    spec = build.lora_spec(cfg.lora)
-    base_id = build.base_model_id(cfg.model)
+    state = restore_run_state(run_dir, model, optimizer, continuing=continuing, total_steps=total_steps)
+    if ranks.is_main:  # only now, with everything to load checked, is the run directory written (by rank 0)
+        write_run_record(run_dir, cfg, {k: v for k, v in job.items() if k != "run_dir"}, continuing=continuing)
+    report.warn_if_no_validation(batches.validation)
 
-    def save(model, out_dir):
-        save_adapters(model, out_dir, spec, base_model=base_id)
-
-    state = None
-    if continuing and (run_dir / STATE_FILE).exists():
-        state = load_checkpoint(run_dir, model, optimizer)  # checks everything; writes nothing
-        state.finished = state.finished and state.step >= total_steps  # a run extended with trainer.max_steps
-        note(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    elif continuing:
-        note(f"resume: {run_dir} has no checkpoint yet; starting from step 0")
-    # Only now, with everything to load checked, is the run directory written (by rank 0 alone).
-    if ranks.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / build.RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    if ranks.is_main and (not continuing or not (run_dir / JOB_FILE).exists()):  # a resume keeps its job
-        atomic_write_text(
-            run_dir / JOB_FILE, json.dumps({k: v for k, v in job.items() if k != "run_dir"}, indent=2)
-        )
-    if len(validation) == 0:
-        note(
-            "warning: the validation split is empty (data.val_fraction, data.max_records?): no validation loss, "
-            "no best checkpoint, and the objective is nan"
-        )
-
-    wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
-    config = {**OmegaConf.to_container(cfg, resolve=True), "backend": describe()}
-    tracker = (Tracker if ranks.is_main else SilentTracker)(
-        run_dir,
-        wandb=wandb_cfg,
-        config=config,
-        name=job["name"] or cfg.experiment_name,
-        group=job["study"],
-        resume_step=None if state is None else state.step,
-    )
+    tracker = open_tracker(cfg, run_dir, job, resume_step=None if state is None else state.step)
     result: TrainResult | None = None
     try:
-        trainable = trainable_parameter_count(model)
-        storage = model_bits_per_weight(model)
-        tracker.log(
-            {
-                "model/trainable_parameters": trainable,
-                "model/bits_per_weight": storage["model_bits_per_weight"],
-                "model/bytes": storage["total_bytes"],
-                **(
-                    {"model/quantized_bits_per_weight": storage["quantized_bits_per_weight"]}
-                    if math.isfinite(storage["quantized_bits_per_weight"])
-                    else {}
-                ),
-                "data/train_examples": len(data.train),
-                "data/validation_examples": len(validation),
-                "train/total_steps": total_steps,
-            },
-            step=0 if state is None else state.step,
+        facts = report.log_run_facts(tracker, model, data, batches.validation, total_steps, state)
+        before = report.answers_before(model, tokenizer, batches.validation, cfg, tracker, run_dir, state)
+        train_step = make_train_step(
+            model, optimizer, grad_clip=cfg.optim.grad_clip, compile=trainer.compile, streams=cpu_streams
         )
-        want_answers = ranks.is_main and (  # generation is rank 0's
-            cfg.trainer.num_sample_prompts > 0 or cfg.trainer.exact_match_examples != 0
-        )
-        before = None
-        if want_answers:
-            from harness.before_after import BEFORE_FILE, AnswerSheet
-
-            before = AnswerSheet.load(run_dir / BEFORE_FILE)
-            if before is None and state is None:  # fresh adapters are the identity: this is the base model
-                before = answers(model, tokenizer, validation, cfg, desc="answers before training")
-                before.save(run_dir / BEFORE_FILE)
-                tracker.log(before_after_metrics(before, "base"), step=0)
-        settings = LoopSettings(
-            max_steps=total_steps,
-            grad_accum_steps=cfg.optim.grad_accum_steps,
-            grad_clip=cfg.optim.grad_clip,
-            eval_every=trainer.eval_every,
-            log_every=trainer.log_every,
-            save_every=trainer.save_every,
-            stop_after_steps=trainer.stop_after_steps,
-            compile=trainer.compile,
-            cpu_streams=cpu_streams,
-            progress=trainer.progress,
-            seed=trainer.seed,
-        )
+        eval_step = make_eval_step(model, compile=trainer.compile, streams=cpu_streams)
         stop.armed = True
         result = train_loop(
             model,
             optimizer,
-            train_batches,
-            val_batches,
+            train_step,
+            eval_step,
+            batches.train,
+            batches.validate,
             tracker,
             run_dir,
-            settings,
-            save_adapters=save,
+            loop_settings(cfg, total_steps),
+            save_adapters=build.adapter_saver(cfg),
             state=state,
             should_stop=ranks.agreed(stop.requested),
             # A trial of the project's sweeper reports to Optuna (a distributed trial's ranks have no sweeper).
             on_validation=reporter_for_job(sweeper_config()),
         )
         stop.armed = False
-        if not result.diverged and not result.stopped_early and not result.pruned and want_answers:
-            after = answers(model, tokenizer, validation, cfg, desc="answers after training")
-            log_answers(before, after, tracker, run_dir, step=total_steps)
-        tracker.summary(
-            {
-                "best_val_loss": result.best_val_loss,
-                "best_step": result.best_step,
-                "final_val_loss": result.final_val_loss,
-                "first_val_loss": result.first_val_loss,
-                "diverged": result.diverged,
-                "pruned": result.pruned,
-                "steps": result.steps,
-                "tokens_per_second": result.tokens_per_second,
-                "peak_memory_gb": result.peak_memory_gb,
-                "trainable_parameters": trainable,
-                "wall_seconds": result.wall_seconds,
-            }
-        )
-        if ranks.is_main:
-            print_summary(run_dir, result, trainable, storage, tracker)
-        skipped = skipped_records_line(data.stats)
-        if skipped:
-            note(skipped)
+        report.finish_run(result, facts, model, tokenizer, batches.validation, data, cfg, tracker, run_dir,
+                          before=before, total_steps=total_steps)
     finally:
         stopped = stop.received is not None and result is not None and result.stopped_early
         tracker.finish(exit_code=0 if result is not None and not result.diverged and not stopped else 1)
     if stop.received is not None and result.stopped_early:
-        name = signal_name(stop.received)
         raise RunInterrupted(
             stop.received,
-            f"{name}: stopped at step {result.last_step} with a checkpoint in {run_dir}\n"
+            f"{signal_name(stop.received)}: stopped at step {result.last_step} with a checkpoint in {run_dir}\n"
             f"to continue: python -m harness.train resume={run_dir}",
         )
     return result.best_val_loss
 
 
-def validation_records(validation) -> list[dict]:
-    """The raw records (instruction, context, response, category) of the validation examples, in order."""
-    if hasattr(validation, "records"):
-        return list(validation.records)
-    return [example["record"] for example in validation]
-
-
-def answers(model, tokenizer, validation, cfg: DictConfig, *, desc: str):
-    """The model's greedy answers to the fixed validation prompts and the exact-match records (`harness.before_after`)."""
-    from harness import before_after, exact_match
-
-    records = validation_records(validation)
-    return before_after.answer_sheet(
-        model,
-        tokenizer,
-        before_after.showcase_records(records, cfg.trainer.num_sample_prompts),
-        exact_match.checkable(records, cfg.trainer.exact_match_examples),
-        template=cfg.data.template,
-        max_new_tokens=cfg.trainer.sample_max_new_tokens,
-        progress=cfg.trainer.progress,
-        desc=desc,
+def loop_settings(cfg: DictConfig, total_steps: int) -> LoopSettings:
+    """The loop's numbers from the run's config."""
+    trainer = cfg.trainer
+    return LoopSettings(
+        max_steps=total_steps,
+        grad_accum_steps=cfg.optim.grad_accum_steps,
+        eval_every=trainer.eval_every,
+        log_every=trainer.log_every,
+        save_every=trainer.save_every,
+        stop_after_steps=trainer.stop_after_steps,
+        progress=trainer.progress,
+        seed=trainer.seed,
     )
 
 
-def log_answers(before, after, tracker: Tracker, run_dir: Path, *, step: int) -> None:
-    """The answers after training (beside those before) in the log, W&B (metrics + a table) and the run dir."""
-    from harness import before_after
-
-    after.save(run_dir / before_after.AFTER_FILE)
-    tracker.log(before_after.metrics(after, "eval"), step=step)
-    rows = [
-        [row["instruction"], row["context"], row["reference"],
-         before.shown[i]["response"] if before is not None and i < len(before.shown) else "", row["response"]]
-        for i, row in enumerate(after.shown)
-    ]
-    tracker.log_table("generations", ["instruction", "context", "reference", "before", "after"], rows, step=step)
-    note(before_after.format_report(before, after))
-
-
-def print_summary(
-    run_dir: Path, result: TrainResult, trainable: int, storage: dict[str, float], tracker: Tracker
-) -> None:
-    status = (
-        "DIVERGED (nan/inf loss)"
-        if result.diverged
-        else "pruned (the Optuna pruner stopped it)"
-        if result.pruned
-        else ("stopped early (resume to continue)" if result.stopped_early else "finished")
+def open_tracker(cfg: DictConfig, run_dir: Path, job: dict, *, resume_step: int | None) -> Tracker:
+    """The run's metrics log (and W&B run); under a distributed launcher only rank 0 records anything."""
+    wandb_cfg = build.plain(cfg.logger.wandb) if cfg.logger.wandb is not None else None
+    config = {**OmegaConf.to_container(cfg, resolve=True), "backend": describe()}
+    return (Tracker if world().is_main else SilentTracker)(
+        run_dir,
+        wandb=wandb_cfg,
+        config=config,
+        name=job["name"] or cfg.experiment_name,
+        group=job["study"],
+        resume_step=resume_step,
     )
-    best = "n/a" if math.isnan(result.best_val_loss) else f"{result.best_val_loss:.4f}"
-    first = "n/a" if result.first_val_loss is None else f"{result.first_val_loss:.4f}"
-    lines = [
-        f"run            {status}",
-        f"val loss       first {first}   best {best} (step {result.best_step})   final {result.final_val_loss:.4f}",
-        f"perplexity     best {math.exp(min(result.best_val_loss, 700)):.2f}"
-        if not math.isnan(result.best_val_loss)
-        else "perplexity     n/a",
-        f"steps          {result.steps} in {result.wall_seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s",
-        f"memory         peak {result.peak_memory_gb:.2f} GB   trainable parameters {trainable:,}",
-        f"base model     {storage['total_bytes'] / 1e9:.3f} GB, {storage['model_bits_per_weight']:.2f} bits/weight"
-        + (
-            f" ({storage['quantized_bits_per_weight']:.3f} in quantized linears)"
-            if math.isfinite(storage["quantized_bits_per_weight"])
-            else " (not quantized)"
-        ),
-        f"run dir        {run_dir}",
-        f"metrics        {tracker.metrics_path}",
-    ]
-    if tracker.wandb_dir is not None:
-        lines.append(f"wandb          {tracker.wandb_dir}  (wandb sync to upload)")
-    note("\n".join(lines))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", execution_whitelist=TRUSTED_TARGETS)

@@ -12,12 +12,12 @@ from models.mistral import ConfigError, KVCache, MistralForCausalLM, ModelArgs  
 
 # Public names, imported on first use so `import models` stays cheap.
 _LAZY = {
-    "load_pretrained": "models.checkpoint",
+    "load_pretrained": "models.loading",
     "save_pretrained": "models.export",
     "load_tokenizer": "models.tokenizer",
     "Tokenizer": "models.tokenizer",
     "TokenizerError": "models.tokenizer",
-    "CheckpointError": "models.checkpoint",
+    "CheckpointError": "models.loading",
     "QuantSpec": "models.quant",
     "QuantizedLinear": "models.quant",
     "quantize_model": "models.quant",
@@ -34,7 +34,7 @@ _LAZY = {
     "load_adapters": "models.adapters",
     "save_peft_adapters": "models.adapters",
     "export_merged": "models.export",
-    "enable_gradient_checkpointing": "models.checkpointing",
+    "enable_gradient_checkpointing": "models.recompute",
     "linear_cross_entropy": "models.cross_entropy",
 }
 

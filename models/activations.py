@@ -1,8 +1,8 @@
 """Activation functions for backends where MLX's own are slow, swapped into a model from outside.
 
-MLX's CPU backend computes `sigmoid` (hence SiLU) as a scalar loop, about 10 ns per element: a SiLU forward and
-backward over the MLP of a tiny model's 8 x 128 batch took 11.8 ms, against 2.3 ms for the version here, built on
-`polynomial_exp` from vectorizable arithmetic and given a hand-written backward.
+MLX's CPU backend computes `sigmoid` (hence SiLU) as a scalar loop; the version here, built on `polynomial_exp`
+from vectorizable arithmetic and given a hand-written backward, is several times faster (BENCHMARKS.md, "Why
+the code is as it is").
 `models.cpu_paths` swaps it in on the CPU; GPUs keep `nn.SiLU`.
 """
 

@@ -1,9 +1,9 @@
 """Scaled dot-product attention: MLX's fused kernel, and a CPU path built on `polynomial_exp`.
 
 `fused_attention` is `mx.fast.scaled_dot_product_attention` (Metal, CUDA, CPU). On the CPU its softmax uses a
-scalar `exp`: for a tiny model's 8 x 128 batch (8 heads, 128 keys) the forward pass took 13 ms a layer, most of
-it in `exp`. `polynomial_attention` computes the same thing with two matmuls and a softmax on `polynomial_exp`
-with a hand-written backward (forward + backward 15 -> 10 ms a layer there). It materializes the
+scalar `exp`, where most of a short sequence's attention time goes. `polynomial_attention` computes the same
+thing with two matmuls and a softmax on `polynomial_exp` with a hand-written backward, which is faster there
+(BENCHMARKS.md, "Why the code is as it is"). It materializes the
 `(batch, heads, queries, keys)` scores, so it suits the CPU's short training sequences; GPUs keep the fused kernel.
 Both take the masks `models.mistral.attention_mask` makes: None, "causal", or a boolean array.
 """

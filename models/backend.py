@@ -1,4 +1,5 @@
-"""The one place that decides the compute dtype and describes the backend."""
+"""The one place that answers per-backend questions: which backend runs (`backend_name`, `is_cpu`), the compute
+dtype, and the facts logged with every run. Other modules ask here rather than comparing devices themselves."""
 
 from __future__ import annotations
 
@@ -20,14 +21,19 @@ def backend_name() -> str:
     return "cuda"
 
 
+def is_cpu() -> bool:
+    """Whether MLX runs on the CPU by default (where `exp` is a scalar loop and only float32 reaches the BLAS)."""
+    return backend_name() == "cpu"
+
+
 def compute_dtype(name: str | None = "auto") -> mx.Dtype:
     """The dtype activations and dequantized weights use.
 
     "auto" gives bfloat16 on a GPU (Metal, CUDA) and float32 on the CPU, where only float32 matmuls
-    reach BLAS (bfloat16 runs about 30x slower there).
+    reach BLAS (bfloat16 runs many times slower there).
     """
     if name in (None, "auto"):
-        return mx.float32 if backend_name() == "cpu" else mx.bfloat16
+        return mx.float32 if is_cpu() else mx.bfloat16
     try:
         return _DTYPES[name]
     except KeyError:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from models.backend import is_cpu
+
 IGNORE_INDEX = -100
 _LOG2E = 1.4426950408889634
 # Taylor series of 2**f = exp(f ln 2) to degree 6; on |f| <= 1/2 its relative error is about 1e-7.
@@ -52,20 +54,19 @@ def polynomial_exp(x: mx.array) -> mx.array:
 
 def default_exp() -> str:
     """'polynomial' on the CPU (where `mx.exp` is scalar), 'native' on GPUs."""
-    return "polynomial" if mx.default_device() == mx.cpu else "native"
+    return "polynomial" if is_cpu() else "native"
 
 
 def default_chunk_size(hidden_size: int, vocab_size: int) -> int:
     """Positions per chunk: 256 on the CPU (the vocabulary is split into blocks too, see `default_vocab_block`),
     larger on GPUs (keeps matmuls big)."""
-    if mx.default_device() == mx.cpu:
+    if is_cpu():
         return 256
     return max(256, min(4096, (1 << 28) // (4 * vocab_size)))  # about 256 MB of float32 logits
 
 
-# On the CPU, arrays above about 2 MB come from fresh pages on every allocation: a (128, 32000) float32 block of
-# logits (16 MB) made each elementwise pass 10-40x slower than on a 2 MB block (measured: compiled exp 27 ms vs
-# 3.7 ms per 128 x 32000 logits on 2 cores).
+# On the CPU, large arrays come from fresh pages on every allocation, so every elementwise pass over a big block of
+# logits page-faults; blocks this small are reused from MLX's cache (BENCHMARKS.md, "Why the code is as it is").
 _CPU_BLOCK_BYTES = 2_000_000
 
 
@@ -100,7 +101,7 @@ def _blocked_chunk_loss_and_grad(h, weight, labels, exp, with_grad, vocab_block,
     (the online-softmax identity), so no array is larger than one block of logits.
 
     Each block's logits wait for the previous block's results (and the first block's for `after`, the previous
-    chunk's): however wide MLX's evaluation order is (`harness/cpu_streams.py`), one block of logits and its
+    chunk's): however wide MLX's evaluation order is (`harness/step/cpu_streams.py`), one block of logits and its
     temporaries are alive at a time. Returns `(loss, grad, last)`, `last` for the next chunk."""
     maxes, sums, partials = [], [], []
     ones = mx.ones((vocab_block, 1), dtype=mx.float32)

@@ -1,6 +1,6 @@
 """Read a llama-architecture GGUF file (llama.cpp's format) as `ModelArgs` and Hugging Face-named tensors.
 
-What comes out is what a Hugging Face checkpoint directory gives `models.checkpoint`: the model's
+What comes out is what a Hugging Face checkpoint directory gives `models.loading`: the model's
 hyperparameters, and a dict from HF parameter names (`model.layers.0.self_attn.q_proj.weight`, ...) to float
 arrays, so quantization, LoRA, the cache and export never care which format the weights came from.
 
@@ -9,7 +9,7 @@ arrays, so quantization, LoRA, the cache and export never care which format the 
   truncated file be refused before any tensor is read.
 - Tensor data is read by `mx.load`, which reads the whole file eagerly (MLX has no lazy GGUF reader). It
   returns Q4_0, Q4_1 and Q8_0 tensors as MLX affine-quantized triples (uint32 weight, float16 scales and
-  biases, groups of 32); they are dequantized in float32 lazily, when `models.checkpoint` evaluates each block.
+  biases, groups of 32); they are dequantized in float32 lazily, when `models.loading` evaluates each block.
   BF16 tensors are read from the file directly, since MLX would round them to float16.
 - llama.cpp stores the rows of q_proj and k_proj permuted for its RoPE kernel (the two rotated halves of each
   head interleaved); they are put back in Hugging Face's order.

@@ -18,7 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from models.quant import PROJECTIONS, QuantizedEmbedding, QuantizedLinear
+from models.mistral import PROJECTIONS
+from models.quant import QuantizedEmbedding, QuantizedLinear
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The module tree mirrors `transformers.MistralForCausalLM` (and `LlamaForCausalLM`, whose names are the same)
 exactly (`model.layers.0.self_attn.q_proj.weight`, ...), so a Hugging Face checkpoint loads without renaming.
 The model knows nothing of quantization, LoRA or gradient checkpointing: those are applied from outside
-by swapping modules (`models.quant`, `models.lora`, `models.checkpointing`).
+by swapping modules (`models.quant`, `models.lora`, `models.recompute`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ import mlx.nn as nn
 from models.attention import fused_attention
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+# The decoder layer's linear projections, by their HF names: what LoRA may adapt and quantization may quantize.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # under `self_attn`
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # under `mlp`
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 # Features of Hugging Face's Llama that this model does not implement: a config that switches one on is refused
 # rather than loaded into a model that would silently compute something else.
 _UNSUPPORTED_FLAGS = ("attention_bias", "mlp_bias")

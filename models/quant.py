@@ -33,21 +33,19 @@ import mlx.core as mx
 from mlx import nn
 
 from models.backend import backend_name
+from models.mistral import PROJECTIONS
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("rowwise", "group", "nf4", "none")
 FORWARD_PATHS = ("auto", "dequantize", "dequantize_saved", "fused", "reference")
 
 NF4_BLOCK = 64  # QLoRA: one absmax per 64 weights
 NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in blocks of 256
 
-# Largest number of tokens (rows of x) for which "auto" uses the fused kernel, by backend, as measured:
-# - CPU (2-core x86, 4096x4096 weight, float32): fused 11 ms vs dequantize+BLAS 60 ms at 1 token, 88 vs 67 ms
-#   at 8 tokens: the fused CPU kernel does not use BLAS, so only matrix-vector products favour it.
-# - CUDA (H100, MLX 0.32.4, 14336x4096 row-wise, bf16): forward fused/dequantize 0.17/0.52 ms at 1 token,
-#   0.27/0.62 ms at 64, 0.45/0.66 ms at 256, 4.3/1.2 ms at 4096 (forward+backward 0.57/0.85 ms at 256,
-#   4.0/1.3 ms at 4096): generation and short prefills fuse, training shapes dequantize.
-# - Metal: not measured here; 16 keeps decoding (bandwidth-bound) on the fused kernel.
+# Largest number of tokens (rows of x) for which "auto" uses the fused kernel, by backend. The fused kernel reads
+# the packed weight once and so wins while the product is bandwidth-bound (generation, short prefills); beyond
+# that, dequantizing once and multiplying with the BLAS/GEMM wins. The CPU's fused kernel does not use the BLAS,
+# so only matrix-vector-like products favour it there. The crossover points are measured (BENCHMARKS.md, "Why the
+# code is as it is"); Metal's is not, and 16 keeps decoding on the fused kernel.
 FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 256}
 
 _KEEP_DENSE_FOR_BACKWARD = contextvars.ContextVar("keep_dense_for_backward", default=False)
@@ -56,7 +54,7 @@ _KEEP_DENSE_FOR_BACKWARD = contextvars.ContextVar("keep_dense_for_backward", def
 @contextlib.contextmanager
 def dense_weights_kept_for_backward():
     """Within this block "auto" uses "dequantize_saved" instead of "dequantize" (see the module docstring);
-    `models.checkpointing` runs each checkpointed layer's forward pass (and its recomputation) inside it."""
+    `models.recompute` runs each checkpointed layer's forward pass (and its recomputation) inside it."""
     token = _KEEP_DENSE_FOR_BACKWARD.set(True)
     try:
         yield
@@ -170,9 +168,9 @@ def _affine_dequantize(packed, scales, biases, bits: int, dtype, native: bool = 
     `native` uses MLX's `mx.dequantize` kernel (one output buffer, no temporaries) whenever a row splits into
     MLX groups, broadcasting row-wise parameters over them; otherwise, or with `native=False`, the plain
     unpack-scale-shift below runs. The native kernel gets its parameters in the output's dtype, contiguous (for
-    a float32 result both paths compute `scale * q + bias` in float32); for bf16 on an H100 that halved its
-    time (14336 x 4096: 0.36 -> 0.19 ms; 1024 x 4096: 0.32 -> 0.09 ms) for at most about one more unit in the
-    last place of the bf16 weight it writes anyway.
+    a float32 result both paths compute `scale * q + bias` in float32); that is faster on GPUs
+    (BENCHMARKS.md, "Why the code is as it is") for at most about one more unit in the last place of the bf16
+    weight it writes anyway.
     """
     in_features = packed.shape[-1] * 32 // bits
     groups = scales.shape[-1]

@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(autouse=True)
 def _restore_cpu_stream_settings():
     """Training in-process may set the BLAS's threads and MLX's evaluation order for its CPU streams
-    (harness/cpu_streams.py): undo both, so no test (or subprocess it starts) inherits them."""
+    (harness/step/cpu_streams.py): undo both, so no test (or subprocess it starts) inherits them."""
     from models import blas
 
     threads = blas.blas_threads()

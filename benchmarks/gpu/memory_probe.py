@@ -21,8 +21,9 @@ import mlx.core as mx
 
 from harness.bench import compose, synthetic_tokens
 from harness.build import build_model, build_optimizer
-from harness.layerwise_step import IN_FLIGHT, LayerwiseTrainStep
-from harness.training import TrainStep, make_train_step
+from harness.step.layerwise import IN_FLIGHT, LayerwiseTrainStep
+from harness.step.factory import make_train_step
+from harness.step.standard import TrainStep
 from models import cross_entropy
 
 

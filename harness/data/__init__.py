@@ -3,7 +3,8 @@ seeded splits cached on disk -> padded (or packed) MLX batches.
 
 Modules, one job each: `config` (DataConfig), `records` (load and validate sources), `prompt` (the one prompt
 formatter), `encode` (labels and truncation), `split`, `examples` (flat storage of a split),
-`cache`, `dataset` (prepare_dataset), `report`, `batching`, `sample` (writes the embedded sample).
+`cache`, `dataset` (prepare_dataset), `report`, `batching`. The embedded sample is written by
+`tools/make_dolly_sample.py`.
 The tokenizer comes with the model: `models.tokenizer` (re-exported here as `load_tokenizer`, `Tokenizer`).
 """
 

@@ -227,3 +227,49 @@ def validation_batches(
         batch = [[i] for i in order[start : start + batch_size]]
         arrays = collate(examples, batch, batch_size, pad_to_multiple, max_seq_len, pack=False, pad_id=pad_id)
         yield {name: mx.array(value) for name, value in arrays.items()}
+
+
+class RunBatches:
+    """A training run's batch sources, from its config (`trainer` sizes and seed, `data` batching options).
+
+    `train(epoch, start_batch)`: the shuffled training batches of `epoch` from `start_batch` on (the same every
+    time); `validate()`: the validation batches (the first `trainer.max_eval_examples` examples, when set);
+    `per_epoch`: training batches per epoch; `validation`: the validation examples.
+    """
+
+    def __init__(self, cfg, data, pad_id: int) -> None:
+        self._trainer, self._data_cfg, self._train, self._pad_id = cfg.trainer, cfg.data, data.train, pad_id
+        validation = data.validation
+        if self._trainer.max_eval_examples is not None:
+            validation = validation[: self._trainer.max_eval_examples]
+        self.validation = validation
+        self.per_epoch = num_batches(
+            data.train,
+            self._trainer.batch_size,
+            seed=self._trainer.seed,
+            pack=self._data_cfg.pack,
+            max_seq_len=self._data_cfg.max_seq_len,
+            sort_chunk_batches=self._data_cfg.sort_chunk_batches,
+        )
+
+    def train(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, mx.array]]:
+        return batch_iterator(
+            self._train,
+            self._trainer.batch_size,
+            seed=self._trainer.seed,
+            epoch=epoch,
+            shuffle=True,
+            start_batch=start_batch,
+            pad_id=self._pad_id,
+            **batching_options(self._data_cfg),
+        )
+
+    def validate(self) -> Iterator[dict[str, mx.array]]:
+        data_cfg = self._data_cfg
+        return validation_batches(
+            self.validation,
+            self._trainer.eval_batch_size,
+            pad_id=self._pad_id,
+            pad_to_multiple=data_cfg.pad_to_multiple,
+            max_seq_len=data_cfg.val_max_seq_len or data_cfg.max_seq_len,
+        )

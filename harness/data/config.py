@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-# The sample dataset that ships inside the package (written by `harness.data.sample`).
+# The sample dataset that ships inside the package (written by `tools/make_dolly_sample.py`).
 EMBEDDED_SAMPLE = "embedded:dolly_sample"
 
 

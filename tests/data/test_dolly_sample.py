@@ -4,7 +4,7 @@ import re
 from collections import Counter
 
 from harness.data.records import embedded_sample_path, load_local_file
-from harness.data.sample import CATEGORY_COUNTS, SEED, generate_records, sample_bytes
+from tools.make_dolly_sample import CATEGORY_COUNTS, SEED, generate_records, sample_bytes
 from harness.data import encode_example
 
 DOLLY_CATEGORIES = {

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 import harness.schema  # noqa: F401  (registers the structured configs)
 import models  # noqa: F401  (first: fast BLAS before mlx)
-from harness.train import CONFIG_DIR
+from harness.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 # A few seconds per run: 2-layer hidden-64 model, 6 steps, 8 validation examples, no W&B unless asked.

@@ -9,7 +9,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from harness import build
 from harness.sweep_storage import CreateSqliteStorageDir, sqlite_path
-from harness.train import CONFIG_DIR
+from harness.cli import CONFIG_DIR
 
 GROUPS = ["model", "quant", "lora", "data", "optim", "trainer", "logger", "experiment", "debug"]
 

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from harness.cpu_streams import EVAL_ORDER_WIDTH, cpu_cores, plan_cpu_streams, split_rows
-from harness.training import TrainStep, evaluate, make_eval_step, make_train_step
+from harness.step.cpu_streams import EVAL_ORDER_WIDTH, cpu_cores, plan_cpu_streams, split_rows
+from harness.step.factory import make_eval_step, make_train_step
+from harness.step.standard import TrainStep
+from harness.loop import evaluate
 from models import blas
 from models.backend import backend_name
 from tests.harness.tiny_lora import tiny_lora_model

@@ -3,7 +3,7 @@
 import json
 
 from harness import before_after, exact_match
-from harness.data.sample import generate_records
+from tools.make_dolly_sample import generate_records
 
 
 def test_every_rule_task_of_the_sample_is_found_and_open_tasks_are_not():

@@ -6,9 +6,10 @@ import mlx.optimizers as optim
 import pytest
 
 from harness.build import build_model
-from harness.layerwise_step import LayerwiseTrainStep
-from harness.train import CONFIG_DIR
-from harness.training import TrainStep, make_train_step
+from harness.step.layerwise import LayerwiseTrainStep
+from harness.cli import CONFIG_DIR
+from harness.step.factory import make_train_step
+from harness.step.standard import TrainStep
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 EXPECTED_STEP = {

@@ -47,3 +47,24 @@ def test_complete_batch_matches_complete(model):
     ]
     batched = complete_batch(model, tokenizer, records, max_new_tokens=5, batch_size=2)
     assert batched == [complete(model, tokenizer, r, max_new_tokens=5) for r in records]
+
+
+def test_a_model_loaded_from_an_exported_directory_gets_the_cpu_paths(tiny_mistral_dir):
+    """Generating from an exported model runs the same layers as generating from a training run."""
+    from harness.generate import load_exported
+    from models.cpu_paths import use_cpu_paths
+    from models.loading import load_pretrained
+
+    model, tokenizer = load_exported(tiny_mistral_dir)
+    assert tokenizer.vocab_size > 0
+    reference = load_pretrained(str(tiny_mistral_dir), progress=False)
+    expected_kinds = {type(layer.mlp.act_fn) for layer in reference.model.layers}
+    changed = use_cpu_paths(reference)
+    assert {type(layer.mlp.act_fn) for layer in model.model.layers} == {
+        type(layer.mlp.act_fn) for layer in reference.model.layers
+    }
+    assert [layer.self_attn.attention_fn for layer in model.model.layers] == [
+        layer.self_attn.attention_fn for layer in reference.model.layers
+    ]
+    # On the CPU (this suite's backend) the swap is real: the loaded model's layers were changed.
+    assert changed == 0 or {type(layer.mlp.act_fn) for layer in model.model.layers} != expected_kinds

@@ -11,10 +11,12 @@ from mlx.utils import tree_flatten
 
 from mlx import nn
 
-from harness.layerwise_step import LayerwiseTrainStep, layer_dropout_keys, micro_batch_dropout_keys
-from harness.loss import loss_from_hidden
-from harness.training import TrainStep, make_train_step, make_update, sum_outputs
-from models.checkpointing import uncheckpointed_call
+from harness.step.layerwise import LayerwiseTrainStep, layer_dropout_keys, micro_batch_dropout_keys
+from harness.step.loss import loss_from_hidden
+from harness.step.accumulate import make_update, sum_outputs
+from harness.step.factory import make_train_step
+from harness.step.standard import TrainStep
+from models.recompute import uncheckpointed_call
 from models.lora import dropout_keys
 from tests.harness.tiny_lora import tiny_lora_model
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from harness.loss import causal_lm_loss
-from harness.training import TrainStep
+from harness.step.loss import causal_lm_loss
+from harness.step.standard import TrainStep
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
 from tests.conftest import TINY_MISTRAL_CONFIG

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from harness.checkpoints import RunStateError, checkpoint_dir, read_state
+from harness.run_state import RunStateError, checkpoint_dir, read_state
 from harness.resume import ResumeError
 from harness.tracking import read_metrics
 from harness.train import train

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.checkpoints import read_state
+from harness.run_state import read_state
 from harness.tracking import read_metrics
 from harness.train import train
 from tests.harness.conftest import FAST, REPO, run_cli

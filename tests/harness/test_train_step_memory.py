@@ -6,10 +6,10 @@ import mlx.optimizers as optim
 
 import pytest
 
-from harness.layerwise_step import LayerwiseTrainStep
-from harness.training import TrainStep
+from harness.step.layerwise import LayerwiseTrainStep
+from harness.step.standard import TrainStep
 from models.backend import backend_name
-from models.checkpointing import enable_gradient_checkpointing
+from models.recompute import enable_gradient_checkpointing
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
 
@@ -35,7 +35,7 @@ def _peak_above_model(num_layers: int, step_class) -> int:
 
 
 # CPU-specific for TrainStep: on a GPU MLX queues the whole compiled step, whose queued kernels keep their
-# inputs alive, so `mx.checkpoint` in one graph does not bound its peak there (harness/layerwise_step.py).
+# inputs alive, so `mx.checkpoint` in one graph does not bound its peak there (harness/step/layerwise.py).
 @pytest.mark.parametrize(
     "step_class",
     [

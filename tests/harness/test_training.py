@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from harness import build
-from harness.checkpoints import CheckpointError, checkpoint_dir, read_state
+from harness.run_state import RunStateError, checkpoint_dir, read_state
 from harness.tracking import read_metrics
 from harness.train import prepare_data, train
-from harness.training import evaluate, make_eval_step
+from harness.step.factory import make_eval_step
+from harness.loop import evaluate
 from tests.harness.conftest import FAST
 
 
@@ -25,7 +26,7 @@ def finished_run(tmp_path_factory, hermetic_env):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.train import CONFIG_DIR
+    from harness.cli import CONFIG_DIR
 
     run_dir = tmp_path_factory.mktemp("finished_run")
     GlobalHydra.instance().clear()
@@ -149,10 +150,10 @@ def test_corrupt_checkpoint_fails_naming_the_file(compose_train, tmp_path):
     train(cfg, run_dir=run_dir)
     optimizer_file = checkpoint_dir(run_dir, "latest") / "optimizer.safetensors"
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+    with pytest.raises(RunStateError, match="optimizer.safetensors"):
         train(compose_train(*FAST, "logger=none", "trainer.max_steps=3", "resume=true"), run_dir=run_dir)
     (run_dir / "state.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="state.json"):
+    with pytest.raises(RunStateError, match="state.json"):
         train(compose_train(*FAST, "logger=none", "trainer.max_steps=3", "resume=true"), run_dir=run_dir)
 
 

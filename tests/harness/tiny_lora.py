@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from models.checkpointing import enable_gradient_checkpointing
+from models.recompute import enable_gradient_checkpointing
 from models.lora import LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
 from models.quant import QuantSpec, quantize_model

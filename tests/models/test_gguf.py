@@ -12,7 +12,7 @@ import transformers
 from mlx.utils import tree_flatten
 
 from models.adapters import save_peft_adapters
-from models.checkpoint import CheckpointError, load_pretrained
+from models.loading import CheckpointError, load_pretrained
 from models.export import export_merged
 from models.lora import LoRASpec, apply_lora
 from models.quant import QuantSpec

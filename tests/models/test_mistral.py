@@ -17,7 +17,7 @@ SEQ_LEN = 24
 
 
 def load_mlx(checkpoint_dir, **config_overrides) -> MistralForCausalLM:
-    """Our model on the checkpoint's weights, built straight from the files (independent of models.checkpoint)."""
+    """Our model on the checkpoint's weights, built straight from the files (independent of models.loading)."""
     config = json.loads((checkpoint_dir / "config.json").read_text())
     model = MistralForCausalLM(ModelArgs.from_hf_config({**config, **config_overrides}))
     model.load_weights(str(checkpoint_dir / "model.safetensors"))

@@ -6,7 +6,10 @@ named field from a context, first-sentence summaries, templated poems and storie
 so a small model's validation loss falls clearly within minutes of training; the facts repeat under different
 phrasings, so validation questions are answerable from the training split.
 
-    python -m harness.data.sample            # rewrites harness/data/dolly_sample.jsonl (same bytes every time)
+    python tools/make_dolly_sample.py   # rewrites harness/data/dolly_sample.jsonl, the same bytes every time
+
+It is tooling, not part of the data package the trainer imports: only the tests use it (tests/data/
+test_dolly_sample.py reproduces the shipped file byte for byte; tests/harness/test_exact_match.py checks its tasks).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEED = 20261126
+SAMPLE_FILE = Path(__file__).resolve().parent.parent / "harness" / "data" / "dolly_sample.jsonl"
 # Records per category, roughly Dolly's proportions at about a quarter of its size.
 CATEGORY_COUNTS = {
     "open_qa": 700,
@@ -519,7 +523,7 @@ def sample_bytes(seed: int = SEED) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("dolly_sample.jsonl"))
+    parser.add_argument("--out", type=Path, default=SAMPLE_FILE)
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     data = sample_bytes(args.seed)

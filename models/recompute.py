@@ -58,5 +58,5 @@ def gradient_checkpointing_enabled(model: nn.Module) -> bool:
 
 def uncheckpointed_call(layer: nn.Module):
     """The layer class's own `__call__` (`fn(layer, x, mask)`), without `mx.checkpoint` around it even when
-    checkpointing is on: for callers that recompute layers themselves (harness/layerwise_step.py)."""
+    checkpointing is on: for callers that recompute layers themselves (harness/step/layerwise.py)."""
     return getattr(type(layer), "_checkpointed_base", type(layer)).__call__

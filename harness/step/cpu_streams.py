@@ -9,7 +9,7 @@ of one stream: the loss is a sum over tokens, so splitting rows changes only the
 Streams run side by side only if MLX's evaluation order interleaves them. MLX orders a graph's kernels
 breadth-first up to `MLX_BFS_MAX_WIDTH` arrays wide (default 20), depth-first beyond, and stops queueing after a
 few kernels until one finishes: at the default width it queued one stream's whole share of a step before the
-next stream's, so the streams took turns (2 streams: 0.60 s a step against 0.35 s at width 256). MLX reads the
+next stream's, so the streams took turns (BENCHMARKS.md, "Why the code is as it is"). MLX reads the
 width once, at the first evaluation of the process, so `plan_cpu_streams` must run before anything is evaluated
 (the trainer and `harness.bench` call it before building the model); later, the streams still give the same
 numbers, only no faster. A wide order defeats `mx.checkpoint` (recomputations run early and their activations
@@ -24,7 +24,7 @@ import warnings
 import mlx.core as mx
 
 from models import blas
-from models.backend import backend_name
+from models.backend import is_cpu
 
 Batch = dict[str, mx.array]
 
@@ -37,8 +37,8 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-# Breadth-first width of MLX's evaluation order that lets two streams' shares of a step interleave (the tiny
-# model's step at 2 x 4 rows: 64 -> 0.58 s, 128 -> 0.35 s, 256 and more -> 0.35 s).
+# Breadth-first width of MLX's evaluation order that lets two streams' shares of a step interleave: comfortably
+# above the narrowest width that did (BENCHMARKS.md, "Why the code is as it is").
 EVAL_ORDER_WIDTH = "1024"
 
 
@@ -53,7 +53,7 @@ def plan_cpu_streams(requested: int | None, batch_size: int, *, checkpointing: b
     """
     if requested is not None and requested < 1:
         raise ValueError(f"trainer.cpu_streams must be null (automatic) or at least 1, got {requested}")
-    if backend_name() != "cpu" or checkpointing:
+    if not is_cpu() or checkpointing:
         if requested not in (None, 1):
             reason = "the CPU backend without gradient checkpointing"
             warnings.warn(f"trainer.cpu_streams={requested} applies to {reason} only; using 1", stacklevel=2)

@@ -1,7 +1,8 @@
 """The training loop, written to be read top to bottom.
 
-It receives built objects (model with LoRA applied, optimizer, batch sources, tracker, run directory) and a few
-plain numbers, never the Hydra config, so tests and `harness.bench` drive it without Hydra.
+It receives built objects (model with LoRA applied, optimizer, its train and eval steps from `harness.step`,
+batch sources, tracker, run directory) and a few plain numbers, never the Hydra config, so tests drive it
+without Hydra.
 One optimizer step = `grad_accum_steps` micro-batches; their gradients are summed over loss tokens and divided by
 the total number of loss tokens, so every token weighs the same however the batches are padded.
 """
@@ -12,40 +13,36 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
-from mlx.utils import tree_map
 from tqdm.auto import tqdm
 
-from harness import checkpoints
-from harness.checkpoints import TrainState
-from harness.cpu_streams import new_streams, split_rows
+from harness import run_state
+from harness.run_state import TrainState
 from harness.distributed import save_on_main_rank, world
-from harness.loss import causal_lm_loss
 from harness.tracking import Tracker
 from models.memory import release_cache
 
 Batch = dict[str, mx.array]
+# train_step(micro_batches) -> (loss_sum, n_tokens, grad_norm); eval_step(batch) -> (loss_sum, n_tokens)
+# (`harness.step.factory`).
+TrainStepFn = Callable[[list[Batch]], tuple[mx.array, mx.array, mx.array]]
+EvalStepFn = Callable[[Batch], tuple[mx.array, mx.array]]
 # Under a distributed launcher, rank 0 writes the checkpoints, after checking every rank holds the same adapters.
-save_checkpoint = save_on_main_rank(checkpoints.save_checkpoint)
+save_checkpoint = save_on_main_rank(run_state.save_checkpoint)
 
 
 @dataclass
 class LoopSettings:
     max_steps: int  # optimizer steps in the whole run
     grad_accum_steps: int = 1
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
     eval_every: int = 50  # optimizer steps; 0 = only at the end
     log_every: int = 10
     save_every: int = 0  # optimizer steps; 0 = whenever validation runs
     stop_after_steps: int | None = None  # stop this process after so many steps (resume continues)
-    compile: bool = True
-    cpu_streams: int = 1  # streams sharing each micro-batch's rows (`harness.cpu_streams`)
     progress: bool = True
     seed: int = 0  # dropout randomness of step k comes from (seed, k), so a resumed run draws the same
 
@@ -64,132 +61,6 @@ class TrainResult:
     wall_seconds: float
     last_step: int = 0  # the run's optimizer step when this process stopped
     pruned: bool = False  # `on_validation` asked to stop (an Optuna pruner): the run ended before max_steps
-
-
-class TrainStep:
-    """One optimizer step over a list of micro-batches: `step(batches) -> (loss_sum, n_tokens, grad_norm)`.
-
-    Compiled with the model's and optimizer's state (and the RNG, for dropout) as implicit inputs and outputs,
-    as MLX's docs describe. Gradients and the update are two compiled graphs, and the gradients are scheduled
-    (`mx.async_eval`) before the update is built: in one graph, with gradient clipping (the update waits for the
-    norm of all gradients), MLX kept part of every layer's backward pass alive until the end of the step; with
-    checkpointing that grew the step's memory by a few activations per layer (tests/harness/test_train_step_memory.py).
-    `streams > 1` splits each micro-batch's rows over that many streams (`harness.cpu_streams`).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: optim.Optimizer,
-        *,
-        grad_clip: float,
-        compile: bool = True,
-        streams: int = 1,
-    ):
-        self.model = model
-        self.optimizer = optimizer
-        loss_and_grad = nn.value_and_grad(model, causal_lm_loss)
-
-        def gradients(batch: Batch):
-            (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
-            return loss_sum, n_tokens, grads
-
-        self.streams = new_streams(streams)
-        gradients = rows_on_streams(gradients, self.streams)
-        if compile:
-            state = [model.state, optimizer.state, mx.random.state]
-            gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)
-        self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile)
-
-    def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
-        mx.async_eval(loss_sum, n_tokens, grads)
-        return loss_sum, n_tokens, self._update(grads, n_tokens)
-
-
-def accumulate_gradients(
-    gradients: Callable[[Batch], tuple], batches: list[Batch]
-) -> tuple[mx.array, mx.array, dict]:
-    """Summed `(loss_sum, n_tokens, grads)` of `gradients(batch)` over the micro-batches of one step.
-
-    Under a distributed launcher each rank takes its own rows of every batch, and the sums are summed over
-    ranks (`harness.distributed`)."""
-    ranks = world()
-    return ranks.sum_outputs(lambda: sum_outputs([gradients(ranks.rows(batch)) for batch in batches]))
-
-
-def sum_outputs(outputs: list[Any]) -> Any:
-    """Element-wise sum, in order, of equally shaped trees of arrays (e.g. `(loss_sum, n_tokens, grads)`)."""
-    return tree_map(lambda *parts: sum(parts[1:], parts[0]), *outputs)
-
-
-def rows_on_streams(fn: Callable[[Batch], Any], streams: list[mx.Stream]) -> Callable[[Batch], Any]:
-    """`fn(batch)`, whose outputs add up over rows (loss sums, token counts, gradients), with each batch's rows
-    split over `streams`, one piece each, and the pieces' outputs summed (`harness.cpu_streams`). No streams:
-    `fn` itself."""
-    if not streams:
-        return fn
-
-    def split_fn(batch: Batch):
-        outputs = []
-        for stream, piece in zip(streams, split_rows(batch, len(streams))):
-            with mx.stream(stream):
-                outputs.append(fn(piece))
-        return sum_outputs(outputs)
-
-    return split_fn
-
-
-def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):
-    """`update(grads, n_tokens) -> grad_norm`: divide summed gradients by the loss tokens, clip their global norm
-    to `grad_clip` (0 = off), apply the optimizer to `model`. Compiled with the model and optimizer state."""
-
-    def update(grads: dict, n_tokens: mx.array) -> mx.array:
-        grads = tree_map(lambda g: g / mx.maximum(n_tokens, 1).astype(g.dtype), grads)
-        if grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, grad_clip)
-        else:
-            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in _leaves(grads)))
-        optimizer.update(model, grads)
-        return norm
-
-    if compile:
-        state = [model.state, optimizer.state, mx.random.state]
-        update = partial(mx.compile, inputs=state, outputs=state)(update)
-    return update
-
-
-def make_train_step(
-    model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True, streams: int = 1
-):
-    """The training step for `model`: `LayerwiseTrainStep` (memory-bounded: layer by layer, micro-batch by
-    micro-batch) when it has gradient checkpointing on, else `TrainStep` with each micro-batch's rows split over
-    `streams` streams (`harness.cpu_streams.plan_cpu_streams` chooses how many)."""
-    from harness.layerwise_step import LayerwiseTrainStep
-
-    if LayerwiseTrainStep.supports(model):
-        return LayerwiseTrainStep(model, optimizer, grad_clip=grad_clip, compile=compile)
-    return TrainStep(model, optimizer, grad_clip=grad_clip, compile=compile, streams=streams)
-
-
-def _leaves(tree: Any) -> Iterator[mx.array]:
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    else:
-        yield tree
-
-
-def make_eval_step(
-    model: nn.Module, compile: bool = True, streams: int = 1
-) -> Callable[[Batch], tuple[mx.array, mx.array]]:
-    """`eval_step(batch) -> (loss_sum, n_tokens)` with the current weights (model state is an input), each
-    batch's rows split over `streams` streams as in `TrainStep`."""
-    step = rows_on_streams(partial(causal_lm_loss, model), new_streams(streams))
-    return mx.compile(step, inputs=[model.state]) if compile else step
 
 
 def evaluate(
@@ -238,6 +109,8 @@ def peak_memory_gb() -> float:
 def train_loop(
     model: nn.Module,
     optimizer: optim.Optimizer,
+    train_step: TrainStepFn,
+    eval_step: EvalStepFn,
     train_batches: Callable[[int, int], Iterable[Batch]],
     validation_batches: Callable[[], Iterable[Batch]],
     tracker: Tracker,
@@ -251,6 +124,9 @@ def train_loop(
 ) -> TrainResult:
     """Train until `settings.max_steps` optimizer steps, validating and checkpointing on the way.
 
+    `train_step` and `eval_step` are built for `model` and `optimizer` (`harness.step.factory`); the loop only calls
+    them, so any step with their signatures can be trained with.
+
     `state` continues a resumed run (weights and optimizer already restored). Returns the best validation loss
     (nan when the loss diverged, which stops training early after saving the state). `should_stop()` is asked
     between steps (`harness.signals`): when true, the loop checkpoints and returns with `stopped_early`.
@@ -261,10 +137,6 @@ def train_loop(
     run_dir = Path(run_dir)
     model.train()
     world().start_together(model, state.step)  # under a distributed launcher: rank 0's adapters, one step
-    train_step = make_train_step(
-        model, optimizer, grad_clip=settings.grad_clip, compile=settings.compile, streams=settings.cpu_streams
-    )
-    eval_step = make_eval_step(model, compile=settings.compile, streams=settings.cpu_streams)
     stream = micro_batches(train_batches, state)
 
     def validate_and_checkpoint() -> float:

@@ -24,11 +24,14 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
+from omegaconf import DictConfig, OmegaConf
 
 from models.adapters import AdapterError, load_adapters
 from models.atomic_files import atomic_save_safetensors, atomic_write_text
 
 STATE_FILE = "state.json"
+RUN_CONFIG_FILE = "run_config.yaml"  # the run's resolved config, written before training starts
+JOB_FILE = "job.json"  # the Hydra job: overrides, sweep study and storage (read by harness.compare)
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"
@@ -37,10 +40,9 @@ ADAPTERS_FILE = "adapters.safetensors"
 class RunStateError(RuntimeError):
     """Run state (state.json, a checkpoint) that cannot be read or used; the message names the file.
 
-    Not `models.checkpoint.CheckpointError`, which is about pretrained weights."""
+    Not `models.loading.CheckpointError`, which is about pretrained weights."""
 
 
-CheckpointError = RunStateError  # the former name, for code written before the rename
 
 
 @dataclass
@@ -223,3 +225,46 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: optim.Optimizer)
     load_optimizer(optimizer, ckpt / OPTIMIZER_FILE, model)
     restore_rng(state)
     return state
+
+
+def load_saved_config(run_dir: Path) -> DictConfig | None:
+    """`run_config.yaml` of a run, checked (UTF-8, a YAML mapping); None when the run has none."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = OmegaConf.create(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
+    except Exception as err:  # OmegaConf/YAML parse errors come in several types
+        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {err})") from err
+    if not isinstance(saved, DictConfig):
+        raise RunStateError(f"{path}: not a readable config (expected a mapping)")
+    return saved
+
+
+def restore_run_state(
+    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, *, continuing: bool, total_steps: int
+) -> TrainState | None:
+    """The state a continued run resumes from, with its adapters and optimizer loaded into `model` and
+    `optimizer` (everything checked, nothing written); None for a run that starts at step 0."""
+    from harness.console import note
+
+    run_dir = Path(run_dir)
+    if continuing and (run_dir / STATE_FILE).exists():
+        state = load_checkpoint(run_dir, model, optimizer)
+        state.finished = state.finished and state.step >= total_steps  # a run extended with trainer.max_steps
+        note(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        return state
+    if continuing:
+        note(f"resume: {run_dir} has no checkpoint yet; starting from step 0")
+    return None
+
+
+def write_run_record(run_dir: Path, cfg: DictConfig, job: dict, *, continuing: bool) -> None:
+    """Create `run_dir` with the run's resolved config and (unless a resumed run already has one) its job."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    if not continuing or not (run_dir / JOB_FILE).exists():  # a resume keeps its job
+        atomic_write_text(run_dir / JOB_FILE, json.dumps(job, indent=2))

@@ -142,7 +142,7 @@ def _snapshot(repo_id: str, *, revision: str | None, local_dir, progress: bool) 
         why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face Hub could not be reached"
         raise CheckpointError(
             f"{repo_id} is not in the local Hugging Face cache and {why}. Download it once while online "
-            f"(`qlora-download`, or `models.checkpoint.download_model({repo_id!r}, <dir>)`) and pass that "
+            f"(`qlora-download`, or `models.loading.download_model({repo_id!r}, <dir>)`) and pass that "
             f"directory, or unset HF_HUB_OFFLINE."
         ) from err
     return Path(path)

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from models import quant as quantization
 from models.backend import compute_dtype
-from models.checkpoint import CheckpointError, download_model, load_pretrained, resolve_model_dir
+from models.loading import CheckpointError, download_model, load_pretrained, resolve_model_dir
 from models.mistral import ConfigError
 from models.quant import QuantizedLinear, QuantSpec
 

@@ -1,12 +1,12 @@
 """Gradient checkpointing by hand: the training step runs forward, then backward, one decoder layer at a time.
 
 `mx.checkpoint` inside one compiled step keeps only each layer's input, in theory. On a GPU MLX queues the whole
-step at once and every queued kernel keeps its inputs alive until it has run, so a Mistral-7B step at 4 x 512
-(H100) peaked at 17-29 GB although its live data fit in about 7 GB; a memory limit (`mx.set_memory_limit`)
-made MLX wait for the queue and cost about 40% of the speed. Here each layer's forward pass, and each layer's recomputation with its backward pass,
-is its own compiled graph, and at most two layers' graphs are queued at once (one running, the next queued
-behind it, so the GPU does not wait for the CPU): memory stays at the frozen base, the layer inputs and about
-two layers' temporaries. On that H100 the step ran at 8,475 tok/s with an 8.32 GB peak.
+step at once and every queued kernel keeps its inputs alive until it has run, so a checkpointed step's peak
+grew to several times its live data, and a memory limit (`mx.set_memory_limit`) bounded it only by making MLX
+wait for the queue, at a large cost in speed (BENCHMARKS.md, "Training step, 7B shape"). Here each layer's
+forward pass, and each layer's recomputation with its backward pass, is its own compiled graph, and at most two
+layers' graphs are queued at once (one running, the next queued behind it, so the GPU does not wait for the
+CPU): memory stays at the frozen base, the layer inputs and about two layers' temporaries.
 
 Forward: embed, then each layer (its input kept); the head computes the loss and its gradient in one pass
 (`models.cross_entropy`). Backward: from the last layer to the first, recompute the layer and pull the
@@ -21,7 +21,7 @@ masks of the forward pass. The step's key is drawn from MLX's global random stat
 Gradient accumulation: micro-batches run one after another, each evaluated before the next starts, and their
 gradients are summed as they come: the peak does not grow with the number of micro-batches.
 
-The optimizer update is `harness.training.make_update`, as in `TrainStep`; without dropout the numbers are
+The optimizer update is `harness.step.accumulate.make_update`, as in `TrainStep`; without dropout the numbers are
 `TrainStep`'s, with dropout those of plain autograd under the same masks (tests/harness/test_layerwise_step.py).
 """
 
@@ -35,20 +35,20 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from harness.distributed import world
-from harness.loss import loss_from_hidden
-from harness.training import make_update, sum_outputs
-from models.checkpointing import gradient_checkpointing_enabled, uncheckpointed_call
+from harness.step.loss import loss_from_hidden
+from harness.step.accumulate import make_update, sum_outputs
+from models.recompute import gradient_checkpointing_enabled, uncheckpointed_call
 from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
 
 Batch = dict[str, mx.array]
-# Layers queued on the device beyond the one being waited for. H100, 7B shape, 4 x 512: 1 -> 8,475 tok/s at
-# 8.32 GB peak; 2 -> 8,615 at 10.06 GB; 3 -> 8,694 at 11.89 GB (benchmarks/gpu/memory_probe.py --in-flight).
+# Layers queued on the device beyond the one being waited for: more buys little speed for a layer's temporaries
+# each (BENCHMARKS.md, "Why the code is as it is"; benchmarks/gpu/memory_probe.py --in-flight).
 IN_FLIGHT = 1
 
 
 class LayerwiseTrainStep:
-    """`step(batches) -> (loss_sum, n_tokens, grad_norm)`, like `harness.training.TrainStep`."""
+    """`step(batches) -> (loss_sum, n_tokens, grad_norm)`, like `harness.step.standard.TrainStep`."""
 
     @staticmethod
     def supports(model: nn.Module) -> bool:

@@ -4,7 +4,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from models.checkpointing import (
+from models.recompute import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     gradient_checkpointing_enabled,

@@ -1,0 +1,54 @@
+"""The standard training step: the whole step as compiled graphs (`harness.step.factory` chooses it)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx import nn
+
+from harness.step.accumulate import Batch, accumulate_gradients, make_update, rows_on_streams
+from harness.step.cpu_streams import new_streams
+from harness.step.loss import causal_lm_loss
+
+
+class TrainStep:
+    """One optimizer step over a list of micro-batches: `step(batches) -> (loss_sum, n_tokens, grad_norm)`.
+
+    Compiled with the model's and optimizer's state (and the RNG, for dropout) as implicit inputs and outputs,
+    as MLX's docs describe. Gradients and the update are two compiled graphs, and the gradients are scheduled
+    (`mx.async_eval`) before the update is built: in one graph, with gradient clipping (the update waits for the
+    norm of all gradients), MLX kept part of every layer's backward pass alive until the end of the step; with
+    checkpointing that grew the step's memory by a few activations per layer (tests/harness/test_train_step_memory.py).
+    `streams > 1` splits each micro-batch's rows over that many streams (`harness.step.cpu_streams`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        *,
+        grad_clip: float,
+        compile: bool = True,
+        streams: int = 1,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        loss_and_grad = nn.value_and_grad(model, causal_lm_loss)
+
+        def gradients(batch: Batch):
+            (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
+            return loss_sum, n_tokens, grads
+
+        self.streams = new_streams(streams)
+        gradients = rows_on_streams(gradients, self.streams)
+        if compile:
+            state = [model.state, optimizer.state, mx.random.state]
+            gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)
+        self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile)
+
+    def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
+        loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
+        mx.async_eval(loss_sum, n_tokens, grads)
+        return loss_sum, n_tokens, self._update(grads, n_tokens)

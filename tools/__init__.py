@@ -1,0 +1,1 @@
+"""Maintainer tools: not imported by the trainer."""

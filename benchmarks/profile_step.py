@@ -27,7 +27,7 @@ import mlx.nn as nn  # noqa: E402
 
 from harness.bench import compose  # noqa: E402
 from harness.build import build_model  # noqa: E402
-from harness.loss import lm_head_weight  # noqa: E402
+from harness.step.loss import lm_head_weight  # noqa: E402
 from models import blas  # noqa: E402
 from models.cross_entropy import default_vocab_block, linear_cross_entropy  # noqa: E402
 

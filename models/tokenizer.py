@@ -22,6 +22,8 @@ import json
 import os
 from pathlib import Path
 
+from models.atomic_files import atomic_write_bytes
+
 # sha256 of Mistral-7B-v0.1's tokenizer.model (the Hub file's LFS oid); mistral_common ships the same bytes.
 MISTRAL_7B_V01_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 SENTENCEPIECE_PAD_ID = 0  # Mistral has no pad token: pad with `<unk>` (0); padded positions never carry a label
@@ -37,12 +39,6 @@ class TokenizerError(ValueError):
 def default_tokenizer_path() -> Path:
     """`tokenizer.model.v1` inside the `mistral_common` package: Mistral-7B-v0.1's tokenizer (32000 pieces)."""
     return Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class Tokenizer:
@@ -135,7 +131,7 @@ class SentencePieceTokenizer(Tokenizer):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model_file, config_file = out / "tokenizer.model", out / "tokenizer_config.json"
-        _atomic_write(model_file, self._model_bytes)
+        atomic_write_bytes(model_file, self._model_bytes)
         config = {
             "tokenizer_class": "LlamaTokenizer",
             "bos_token": self.id_to_piece(self.bos_id),
@@ -145,7 +141,7 @@ class SentencePieceTokenizer(Tokenizer):
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
-        _atomic_write(config_file, (json.dumps(config, indent=2) + "\n").encode())
+        atomic_write_bytes(config_file, (json.dumps(config, indent=2) + "\n").encode())
         return [model_file, config_file]
 
 
@@ -225,7 +221,7 @@ class HFTokenizer(Tokenizer):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tokenizer_file, config_file = out / "tokenizer.json", out / "tokenizer_config.json"
-        _atomic_write(tokenizer_file, self._tokenizer.to_str().encode())
+        atomic_write_bytes(tokenizer_file, self._tokenizer.to_str().encode())
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self._token(self.bos_id),
@@ -239,7 +235,7 @@ class HFTokenizer(Tokenizer):
             config["unk_token"] = self._token(self.unk_id)
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        _atomic_write(config_file, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(config_file, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
         return [tokenizer_file, config_file]
 
 

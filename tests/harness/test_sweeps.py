@@ -234,12 +234,16 @@ def test_two_workers_on_postgresql_survive_one_killed_mid_trial(tmp_path, hermet
 
 
 def wait_for_running(worker: subprocess.Popen, storage: str, count: int) -> None:
-    """Until the study `shared` holds `count` RUNNING trials (the workers are mid-trial)."""
+    """Until the study `shared` holds `count` RUNNING trials with their parameters drawn (the workers are mid-trial).
+
+    A trial is RUNNING from `study.ask`, a moment before its parameters are suggested: a worker killed in that
+    moment leaves a trial without parameters, whose retry rightly draws a new point.
+    """
     deadline = time.monotonic() + 300
     while True:
         assert time.monotonic() < deadline and worker.poll() is None, "no trial ever ran"
         try:
-            running = load(storage, "shared").get_trials(states=(TrialState.RUNNING,))
+            running = [t for t in load(storage, "shared").get_trials(states=(TrialState.RUNNING,)) if t.params]
         except (KeyError, OperationalError):  # the study (or its SQLite folder) does not exist yet
             running = []
         if len(running) == count:

@@ -24,9 +24,14 @@ from harness.resume import ResumeError
 from harness.signals import RunInterrupted
 from models.adapters import AdapterError
 from models.atomic_files import DiskWriteError
-from models.loading import CheckpointError as PretrainedWeightsError
+from models.loading import PretrainedWeightsError
+from models.mistral import ModelConfigError
+from models.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, ResumeError, RunStateError, DataError, AdapterError, PretrainedWeightsError, DiskWriteError)
+USER_ERRORS = (
+    ConfigError, ResumeError, RunStateError, DataError, AdapterError, PretrainedWeightsError, ModelConfigError,
+    TokenizerError, DiskWriteError,
+)
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
 

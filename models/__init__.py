@@ -8,7 +8,7 @@ from models import blas, malloc
 blas.load_fast_blas()  # must run before the first `import mlx` (see models/blas.py)
 malloc.tune_malloc()  # reuse freed CPU buffers instead of fresh pages (see models/malloc.py)
 
-from models.mistral import ConfigError, KVCache, MistralForCausalLM, ModelArgs  # noqa: E402
+from models.mistral import KVCache, MistralForCausalLM, ModelArgs, ModelConfigError  # noqa: E402
 
 # Public names, imported on first use so `import models` stays cheap.
 _LAZY = {
@@ -17,7 +17,7 @@ _LAZY = {
     "load_tokenizer": "models.tokenizer",
     "Tokenizer": "models.tokenizer",
     "TokenizerError": "models.tokenizer",
-    "CheckpointError": "models.loading",
+    "PretrainedWeightsError": "models.loading",
     "QuantSpec": "models.quant",
     "QuantizedLinear": "models.quant",
     "quantize_model": "models.quant",
@@ -38,7 +38,7 @@ _LAZY = {
     "linear_cross_entropy": "models.cross_entropy",
 }
 
-__all__ = ["ConfigError", "KVCache", "MistralForCausalLM", "ModelArgs", *_LAZY]
+__all__ = ["KVCache", "MistralForCausalLM", "ModelArgs", "ModelConfigError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -239,7 +239,7 @@ def model_args(header: GGUFHeader) -> ModelArgs:
     The vocabulary size is the row count of `token_embd` (the token list's length when that tensor is
     missing); embeddings are tied when there is no `output.weight`. Raises `GGUFError` naming the file and
     the key for another architecture, missing or mistyped keys and features this model does not implement
-    (RoPE scaling, partial rotary, mixture of experts); `ConfigError` when the values are inconsistent.
+    (RoPE scaling, partial rotary, mixture of experts); `ModelConfigError` when the values are inconsistent.
     """
     path, meta = header.path, header.metadata
     arch = meta.get("general.architecture")

@@ -64,7 +64,7 @@ _FINGERPRINT_BYTES = 1 << 16  # bytes hashed from the start and the end of each 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class CheckpointError(ValueError):
+class PretrainedWeightsError(ValueError):
     """A checkpoint that cannot be loaded: missing or corrupt files, wrong tensors, unreachable repo."""
 
 
@@ -78,19 +78,19 @@ def resolve_model_dir(
     """Where a checkpoint is: `path_or_repo_id` itself when it is a directory or a `.gguf` file, else the
     directory of the Hugging Face Hub snapshot of that repo id (downloaded into the HF cache unless there).
 
-    Raises `CheckpointError` when the path does not exist and is not a repo id, or when the repo cannot be
+    Raises `PretrainedWeightsError` when the path does not exist and is not a repo id, or when the repo cannot be
     fetched (offline and not cached, gated, not found).
     """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir() or (path.is_file() and is_gguf(path)):
         return path
     if path.exists():
-        raise CheckpointError(
+        raise PretrainedWeightsError(
             f"{path} is a file; pass the checkpoint directory that holds config.json, or a .gguf file"
         )
     repo_id = str(path_or_repo_id)
     if not _REPO_ID.match(repo_id):
-        raise CheckpointError(f"{repo_id}: no such directory, and not a Hugging Face repo id (owner/name)")
+        raise PretrainedWeightsError(f"{repo_id}: no such directory, and not a Hugging Face repo id (owner/name)")
     return _snapshot(repo_id, revision=revision, local_dir=None, progress=progress)
 
 
@@ -107,7 +107,7 @@ def download_model(
     they go to the Hugging Face cache (`HF_HOME`). Pickled weights are never downloaded.
     """
     if not _REPO_ID.match(repo_id):
-        raise CheckpointError(f"{repo_id!r} is not a Hugging Face repo id (owner/name)")
+        raise PretrainedWeightsError(f"{repo_id!r} is not a Hugging Face repo id (owner/name)")
     return _snapshot(repo_id, revision=revision, local_dir=local_dir, progress=progress)
 
 
@@ -129,18 +129,18 @@ def _snapshot(repo_id: str, *, revision: str | None, local_dir, progress: bool) 
             **({} if progress else {"tqdm_class": _Quiet}),
         )
     except GatedRepoError as err:
-        raise CheckpointError(
+        raise PretrainedWeightsError(
             f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id} and log in "
             f"(`hf auth login` or HF_TOKEN)"
         ) from err
     except RepositoryNotFoundError as err:
-        raise CheckpointError(f"{repo_id}: no such repo on the Hugging Face Hub (or it is private)") from err
+        raise PretrainedWeightsError(f"{repo_id}: no such repo on the Hugging Face Hub (or it is private)") from err
     except LocalEntryNotFoundError as err:
         from huggingface_hub import constants
 
         offline = constants.is_offline_mode()
         why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face Hub could not be reached"
-        raise CheckpointError(
+        raise PretrainedWeightsError(
             f"{repo_id} is not in the local Hugging Face cache and {why}. Download it once while online "
             f"(`qlora-download`, or `models.loading.download_model({repo_id!r}, <dir>)`) and pass that "
             f"directory, or unset HF_HUB_OFFLINE."
@@ -156,13 +156,13 @@ def read_model_args(model_dir: Path) -> ModelArgs:
     """`ModelArgs` from `model_dir/config.json`; errors name the file (and the line for broken JSON)."""
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: missing; a checkpoint directory needs config.json")
+        raise PretrainedWeightsError(f"{config_path}: missing; a checkpoint directory needs config.json")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        raise PretrainedWeightsError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
     if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
+        raise PretrainedWeightsError(f"{config_path}: expected a JSON object")
     return ModelArgs.from_hf_config(config, source=str(config_path))
 
 
@@ -171,11 +171,11 @@ def is_gguf(path: Path) -> bool:
 
 
 def _gguf_call(function, *args):
-    """Run a `models.gguf` reader; its errors become `CheckpointError`s (they already name the file)."""
+    """Run a `models.gguf` reader; its errors become `PretrainedWeightsError`s (they already name the file)."""
     try:
         return function(*args)
     except gguf.GGUFError as err:
-        raise CheckpointError(str(err)) from None
+        raise PretrainedWeightsError(str(err)) from None
 
 
 def weight_map(model_dir: Path) -> dict[str, Path]:
@@ -186,13 +186,13 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
             index = json.loads(index_path.read_text())
             names = index["weight_map"]
         except json.JSONDecodeError as err:
-            raise CheckpointError(f"{index_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+            raise PretrainedWeightsError(f"{index_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
         except (KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path}: no 'weight_map' object") from err
+            raise PretrainedWeightsError(f"{index_path}: no 'weight_map' object") from err
         files = {name: model_dir / shard for name, shard in names.items()}
         missing = sorted({path.name for path in files.values() if not path.is_file()})
         if missing:
-            raise CheckpointError(
+            raise PretrainedWeightsError(
                 f"{model_dir}: shard {', '.join(missing)} listed in {INDEX_FILE} is missing "
                 f"(incomplete download? fetch the checkpoint again)"
             )
@@ -206,7 +206,7 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
         if pickles
         else ""
     )
-    raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} and no {INDEX_FILE}{hint}")
+    raise PretrainedWeightsError(f"{model_dir}: no {SINGLE_FILE} and no {INDEX_FILE}{hint}")
 
 
 def _open_safetensors(path: Path) -> dict[str, mx.array]:
@@ -214,7 +214,7 @@ def _open_safetensors(path: Path) -> dict[str, mx.array]:
     try:
         return mx.load(str(path), format="safetensors")
     except (RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(
+        raise PretrainedWeightsError(
             f"{path}: not a readable safetensors file, probably truncated or corrupt ({err}); download it again"
         ) from err
 
@@ -229,7 +229,7 @@ def _open_tensors(files: dict[str, Path]) -> dict[str, mx.array]:
         try:
             tensors[name] = opened[path][name]
         except KeyError:
-            raise CheckpointError(
+            raise PretrainedWeightsError(
                 f"{path}: has no tensor {name!r}, though {INDEX_FILE} says it does"
             ) from None
     return tensors
@@ -242,31 +242,31 @@ def _check_tensors(
     expected: dict[str, tuple[int, ...]],
     config_name: str = "config.json",
 ) -> None:
-    """Raise `CheckpointError` for missing, unexpected, misshapen or non-float tensors, before reading data.
+    """Raise `PretrainedWeightsError` for missing, unexpected, misshapen or non-float tensors, before reading data.
 
     `config_name` says, in the messages, what described the model (config.json, or a GGUF file's metadata).
     """
     extra = sorted(k for k in tensors.keys() - expected.keys() if not _ignored(k, expected))
     missing = sorted(expected.keys() - tensors.keys())
     if missing:
-        raise CheckpointError(
+        raise PretrainedWeightsError(
             f"{model_dir}: {len(missing)} tensors that {config_name} implies are missing from the weights: "
             f"{_some(missing)}"
         )
     if extra:
         where = sorted({files[k].name for k in extra})
-        raise CheckpointError(
+        raise PretrainedWeightsError(
             f"{model_dir}: {len(extra)} unexpected tensors in {', '.join(where)}, not part of the model "
             f"{config_name} describes: {_some(extra)}"
         )
     for name, shape in expected.items():
         found = tuple(tensors[name].shape)
         if found != shape:
-            raise CheckpointError(
+            raise PretrainedWeightsError(
                 f"{files[name]}: tensor {name} has shape {found}, but {config_name} implies {shape}"
             )
         if not mx.issubdtype(tensors[name].dtype, mx.floating):
-            raise CheckpointError(
+            raise PretrainedWeightsError(
                 f"{files[name]}: tensor {name} is {tensors[name].dtype}; expected float weights "
                 f"(pre-quantized checkpoints are not supported, load the full-precision one)"
             )
@@ -424,7 +424,7 @@ def _load_cached(cache_path: Path, key: str, args: ModelArgs, quant) -> MistralF
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key:
-            raise CheckpointError(f"{meta_path}: key {meta.get('key')!r} does not match {key!r}")
+            raise PretrainedWeightsError(f"{meta_path}: key {meta.get('key')!r} does not match {key!r}")
         model = MistralForCausalLM(args)
         quantized_shell(model, quant)
         model.load_weights(str(weights_path), strict=True)

@@ -26,7 +26,7 @@ PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 _UNSUPPORTED_FLAGS = ("attention_bias", "mlp_bias")
 
 
-class ConfigError(ValueError):
+class ModelConfigError(ValueError):
     """A `config.json` that does not describe a model this project can build."""
 
 
@@ -57,7 +57,7 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"model_type={self.model_type!r} is not supported; this project builds "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
             )
@@ -66,40 +66,40 @@ class ModelArgs:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Mistral and Llama use 'silu')")
+            raise ModelConfigError(f"hidden_act={self.hidden_act!r} is not supported (Mistral and Llama use 'silu')")
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "ModelArgs":
         """Build from a Hugging Face `config.json` dict (Mistral or Llama); unknown keys are ignored.
 
         `rope_theta` may sit at the top level (transformers 4) or in `rope_parameters` (transformers 5).
-        Raises `ConfigError` naming `source` and the key when the config describes a model this project
+        Raises `ModelConfigError` naming `source` and the key when the config describes a model this project
         cannot build (another model_type, RoPE scaling, biases in attention or MLP).
         """
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"{source}: model_type={model_type!r} is not supported; this project builds "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
             )
         rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
         rope = config.get(rope_key) or {}
         if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: {rope_key}={rope!r} should be an object")
+            raise ModelConfigError(f"{source}: {rope_key}={rope!r} should be an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
-            raise ConfigError(
+            raise ModelConfigError(
                 f"{source}: {rope_key} has rope_type={rope_type!r}: rope scaling {rope!r} is not supported "
                 f"(only the default RoPE)"
             )
         for flag in _UNSUPPORTED_FLAGS:
             if config.get(flag):
-                raise ConfigError(f"{source}: {flag}={config[flag]!r} is not supported (no biases in this model)")
+                raise ModelConfigError(f"{source}: {flag}={config[flag]!r} is not supported (no biases in this model)")
         values = dict(config)
         if "rope_theta" not in values and "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
@@ -116,8 +116,8 @@ class ModelArgs:
             _check_type(key, value, source)
         try:
             return cls(**kwargs)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from err
+        except ModelConfigError as err:
+            raise ModelConfigError(f"{source}: {err}") from err
 
     def to_hf_config(self) -> dict[str, Any]:
         """The `config.json` dict that `transformers.MistralForCausalLM` (model_type "mistral") or
@@ -140,7 +140,7 @@ _OPTIONAL = {f.name for f in dataclasses.fields(ModelArgs) if f.type.endswith("|
 
 
 def _check_type(key: str, value: Any, source: str) -> None:
-    """Raise `ConfigError` naming `source` and `key` when a config value has the wrong JSON type."""
+    """Raise `ModelConfigError` naming `source` and `key` when a config value has the wrong JSON type."""
     if value is None and key in _OPTIONAL:
         return
     expected = _FIELD_TYPES[key]
@@ -151,7 +151,7 @@ def _check_type(key: str, value: Any, source: str) -> None:
     else:
         ok = isinstance(value, expected) and not isinstance(value, bool)
     if not ok:
-        raise ConfigError(f"{source}: {key}={value!r} should be {expected.__name__}")
+        raise ModelConfigError(f"{source}: {key}={value!r} should be {expected.__name__}")
 
 
 def attention_mask(

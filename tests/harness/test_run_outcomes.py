@@ -4,6 +4,7 @@ run exits non-zero, and what the data pipeline dropped or lacked is said at the 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from harness.run_state import read_state
 from harness.tracking import read_metrics
 from harness.train import train
+from models.tokenizer import default_tokenizer_path
 from tests.harness.conftest import FAST, REPO, run_cli
 
 LONG_RUN = [
@@ -137,3 +139,26 @@ def test_prepare_names_an_undecodable_line_skips_it_on_request_and_rebuilds_a_da
     assert "(written)" in proc.stdout
     proc = run_cli("harness.prepare", *common, "data.invalid_records=skip", env=env, cwd=tmp_path)
     assert "(reused)" in proc.stdout and "damaged" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model_type": "qwen2"}, "model_type='qwen2' is not supported"),  # a model this project cannot build
+        ("{not json", "invalid JSON at line 1"),  # a damaged checkpoint
+    ],
+)
+def test_a_checkpoint_it_cannot_load_is_one_line_naming_its_config(tmp_path, hermetic_env, config, message):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    config_path = checkpoint / "config.json"
+    config_path.write_text(config if isinstance(config, str) else json.dumps(config))
+    shutil.copyfile(default_tokenizer_path(), checkpoint / "tokenizer.model")  # the tokenizer is checked first
+    proc = run_cli(
+        "harness.train", *FAST, f"model.path={checkpoint}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+        env=hermetic_env, cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {config_path}"), proc.stderr[-1000:]
+    assert message in proc.stderr

@@ -12,7 +12,7 @@ import transformers
 from mlx.utils import tree_flatten
 
 from models.adapters import save_peft_adapters
-from models.loading import CheckpointError, load_pretrained
+from models.loading import PretrainedWeightsError, load_pretrained
 from models.export import export_merged
 from models.lora import LoRASpec, apply_lora
 from models.quant import QuantSpec
@@ -224,7 +224,7 @@ def test_gguf_loading_dequantizes_one_layer_at_a_time(tmp_path):
 
 def test_unsupported_tensor_type_names_tensor_type_and_file(tmp_path):
     path, _ = make_gguf(tmp_path / "q5.gguf", types={**MIXED_TYPES, "attn_v": "Q5_0"})
-    with pytest.raises(CheckpointError, match=rf"{path}: tensor blk\.0\.attn_v\.weight has GGUF type Q5_0"):
+    with pytest.raises(PretrainedWeightsError, match=rf"{path}: tensor blk\.0\.attn_v\.weight has GGUF type Q5_0"):
         load_pretrained(path, progress=False)
 
 
@@ -240,14 +240,14 @@ def test_unsupported_tensor_type_names_tensor_type_and_file(tmp_path):
 )
 def test_bad_metadata_names_key_and_file(tmp_path, change, message):
     path, _ = make_gguf(tmp_path / "bad.gguf", meta_changes=change)
-    with pytest.raises(CheckpointError, match=message) as raised:
+    with pytest.raises(PretrainedWeightsError, match=message) as raised:
         load_pretrained(path, progress=False)
     assert str(raised.value).startswith(f"{path}: ")
 
 
 def test_metadata_that_disagrees_with_the_tensors_names_tensor_and_file(tmp_path):
     path, _ = make_gguf(tmp_path / "heads.gguf", meta_changes={"llama.attention.head_count_kv": (4, "uint32")})
-    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.weight has shape "
+    with pytest.raises(PretrainedWeightsError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.weight has shape "
                                               r"\(32, 64\), but its GGUF metadata implies \(64, 64\)") as raised:
         load_pretrained(path, progress=False)
     assert str(path) in str(raised.value)
@@ -255,7 +255,7 @@ def test_metadata_that_disagrees_with_the_tensors_names_tensor_and_file(tmp_path
 
 def test_tensor_outside_a_llama_is_named(tmp_path):
     path, _ = make_gguf(tmp_path / "rope.gguf", extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
-    with pytest.raises(CheckpointError, match=rf"{path}: tensor rope_freqs\.weight \(F32\) is not part of"):
+    with pytest.raises(PretrainedWeightsError, match=rf"{path}: tensor rope_freqs\.weight \(F32\) is not part of"):
         load_pretrained(path, progress=False)
 
 
@@ -268,7 +268,7 @@ def test_corrupt_gguf_names_the_file(tmp_path, damage, message):
     path, _ = make_gguf(tmp_path / "broken.gguf")
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) - 100], "garbage": b"\x07" * 64, "header": data[:200]}[damage])
-    with pytest.raises(CheckpointError, match=message) as raised:
+    with pytest.raises(PretrainedWeightsError, match=message) as raised:
         load_pretrained(path, progress=False)
     assert str(raised.value).startswith(f"{path}: ")
 

@@ -15,8 +15,8 @@ from mlx.utils import tree_flatten
 
 from models import quant as quantization
 from models.backend import compute_dtype
-from models.loading import CheckpointError, download_model, load_pretrained, resolve_model_dir
-from models.mistral import ConfigError
+from models.loading import PretrainedWeightsError, download_model, load_pretrained, resolve_model_dir
+from models.mistral import ModelConfigError
 from models.quant import QuantizedLinear, QuantSpec
 
 SMALL = dict(vocab_size=300, num_hidden_layers=2, sliding_window=8, tokenizer=False)
@@ -230,7 +230,7 @@ def test_missing_shard_names_the_shard(sharded):
     shard = sorted(sharded.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(
-        CheckpointError, match=f"shard {shard.name} listed in model.safetensors.index.json is missing"
+        PretrainedWeightsError, match=f"shard {shard.name} listed in model.safetensors.index.json is missing"
     ):
         load_pretrained(sharded, progress=False)
 
@@ -239,7 +239,7 @@ def test_shape_mismatch_names_tensor_shapes_and_file(small):
     config_path = small / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "intermediate_size": 96}))
-    with pytest.raises(CheckpointError) as raised:
+    with pytest.raises(PretrainedWeightsError) as raised:
         load_pretrained(small, progress=False)
     message = str(raised.value)
     assert str(small / "model.safetensors") in message
@@ -258,20 +258,20 @@ def test_shape_mismatch_names_tensor_shapes_and_file(small):
 def test_missing_and_unexpected_tensors_are_named(small, layers, message):
     config_path = small / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_hidden_layers": layers}))
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(PretrainedWeightsError, match=message):
         load_pretrained(small, progress=False)
 
 
 def test_unsupported_model_type_names_the_file(small):
     config_path = small / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "qwen2"}))
-    with pytest.raises(ConfigError, match=f"{config_path}: model_type='qwen2' is not supported"):
+    with pytest.raises(ModelConfigError, match=f"{config_path}: model_type='qwen2' is not supported"):
         load_pretrained(small, progress=False)
 
 
 def test_broken_config_json_names_file_and_line(small):
     (small / "config.json").write_text('{\n  "model_type": "mistral",\n  "vocab_size": 300,,\n}')
-    with pytest.raises(CheckpointError, match=r"config.json: invalid JSON at line 3"):
+    with pytest.raises(PretrainedWeightsError, match=r"config.json: invalid JSON at line 3"):
         load_pretrained(small, progress=False)
 
 
@@ -280,18 +280,18 @@ def test_corrupt_safetensors_names_the_file(sharded, damage):
     shard = sorted(sharded.glob("model-*.safetensors"))[-1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
-    with pytest.raises(CheckpointError, match=f"{shard}: not a readable safetensors file"):
+    with pytest.raises(PretrainedWeightsError, match=f"{shard}: not a readable safetensors file"):
         load_pretrained(sharded, progress=False)
 
 
 def test_pickled_weights_are_refused(small):
     (small / "model.safetensors").rename(small / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin: pickled weights are not loaded"):
+    with pytest.raises(PretrainedWeightsError, match="pytorch_model.bin: pickled weights are not loaded"):
         load_pretrained(small, progress=False)
 
 
 def test_missing_directory_that_is_no_repo_id(tmp_path):
-    with pytest.raises(CheckpointError, match="no such directory, and not a Hugging Face repo id"):
+    with pytest.raises(PretrainedWeightsError, match="no such directory, and not a Hugging Face repo id"):
         load_pretrained(tmp_path / "nowhere" / "at" / "all", progress=False)
 
 
@@ -308,7 +308,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_repo_id_offline_and_not_cached_says_how_to_download(hub_cache):
-    with pytest.raises(CheckpointError) as raised:
+    with pytest.raises(PretrainedWeightsError) as raised:
         load_pretrained("mistralai/Mistral-7B-v0.1", progress=False)
     message = str(raised.value)
     assert (
@@ -316,7 +316,7 @@ def test_repo_id_offline_and_not_cached_says_how_to_download(hub_cache):
         in message
     )
     assert "download_model('mistralai/Mistral-7B-v0.1', <dir>)" in message
-    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE=1 is set"):
+    with pytest.raises(PretrainedWeightsError, match="HF_HUB_OFFLINE=1 is set"):
         download_model("mistralai/Mistral-7B-v0.1", hub_cache.parent / "download", progress=False)
 
 

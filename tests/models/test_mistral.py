@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from models.mistral import ConfigError, MistralForCausalLM, ModelArgs, attention_mask
+from models.mistral import ModelConfigError, MistralForCausalLM, ModelArgs, attention_mask
 
 # GQA (4 query heads over 2 key/value heads), 3 layers, and a window of 8 that the 24-token test
 # sequences exceed three times over.
@@ -249,7 +249,7 @@ def test_llama_to_hf_config_round_trips_through_transformers():
     ],
 )
 def test_llama_features_this_model_lacks_are_refused_naming_the_key(change, message):
-    with pytest.raises(ConfigError, match=message) as raised:
+    with pytest.raises(ModelConfigError, match=message) as raised:
         ModelArgs.from_hf_config({**LLAMA_CONFIG, **change}, source="/ckpt/config.json")
     assert str(raised.value).startswith("/ckpt/config.json: ")
 
@@ -267,6 +267,6 @@ def test_llama_features_this_model_lacks_are_refused_naming_the_key(change, mess
     ],
 )
 def test_from_hf_config_rejects_what_it_cannot_build_naming_the_file(change, message):
-    with pytest.raises(ConfigError, match=message) as raised:
+    with pytest.raises(ModelConfigError, match=message) as raised:
         ModelArgs.from_hf_config({**MISTRAL_7B_V01_CONFIG, **change}, source="/ckpt/config.json")
     assert str(raised.value).startswith("/ckpt/config.json: ")

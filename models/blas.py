@@ -6,6 +6,14 @@ what OpenBLAS or MKL give (about 200-335 GFLOP/s on two cores). This module impo
 must run before the first `import mlx`; `models/__init__.py` calls it first thing.
 
 Set `QLORA_BLAS=off` to keep MLX's own BLAS, or `QLORA_BLAS=/path/to/libopenblas.so` to choose a library.
+
+OpenBLAS picks its kernels from the CPU model when it is loaded, and a release older than the CPU does not know
+the model: it falls back to its oldest x86-64 kernels (SSE3, "Prescott"), several times slower than what the CPU
+can run (BENCHMARKS.md, "CPU BLAS kernels"). So unless `OPENBLAS_CORETYPE` is set, it is set from the instruction
+set the CPU reports before OpenBLAS is opened: the AVX-512 kernels ("SkylakeX") where AVX-512 F/CD/BW/DQ/VL are
+present, the AVX2 kernels ("Haswell") where AVX2 and FMA are, nothing otherwise. A CPU that OpenBLAS knows gets
+the kernel family its own detection uses for float32 matmuls on that instruction set. A user's
+`OPENBLAS_CORETYPE` is left as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +35,32 @@ _CANDIDATES = (
 
 loaded_blas: str | None = None
 
+# OpenBLAS kernel families by the CPU flags (as /proc/cpuinfo names them) they need, best first.
+_OPENBLAS_CORES = (
+    ("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
+    ("Haswell", {"avx2", "fma"}),
+)
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of the first CPU in `cpuinfo` (Linux); empty when it cannot be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openblas_core_for(flags: set[str]) -> str | None:
+    """The OpenBLAS kernel family (`OPENBLAS_CORETYPE`) for a CPU with `flags`; None: leave it to OpenBLAS."""
+    for core, needed in _OPENBLAS_CORES:
+        if needed <= flags:
+            return core
+    return None
+
 
 def _pypi_mkl() -> list[str]:
     """MKL's single dynamic library, as the `mkl` wheel from PyPI installs it."""
@@ -45,6 +79,10 @@ def load_fast_blas() -> str | None:
     if loaded_blas or choice == "off" or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return loaded_blas
     candidates = [choice] if choice != "auto" else [*_CANDIDATES, *_pypi_mkl()]
+    if "OPENBLAS_CORETYPE" not in os.environ:  # read by OpenBLAS when it is opened; MKL ignores it
+        core = openblas_core_for(cpu_flags())
+        if core:
+            os.environ["OPENBLAS_CORETYPE"] = core
     for path in candidates:
         if not os.path.exists(path):
             continue
@@ -72,6 +110,17 @@ def _thread_functions():
         if hasattr(library, setter) and hasattr(library, getter):
             return getattr(library, setter), getattr(library, getter)
     return None
+
+
+def openblas_core() -> str | None:
+    """The kernel family the loaded OpenBLAS runs (e.g. "SkylakeX"); None when no OpenBLAS was loaded."""
+    if loaded_blas is None:
+        return None
+    library = ctypes.CDLL(loaded_blas)
+    if not hasattr(library, "openblas_get_corename"):
+        return None
+    library.openblas_get_corename.restype = ctypes.c_char_p
+    return library.openblas_get_corename().decode()
 
 
 def blas_threads() -> int | None:

@@ -54,3 +54,38 @@ def test_thread_count_can_be_set_and_read_back_where_a_blas_was_loaded():
         assert blas.blas_threads() == 2
     finally:
         blas.set_blas_threads(before)
+
+
+CORE_PROBE = "import models; print(models.blas.openblas_core())"
+
+
+def _core(**env) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    proc = subprocess.run([sys.executable, "-c", CORE_PROBE], capture_output=True, text=True, cwd=REPO,
+                          env={**environ, **env}, check=True)
+    return proc.stdout.strip()
+
+
+def test_openblas_kernels_follow_the_cpu_flags(tmp_path):
+    from models.blas import cpu_flags, openblas_core_for
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse3 avx2 fma avx512f avx512cd avx512bw avx512dq\nbogomips: 1\n")
+    flags = cpu_flags(str(cpuinfo))
+    assert openblas_core_for(flags) == "Haswell"  # AVX-512 without VL is not enough for the SkylakeX kernels
+    assert openblas_core_for(flags | {"avx512vl"}) == "SkylakeX"
+    assert openblas_core_for({"sse3", "avx"}) is None  # OpenBLAS's own detection decides
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="macOS uses Accelerate")
+def test_the_loaded_openblas_runs_kernels_for_this_cpu_unless_the_user_chose():
+    from models.blas import cpu_flags, openblas_core_for
+
+    if not any(os.path.exists(p) for p in _CANDIDATES):
+        pytest.skip("no system OpenBLAS here")
+    expected = openblas_core_for(cpu_flags())
+    if expected is None:
+        pytest.skip("a CPU without AVX2: OpenBLAS's own detection decides")
+    assert _core() == expected  # not OpenBLAS's fallback for a CPU model it does not know
+    assert _core(OPENBLAS_CORETYPE="Haswell") == "Haswell"

@@ -6,8 +6,8 @@
 Builds the flagship experiment (`experiment=mistral7b_dolly_qlora`: row-wise 4-bit, LoRA r=16 on all seven
 projections) on a small Mistral shape with random weights (hidden 1024, intermediate 3584, 4 layers, 8 heads /
 2 KV heads, vocab 4096 by default), then for each row runs one optimizer step of one micro-batch of
-`--batch` x `--seq` tokens as a warm-up (compilation), and a second one measured: `mx.get_peak_memory()` over it
-and its seconds. Rows: the layer-by-layer checkpointed step (`LayerwiseTrainStep`, as the experiment runs it,
+`--batch` x `--seq` tokens as a warm-up (compilation), then `--repeat` more measured: `mx.get_peak_memory()` over
+them and their median seconds. Rows: the layer-by-layer checkpointed step (`LayerwiseTrainStep`, as the experiment runs it,
 and with `keep_dense=False`) and the standard `TrainStep` without checkpointing, each with dropout 0 and
 `--dropout`. Every row runs in a fresh process so its peak is its own. Memory is the point; times on a shared
 CPU are indicative only.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -79,10 +80,12 @@ def measure_one(options: argparse.Namespace) -> dict:
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
-    return {"base_gb": base / 1e9, "peak_gb": mx.get_peak_memory() / 1e9, "seconds": seconds}
+    seconds = []
+    for _ in range(options.repeat):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return {"base_gb": base / 1e9, "peak_gb": mx.get_peak_memory() / 1e9, "seconds": statistics.median(seconds)}
 
 
 def main() -> None:
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--repeat", type=int, default=1, help="measured steps; seconds: their median")
     parser.add_argument("--label", default="this tree")
     parser.add_argument("--rows", nargs="*", help="step,dropout(0|1),keep_dense(0|1); default: all")
     parser.add_argument("--one", help=argparse.SUPPRESS)

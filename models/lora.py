@@ -111,6 +111,14 @@ def _next_dropout_key() -> mx.array | None:
     return key
 
 
+def _drawn_dropout_key() -> mx.array:
+    """The next key of the active chain, else a key drawn from MLX's global random state (as `nn.Dropout` draws)."""
+    key = _next_dropout_key()
+    if key is None:
+        key = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.int32).astype(mx.uint32)
+    return key
+
+
 # Adapter dropout draws one uniform 32-bit integer per input element and keeps the element when the draw falls
 # below `round(keep * 2**32)`: the keep probability is a multiple of 2**-32.
 _DRAW_LEVELS = 1 << 32
@@ -210,11 +218,8 @@ class LoRALinear(nn.Module):
         """`x (…, in) -> (…, out)` in x's dtype."""
         y = self.base_layer(x)
         a = self.lora_A.astype(x.dtype)
-        if self.training and self._keep_threshold < _DRAW_LEVELS:
-            key = _next_dropout_key()
-            if key is None:  # no key chain: draw from the global random state, as nn.Dropout does
-                key = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.int32).astype(mx.uint32)
-            down = _dropout_down_projection(self._keep_threshold)(x, a, key)
+        if self.drops:
+            down = _dropout_down_projection(self._keep_threshold)(x, a, _drawn_dropout_key())
         else:
             down = x @ a.T  # (…, rank)
         if y.dtype == x.dtype:
@@ -222,6 +227,11 @@ class LoRALinear(nn.Module):
             return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)
         update = down @ self.lora_B.astype(x.dtype).T
         return y + (self.scale * update).astype(y.dtype)
+
+    @property
+    def drops(self) -> bool:
+        """Whether calls draw a dropout mask now (training mode and a probability that does not round to 0)."""
+        return self.training and self._keep_threshold < _DRAW_LEVELS
 
     def delta_weight(self, dtype=mx.float32) -> mx.array:
         """`scale * B @ A`, the `(out, in)` change this adapter makes to the base weight."""
@@ -238,6 +248,15 @@ class LoRALinear(nn.Module):
         if has_bias:
             merged.bias = base.bias.astype(dtype)
         return merged
+
+
+def recomputation_dropout_key(module: nn.Module) -> mx.array | None:
+    """For callers that run `module` (a decoder layer) more than once for one forward pass (`mx.checkpoint`): the key
+    its adapters' dropout draws from in this pass, to run it under `dropout_keys(key)` each time so that every run
+    draws the same masks. None when no adapter in it drops now, and then nothing is drawn."""
+    if not any(isinstance(m, LoRALinear) and m.drops for m in module.modules()):
+        return None
+    return _drawn_dropout_key()
 
 
 def lora_targets(model: nn.Module, spec: LoRASpec) -> list[tuple[str, nn.Module, str]]:

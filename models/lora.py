@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +28,8 @@ class LoRASpec:
     """Which linears get adapters and how big they are.
 
     rank: r, the inner dimension of `B @ A`. alpha: the adapter output is scaled by `alpha / rank`.
-    dropout: probability of zeroing inputs of the adapter branch (training only). target_modules: projection
+    dropout: probability of zeroing inputs of the adapter branch (training only; rounded to a multiple of 2**-32,
+    the kept inputs scaled by the inverse of the exact keep probability: `LoRALinear`). target_modules: projection
     names inside each decoder layer. layers: indices of the decoder layers to adapt (negative counts from
     the end), or None for all.
     """
@@ -93,7 +95,8 @@ def dropout_keys(key: mx.array) -> Iterator[None]:
     MLX's global random state: the n-th adapter called takes the n-th key split off a chain started at `key`.
     Running the same layer again under the same key (a recomputation for the backward pass) therefore draws
     the same masks, and `key` may be an input of a compiled function."""
-    token = _DROPOUT_KEY_CHAIN.set([key])
+    # Keys carry no gradient: a differentiated function (`mx.checkpoint`) may take the key as an input.
+    token = _DROPOUT_KEY_CHAIN.set([mx.stop_gradient(key)])
     try:
         yield
     finally:
@@ -108,11 +111,93 @@ def _next_dropout_key() -> mx.array | None:
     return key
 
 
+def _drawn_dropout_key() -> mx.array:
+    """The next key of the active chain, else a key drawn from MLX's global random state (as `nn.Dropout` draws)."""
+    key = _next_dropout_key()
+    if key is None:
+        key = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.int32).astype(mx.uint32)
+    return key
+
+
+# Adapter dropout draws one uniform 32-bit integer per input element and keeps the element when the draw falls
+# below `round(keep * 2**32)`: the keep probability is a multiple of 2**-32.
+_DRAW_LEVELS = 1 << 32
+
+
+def dropout_keep_threshold(p: float) -> int:
+    """Draws below this integer are kept: `round((1 - p) * 2**32)`, at least 1; `2**32` means no dropout."""
+    return max(1, round((1.0 - p) * _DRAW_LEVELS))
+
+
+def _mix32(v: mx.array) -> mx.array:
+    # A bijective integer hash with full avalanche (each input bit flips each output bit with probability about
+    # 1/2): it turns consecutive counters into independent-looking 32-bit draws with plain elementwise integer
+    # arithmetic, which a compiled graph fuses into the kernel that uses the mask.
+    v = v ^ (v >> 16)
+    v = v * 0x7FEB352D
+    v = v ^ (v >> 15)
+    v = v * 0x846CA68B
+    return v ^ (v >> 16)
+
+
+def _uniform_bits(key: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """uint32 draws of `shape` from `key` (uint32 `(2,)`): each element's row-major index, hashed under the key.
+    Counters are 32-bit: arrays of more than 2**32 elements repeat their draws."""
+    rows = math.prod(shape[:-1])
+    columns = shape[-1]
+    index = mx.arange(rows, dtype=mx.uint32).reshape(*shape[:-1], 1) * columns + mx.arange(columns, dtype=mx.uint32)
+    return _mix32(_mix32(index ^ key[0]) ^ key[1])
+
+
+def dropout_mask(key: mx.array, shape: tuple[int, ...], p: float) -> mx.array:
+    """The bool mask (True: kept) that adapter dropout of probability `p` draws from `key` (uint32 `(2,)`) for an
+    input of `shape`: each element kept independently with probability `dropout_keep_threshold(p) / 2**32`."""
+    return _uniform_bits(key, tuple(shape)) < dropout_keep_threshold(p)
+
+
+@functools.cache
+def _dropout_down_projection(threshold: int):
+    """`(x, a, key) -> dropout(x) @ a^T`: the adapter's down projection under dropout, with its own backward pass,
+    so that autograd keeps nothing of x's size for it beyond x itself (which q, k and v share).
+
+    x `(..., in)`, a `(rank, in)` in x's dtype, key uint32 `(2,)`; returns `(..., rank)`. Kept inputs are scaled
+    by `2**32 / threshold`, the inverse of the exact keep probability. The backward pass draws the mask again
+    from the key rather than keeping it: the draw is a few integer operations fused into the kernels that use it.
+    """
+    scale = _DRAW_LEVELS / threshold
+
+    def kept(key, shape):
+        return _uniform_bits(key, shape) < threshold
+
+    @mx.custom_function
+    def project(x, a, key):
+        return (mx.where(kept(key, x.shape), x, 0) @ a.T) * scale
+
+    @project.vjp
+    def project_vjp(primals, cotangent, output):
+        x, a, key = primals
+        # A key that exists only once the cotangent does: inside one compiled graph the backward pass's mask is
+        # then neither merged with the forward pass's (which would keep it alive in between) nor drawn early.
+        (later_key,) = mx.depends([key], [cotangent])
+        keep = kept(later_key, x.shape)
+        scaled = cotangent * scale  # (..., rank)
+        rank, features = a.shape
+        grad_x = mx.where(keep, scaled @ a, 0)
+        grad_a = scaled.reshape(-1, rank).T @ mx.where(keep, x, 0).reshape(-1, features)
+        return grad_x, grad_a, mx.zeros_like(key)
+
+    return project
+
+
 class LoRALinear(nn.Module):
     """`base_layer(x) + scale * dropout(x) @ lora_A^T @ lora_B^T`, with only `lora_A`/`lora_B` trainable.
 
     `lora_A (rank, in)` and `lora_B (out, rank)` are kept in float32 (optimizer precision) and cast to x's
     dtype for the forward pass, so the adapter branch runs in the compute dtype.
+    Dropout (training mode only) zeroes each input element of the adapter branch with probability `dropout`
+    (rounded to a multiple of 2**-32: `dropout_keep_threshold`) and scales the kept ones by the inverse of the
+    exact keep probability. Masks come from the key chain of `dropout_keys` when one is active, else from MLX's
+    global random state (as `nn.Dropout`'s); each adapter draws its own.
     """
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
@@ -124,7 +209,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scale = alpha / rank
         self.dropout_p = dropout
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self._keep_threshold = dropout_keep_threshold(dropout)
         bound = 1.0 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5)) on (r, in)
         self.lora_A = mx.random.uniform(-bound, bound, (rank, in_features))
         self.lora_B = mx.zeros((out_features, rank))
@@ -132,21 +217,21 @@ class LoRALinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """`x (…, in) -> (…, out)` in x's dtype."""
         y = self.base_layer(x)
-        h = self._dropped(x) if self.dropout is not None else x
-        down = h @ self.lora_A.astype(x.dtype).T  # (…, rank)
+        a = self.lora_A.astype(x.dtype)
+        if self.drops:
+            down = _dropout_down_projection(self._keep_threshold)(x, a, _drawn_dropout_key())
+        else:
+            down = x @ a.T  # (…, rank)
         if y.dtype == x.dtype:
             # y + scale * down @ B^T in one GEMM (BLAS beta = 1): no separate pass over the (…, out) update.
             return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)
         update = down @ self.lora_B.astype(x.dtype).T
         return y + (self.scale * update).astype(y.dtype)
 
-    def _dropped(self, x: mx.array) -> mx.array:
-        """`nn.Dropout` on the adapter's input, with its mask from `dropout_keys` when one is active."""
-        key = _next_dropout_key() if self.dropout.training else None
-        if key is None:
-            return self.dropout(x)
-        keep = 1.0 - self.dropout_p
-        return (mx.random.bernoulli(keep, x.shape, key=key) * x) * (1 / keep)
+    @property
+    def drops(self) -> bool:
+        """Whether calls draw a dropout mask now (training mode and a probability that does not round to 0)."""
+        return self.training and self._keep_threshold < _DRAW_LEVELS
 
     def delta_weight(self, dtype=mx.float32) -> mx.array:
         """`scale * B @ A`, the `(out, in)` change this adapter makes to the base weight."""
@@ -163,6 +248,15 @@ class LoRALinear(nn.Module):
         if has_bias:
             merged.bias = base.bias.astype(dtype)
         return merged
+
+
+def recomputation_dropout_key(module: nn.Module) -> mx.array | None:
+    """For callers that run `module` (a decoder layer) more than once for one forward pass (`mx.checkpoint`): the key
+    its adapters' dropout draws from in this pass, to run it under `dropout_keys(key)` each time so that every run
+    draws the same masks. None when no adapter in it drops now, and then nothing is drawn."""
+    if not any(isinstance(m, LoRALinear) and m.drops for m in module.modules()):
+        return None
+    return _drawn_dropout_key()
 
 
 def lora_targets(model: nn.Module, spec: LoRASpec) -> list[tuple[str, nn.Module, str]]:

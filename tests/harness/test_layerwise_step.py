@@ -76,7 +76,8 @@ def test_make_train_step_picks_layerwise_only_where_it_applies():
 
 def _reference_step(model, optimizer, batches, step_key):
     """Plain autograd through the model's public per-layer parts, uncompiled, every layer under the dropout key
-    the layerwise step derives for it: the masks both draw are the same, so the numbers must be too."""
+    the layerwise step derives for it: the masks both draw are the same, so the numbers must be too. (Adapter
+    dropout's own backward pass is checked against autograd on its mask in tests/models/test_lora_dropout.py.)"""
     keys = micro_batch_dropout_keys(step_key, len(batches))
 
     def loss(model, batch, key):

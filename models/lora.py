@@ -12,6 +12,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from models.backend import backend_name
 from models.mistral import PROJECTIONS
 from models.quant import QuantizedEmbedding, QuantizedLinear
 
@@ -149,25 +151,52 @@ def _uniform_bits(key: mx.array, shape: tuple[int, ...]) -> mx.array:
     return _mix32(_mix32(index ^ key[0]) ^ key[1])
 
 
+# How adapter dropout draws its masks, by backend: "hash" (the counter hash above: a few integer operations that a
+# compiled graph fuses into the kernel using the mask, on the CPU) or "bernoulli" (MLX's random generator, whose
+# kernels MLX's CUDA backend runs with less memory than the hash, which it does not fuse there); BENCHMARKS.md,
+# "Adapter dropout's memory". Other backends take the hash. `QLORA_DROPOUT_DRAW=hash|bernoulli` overrides (benchmarks).
+DROPOUT_DRAWS = {"cuda": "bernoulli"}
+
+
+def dropout_draw() -> str:
+    """The mask draw in use here: "hash" or "bernoulli" (see `DROPOUT_DRAWS`)."""
+    draw = os.environ.get("QLORA_DROPOUT_DRAW") or DROPOUT_DRAWS.get(backend_name(), "hash")
+    if draw not in ("hash", "bernoulli"):
+        raise ValueError(f"QLORA_DROPOUT_DRAW={draw!r} should be 'hash' or 'bernoulli'")
+    return draw
+
+
+def _kept(key: mx.array, shape: tuple[int, ...], threshold: int, draw: str) -> mx.array:
+    if draw == "hash":
+        return _uniform_bits(key, tuple(shape)) < threshold
+    return mx.random.bernoulli(threshold / _DRAW_LEVELS, tuple(shape), key=key)
+
+
 def dropout_mask(key: mx.array, shape: tuple[int, ...], p: float) -> mx.array:
     """The bool mask (True: kept) that adapter dropout of probability `p` draws from `key` (uint32 `(2,)`) for an
     input of `shape`: each element kept independently with probability `dropout_keep_threshold(p) / 2**32`."""
-    return _uniform_bits(key, tuple(shape)) < dropout_keep_threshold(p)
+    return _kept(key, tuple(shape), dropout_keep_threshold(p), dropout_draw())
+
+
+def _dropout_down_projection(threshold: int):
+    """The down projection under dropout for keep threshold `threshold`, drawing masks as `dropout_draw()` says."""
+    return _dropout_down_projection_for(threshold, dropout_draw())
 
 
 @functools.cache
-def _dropout_down_projection(threshold: int):
+def _dropout_down_projection_for(threshold: int, draw: str):
     """`(x, a, key) -> dropout(x) @ a^T`: the adapter's down projection under dropout, with its own backward pass,
     so that autograd keeps nothing of x's size for it beyond x itself (which q, k and v share).
 
     x `(..., in)`, a `(rank, in)` in x's dtype, key uint32 `(2,)`; returns `(..., rank)`. Kept inputs are scaled
     by `2**32 / threshold`, the inverse of the exact keep probability. The backward pass draws the mask again
-    from the key rather than keeping it: the draw is a few integer operations fused into the kernels that use it.
+    from the key rather than keeping it (`DROPOUT_DRAWS`: drawing is cheaper than keeping a mask or a dropped copy
+    of x per adapter until the backward pass).
     """
     scale = _DRAW_LEVELS / threshold
 
     def kept(key, shape):
-        return _uniform_bits(key, shape) < threshold
+        return _kept(key, shape, threshold, draw)
 
     @mx.custom_function
     def project(x, a, key):

@@ -6,7 +6,7 @@ x `(B, L, in)` in bfloat16 (down_proj's input at the flagship's 4 x 512), `a (ra
 `dropout(x) @ a^T` times a fixed random cotangent; gradients with respect to x and a, as one compiled function.
 Each variant runs in a fresh process (its peak is its own): memory above the inputs, and the median time.
 Variants: no dropout; `mx.random.bernoulli` mask times x (plain autograd); the project's `LoRALinear` path
-(models/lora.py); the same hash mask through plain autograd.
+(models/lora.py) with each of its mask draws; the hash mask through plain autograd.
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-VARIANTS = ("none", "bernoulli", "project", "hash_autograd")
+VARIANTS = ("none", "bernoulli", "project_hash", "project_bernoulli", "hash_autograd")
 
 
 def measure(variant: str, shape: tuple[int, ...], rank: int) -> dict:
+    import os
+
+    if variant.startswith("project_"):
+        os.environ["QLORA_DROPOUT_DRAW"] = variant.removeprefix("project_")
     import models  # noqa: F401  (BLAS first)
     import mlx.core as mx
 
-    from models.lora import _dropout_down_projection, dropout_keep_threshold, dropout_mask
+    from models.lora import _dropout_down_projection, _uniform_bits, dropout_keep_threshold
 
     p = 0.05
     x = mx.random.normal(shape).astype(mx.bfloat16)
@@ -42,9 +46,10 @@ def measure(variant: str, shape: tuple[int, ...], rank: int) -> dict:
             return x @ a.T
         if variant == "bernoulli":
             return ((mx.random.bernoulli(1 - p, x.shape, key=key) * x) * (1 / (1 - p))) @ a.T
-        if variant == "project":
+        if variant.startswith("project_"):
             return _dropout_down_projection(dropout_keep_threshold(p))(x, a, key)
-        return (mx.where(dropout_mask(key, x.shape, p), x, 0) @ a.T) * (1 / (1 - p))
+        mask = _uniform_bits(key, x.shape) < dropout_keep_threshold(p)
+        return (mx.where(mask, x, 0) @ a.T) * (1 / (1 - p))
 
     def loss(x, a, key):
         return (down(x, a, key) * cot).astype(mx.float32).sum()

@@ -151,10 +151,11 @@ def _uniform_bits(key: mx.array, shape: tuple[int, ...]) -> mx.array:
     return _mix32(_mix32(index ^ key[0]) ^ key[1])
 
 
-# How adapter dropout draws its masks, by backend: "hash" (the counter hash above: a few integer operations that a
-# compiled graph fuses into the kernel using the mask, on the CPU) or "bernoulli" (MLX's random generator, whose
-# kernels MLX's CUDA backend runs with less memory than the hash, which it does not fuse there); BENCHMARKS.md,
-# "Adapter dropout's memory". Other backends take the hash. `QLORA_DROPOUT_DRAW=hash|bernoulli` overrides (benchmarks).
+# How adapter dropout draws its masks, by backend: "hash" (the counter hash above, inside the custom down projection
+# below, which keeps nothing of x's size: a few integer operations that a compiled graph fuses into the kernel using
+# the mask, on the CPU) or "bernoulli" (MLX's random generator, the dropped input differentiated by MLX itself: on
+# CUDA, where MLX does not fuse the hash, this peaked lowest over a whole 7B step); BENCHMARKS.md, "Adapter
+# dropout's memory". Other backends take the hash. `QLORA_DROPOUT_DRAW=hash|bernoulli` overrides (benchmarks).
 DROPOUT_DRAWS = {"cuda": "bernoulli"}
 
 
@@ -247,8 +248,11 @@ class LoRALinear(nn.Module):
         """`x (…, in) -> (…, out)` in x's dtype."""
         y = self.base_layer(x)
         a = self.lora_A.astype(x.dtype)
-        if self.drops:
+        if self.drops and dropout_draw() == "hash":
             down = _dropout_down_projection(self._keep_threshold)(x, a, _drawn_dropout_key())
+        elif self.drops:  # MLX's generator, differentiated by MLX (DROPOUT_DRAWS)
+            keep = mx.random.bernoulli(self._keep_threshold / _DRAW_LEVELS, x.shape, key=_drawn_dropout_key())
+            down = (mx.where(keep, x, 0) @ a.T) * (_DRAW_LEVELS / self._keep_threshold)
         else:
             down = x @ a.T  # (…, rank)
         if y.dtype == x.dtype:

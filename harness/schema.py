@@ -121,9 +121,6 @@ class TrainerConfig:
     save_every: int = 0  # optimizer steps between checkpoints of the latest state (0: at validation only)
     seed: int = 0  # data order, dropout, numpy
     gradient_checkpointing: bool = False
-    # With gradient checkpointing: each layer's backward pass multiplies with the dense weights its recomputation
-    # dequantized (true: faster) or dequantizes them again (false: one layer's dense weights less memory).
-    checkpoint_keeps_dense_weights: bool = True
     compile: bool = True
     # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
     # the BLAS's threads can be set; 1: off). GPUs use one. See harness/step/cpu_streams.py.

@@ -133,8 +133,7 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
         facts = report.log_run_facts(tracker, model, data, batches.validation, total_steps, state)
         before = report.answers_before(model, tokenizer, batches.validation, cfg, tracker, run_dir, state)
         train_step = make_train_step(
-            model, optimizer, grad_clip=cfg.optim.grad_clip, compile=trainer.compile, streams=cpu_streams,
-            keep_dense=trainer.checkpoint_keeps_dense_weights,
+            model, optimizer, grad_clip=cfg.optim.grad_clip, compile=trainer.compile, streams=cpu_streams
         )
         eval_step = make_eval_step(model, compile=trainer.compile, streams=cpu_streams)
         stop.armed = True

@@ -17,21 +17,13 @@ from harness.step.standard import TrainStep
 
 
 def make_train_step(
-    model: nn.Module,
-    optimizer: optim.Optimizer,
-    *,
-    grad_clip: float,
-    compile: bool = True,
-    streams: int = 1,
-    keep_dense: bool = True,
+    model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True, streams: int = 1
 ):
     """The training step for `model`: `LayerwiseTrainStep` (memory-bounded: layer by layer, micro-batch by
     micro-batch) when it has gradient checkpointing on, else `TrainStep` with each micro-batch's rows split over
-    `streams` streams (`harness.step.cpu_streams.plan_cpu_streams` chooses how many). `keep_dense`: the
-    layer-by-layer step's backward passes reuse the dense weights their recomputation built (`trainer.
-    checkpoint_keeps_dense_weights`)."""
+    `streams` streams (`harness.step.cpu_streams.plan_cpu_streams` chooses how many)."""
     if LayerwiseTrainStep.supports(model):
-        return LayerwiseTrainStep(model, optimizer, grad_clip=grad_clip, compile=compile, keep_dense=keep_dense)
+        return LayerwiseTrainStep(model, optimizer, grad_clip=grad_clip, compile=compile)
     return TrainStep(model, optimizer, grad_clip=grad_clip, compile=compile, streams=streams)
 
 

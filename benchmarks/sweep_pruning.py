@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # harness.tracking for reading runs, from a checkout without installing
 # Short runs of the tiny model that still show a learning curve: 24 steps, a validation every 4.
 TINY_SETTINGS = (
     "experiment=tiny_dolly_sample debug=fast data.max_records=2000 trainer.max_steps=24 trainer.eval_every=4 "
@@ -68,7 +69,7 @@ def summaries(sweep_dir: Path) -> list[dict]:
     return found
 
 
-def sweep(name: str, pruner: str, opts: argparse.Namespace, common: list[str]) -> dict:
+def sweep(name: str, pruner: str, opts: argparse.Namespace, common: list[str], extra: list[str] = ()) -> dict:
     sweep_dir = opts.out / name
     seconds = run(
         [
@@ -82,6 +83,7 @@ def sweep(name: str, pruner: str, opts: argparse.Namespace, common: list[str]) -
             f"paths.multirun={opts.out}/multirun",
             f"hydra.sweep.dir={sweep_dir}",
             *common,
+            *extra,
         ],
         opts.out,
     )
@@ -157,6 +159,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="working folder (sweeps, studies, summary.json)")
     parser.add_argument("--hparams-search", default="tiny_optuna")
     parser.add_argument("--pruner", default="median", help="hparams_search/pruner option of the pruned sweep")
+    parser.add_argument("--pruner-overrides", default="", help="overrides for the pruned sweep alone, e.g. "
+                        "'hydra.sweeper.pruner.min_resource=4'")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sampler-seed", type=int, default=1234)
@@ -182,7 +186,7 @@ def main() -> None:
             print(json.dumps(row))
         return
     parts = {
-        "pruned": lambda: sweep("pruned", opts.pruner, opts, common),
+        "pruned": lambda: sweep("pruned", opts.pruner, opts, common, opts.pruner_overrides.split()),
         "unpruned": lambda: sweep("unpruned", "none", opts, common),
         "seed_noise": lambda: seed_noise(opts, common),
     }

@@ -24,8 +24,11 @@ SMOLLM2_GGUF = smollm2_gguf_path()  # at import: fixtures may point QLORA_CACHE_
 needs_smollm2 = pytest.mark.skipif(
     SMOLLM2_GGUF is None, reason="SmolLM2-135M-Instruct GGUF not in the model cache (python -m harness.download)"
 )
+# Derandomized: the same examples on every run, so a rare divergence found later cannot fail an unrelated CI run
+# (run with `--hypothesis-seed` or without derandomize to explore further).
 HYPOTHESIS = settings(
-    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, database=None, derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 TEXTS = [
@@ -51,12 +54,23 @@ TEXTS = [
 # Whitespace runs right before a digit: the one place where llama.cpp's `smollm` pre-tokenizer (every digit
 # split off first) and transformers' GGUF reader (GPT-2's split alone) disagree; see the test below.
 WHITESPACE_BEFORE_DIGITS = ["a  123", "x\n\n1", "total:   42", "\t\t7 days", "line\n\n\n2024-01-01"]
+# A space before a numeric character that is not a decimal digit: GPT-2's split alone merges the two.
+SPACE_BEFORE_OTHER_NUMERICS = ["a ½", "x Ⅷ y", "3 ¼ cup"]
 
 
 def whitespace_run_before_number(text: str) -> bool:
     return any(
         unicodedata.category(text[i]).startswith("N") and text[i - 2 : i].isspace() and len(text[i - 2 : i]) == 2
         for i in range(2, len(text))
+    )
+
+
+def splits_unlike_transformers_gguf(text: str) -> bool:
+    """Where the `smollm` pre-tokenizer (every numeric character split off first) and transformers' GGUF reader
+    (GPT-2's split alone) differ: a whitespace run before a number, or a whitespace before a numeric character
+    that is not a decimal digit and has a merged token with the space (" ½" -> "Ġ½" there)."""
+    return whitespace_run_before_number(text) or any(
+        text[i - 1].isspace() and unicodedata.category(text[i]) in ("Nl", "No") for i in range(1, len(text))
     )
 
 
@@ -141,8 +155,10 @@ def test_metaspace_tokenizer_json_matches_transformers(mistral_tokenizer_json, m
         assert mistral_in_transformers(text)["input_ids"][0] == 1  # BOS, as add_bos says
 
 
+# U+2581 ("▁") is the Metaspace marker that stands for a space, so a literal one decodes as a space (as in
+# SentencePiece): it cannot round-trip.
 @HYPOTHESIS
-@given(text=st.text(st.characters(exclude_categories=("Cs",)), max_size=60))
+@given(text=st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\u2581"), max_size=60))
 def test_metaspace_tokenizer_json_continuation_round_trips(mistral_tokenizer_json, text):
     ids = mistral_tokenizer_json.encode(text, continuation=True)
     assert mistral_tokenizer_json.decode(ids, continuation=True) == text
@@ -230,7 +246,7 @@ def test_gguf_ids_equal_transformers_gguf_tokenizer(smollm2, reference):
             st.sampled_from([" ", "  ", "\n", "\t", "the", " river", "42", "é", "漢字", "🙂", "'s", "<|im_end|>"]),
         ),
         max_size=12,
-    ).map("".join).filter(lambda t: not whitespace_run_before_number(t))
+    ).map("".join).filter(lambda t: not splits_unlike_transformers_gguf(t))
 )
 def test_gguf_ids_equal_transformers_on_random_text(smollm2, reference, text):
     assert smollm2.encode(text) == reference.encode(text, add_special_tokens=False)
@@ -241,17 +257,20 @@ def test_whitespace_before_digits_follows_the_smollm_pre_tokenizer(smollm2, refe
     """`tokenizer.ggml.pre = smollm` means: every digit split off first, then GPT-2's split (llama.cpp, and
     SmolLM2's own tokenizer.json). transformers' GGUF reader applies GPT-2's split alone, which differs only
     where a whitespace run ends at a digit ("a  1": ours "a" "ĠĠ" "1", its "a" "Ġ" "Ġ" "1"). With the
-    digit split put in front of its pre-tokenizer, transformers gives our ids on every text."""
+    digit split put in front of its pre-tokenizer, transformers gives our ids on every text. The split takes every
+    numeric character, not only decimal digits, so a single space before "½" or "Ⅷ" differs as well."""
     from tokenizers import pre_tokenizers
 
     backend = reference.backend_tokenizer.__class__.from_str(reference.backend_tokenizer.to_str())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), reference.backend_tokenizer.pre_tokenizer]
     )
-    for text in TEXTS + WHITESPACE_BEFORE_DIGITS:
+    divergent = WHITESPACE_BEFORE_DIGITS + SPACE_BEFORE_OTHER_NUMERICS
+    assert all(splits_unlike_transformers_gguf(t) for t in divergent)
+    for text in TEXTS + divergent:
         assert smollm2.encode(text) == backend.encode(text, add_special_tokens=False).ids, text
-    differing = [t for t in WHITESPACE_BEFORE_DIGITS if smollm2.encode(t) != reference.encode(t, add_special_tokens=False)]
-    assert differing == WHITESPACE_BEFORE_DIGITS
+    differing = [t for t in divergent if smollm2.encode(t) != reference.encode(t, add_special_tokens=False)]
+    assert differing == divergent
 
 
 @needs_smollm2

@@ -11,8 +11,8 @@ OpenBLAS picks its kernels from the CPU model when it is loaded, and a release o
 the model: it falls back to its oldest x86-64 kernels (SSE3, "Prescott"), several times slower than what the CPU
 can run (BENCHMARKS.md, "CPU BLAS kernels"). So unless `OPENBLAS_CORETYPE` is set, it is set from the instruction
 set the CPU reports before OpenBLAS is opened: the AVX-512 kernels ("SkylakeX") where AVX-512 F/CD/BW/DQ/VL are
-present, the AVX2 kernels ("Haswell") where AVX2 and FMA are, nothing otherwise. A CPU that OpenBLAS knows gets
-the kernel family its own detection uses for float32 matmuls on that instruction set. A user's
+present, the AVX2 kernels ("Haswell") where AVX2 and FMA are, nothing otherwise: the kernels for the
+instruction set the CPU has, which for the Intel CPUs OpenBLAS knows is what its own detection picks. A user's
 `OPENBLAS_CORETYPE` is left as it is.
 """
 

@@ -179,13 +179,8 @@ def dropout_mask(key: mx.array, shape: tuple[int, ...], p: float) -> mx.array:
     return _kept(key, tuple(shape), dropout_keep_threshold(p), dropout_draw())
 
 
-def _dropout_down_projection(threshold: int):
-    """The down projection under dropout for keep threshold `threshold`, drawing masks as `dropout_draw()` says."""
-    return _dropout_down_projection_for(threshold, dropout_draw())
-
-
 @functools.cache
-def _dropout_down_projection_for(threshold: int, draw: str):
+def _dropout_down_projection(threshold: int, draw: str):
     """`(x, a, key) -> dropout(x) @ a^T`: the adapter's down projection under dropout, with its own backward pass,
     so that autograd keeps nothing of x's size for it beyond x itself (which q, k and v share).
 
@@ -248,11 +243,13 @@ class LoRALinear(nn.Module):
         """`x (…, in) -> (…, out)` in x's dtype."""
         y = self.base_layer(x)
         a = self.lora_A.astype(x.dtype)
-        if self.drops and dropout_draw() == "hash":
-            down = _dropout_down_projection(self._keep_threshold)(x, a, _drawn_dropout_key())
-        elif self.drops:  # MLX's generator, differentiated by MLX (DROPOUT_DRAWS)
-            keep = mx.random.bernoulli(self._keep_threshold / _DRAW_LEVELS, x.shape, key=_drawn_dropout_key())
-            down = (mx.where(keep, x, 0) @ a.T) * (_DRAW_LEVELS / self._keep_threshold)
+        if self.drops:
+            draw, key = dropout_draw(), _drawn_dropout_key()
+            if draw == "hash":
+                down = _dropout_down_projection(self._keep_threshold, draw)(x, a, key)
+            else:  # MLX's generator, the dropped input differentiated by MLX (DROPOUT_DRAWS)
+                keep = _kept(key, x.shape, self._keep_threshold, draw)
+                down = (mx.where(keep, x, 0) @ a.T) * (_DRAW_LEVELS / self._keep_threshold)
         else:
             down = x @ a.T  # (…, rank)
         if y.dtype == x.dtype:

@@ -32,7 +32,7 @@ def measure(variant: str, shape: tuple[int, ...], rank: int) -> dict:
     import models  # noqa: F401  (BLAS first)
     import mlx.core as mx
 
-    from models.lora import _dropout_down_projection, _uniform_bits, dropout_keep_threshold
+    from models.lora import _dropout_down_projection, _uniform_bits, dropout_draw, dropout_keep_threshold
 
     p = 0.05
     x = mx.random.normal(shape).astype(mx.bfloat16)
@@ -47,7 +47,7 @@ def measure(variant: str, shape: tuple[int, ...], rank: int) -> dict:
         if variant == "bernoulli":
             return ((mx.random.bernoulli(1 - p, x.shape, key=key) * x) * (1 / (1 - p))) @ a.T
         if variant.startswith("project_"):
-            return _dropout_down_projection(dropout_keep_threshold(p))(x, a, key)
+            return _dropout_down_projection(dropout_keep_threshold(p), dropout_draw())(x, a, key)
         mask = _uniform_bits(key, x.shape) < dropout_keep_threshold(p)
         return (mx.where(mask, x, 0) @ a.T) * (1 / (1 - p))
 

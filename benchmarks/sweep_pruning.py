@@ -131,26 +131,26 @@ def replay(spec: str, trial_curves: list[list[tuple[int, float]]], max_steps: in
               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
               "hyperband": optuna.pruners.HyperbandPruner}[kind](**kwargs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", pruner=pruner)
+    # A fixed name: Hyperband assigns trials to brackets by hashing the study's name with the trial number.
+    study = optuna.create_study(study_name="replay", direction="minimize", pruner=pruner)
     steps, pruned, best = 0, 0, float("inf")
     for curve in trial_curves:
         trial = study.ask()
         stopped_at = None
         for step, loss in curve:
             trial.report(loss, step)
-            best_so_far = min(loss for _, loss in curve if _ <= step)
             if step > 0 and trial.should_prune():
                 stopped_at = step
                 break
+        seen = [loss for step, loss in curve if stopped_at is None or step <= stopped_at]
+        best = min(best, *seen)
         if stopped_at is None:
-            study.tell(trial, min(loss for _, loss in curve))
+            study.tell(trial, min(seen))
             steps += max_steps
-            best = min(best, min(loss for _, loss in curve))
         else:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             steps += stopped_at
             pruned += 1
-            best = min(best, best_so_far)
     return {"pruner": spec, "pruned": pruned, "optimizer_steps": steps, "best_val_loss": best}
 
 

@@ -92,6 +92,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """
     job = hydra_job_info()
     check_train_config(cfg)  # before any model or data work
+    # Before anything touches the GPU (MLX reads CUDA_VISIBLE_DEVICES once, when it first creates a context).
+    device = claim_worker_device(sweeper_config())
+    if device is not None:
+        note(f"sweep worker process {os.getpid()}: device {device} (hydra.sweeper.devices)")
     run_dir = Path(run_dir or job["run_dir"] or cfg.paths.outputs)
     if starts_ranks(cfg):  # `distributed.ranks_per_host` > 1 (or several hosts): the run goes to its ranks
         return train_on_ranks(cfg, run_dir, job)
@@ -110,7 +114,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool, stop: StopSignals) -> float:
     """`train` once the run directory is locked and the config decided: build, restore, train, report."""
     trainer, ranks = cfg.trainer, world()
-    claim_worker_device(sweeper_config())
     build.seed_everything(trainer.seed)
     # Before anything is evaluated: memory policy, and the CPU streams' plan, which may set MLX's evaluation order
     # (read once by MLX; harness/step/cpu_streams.py). Each rank has its share of a batch's rows.

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Sweep throughput with one GPU per joblib worker (issue 11), in one call on a two-GPU machine: the same
 # Optuna sweep (same sampler seed, so the same trials) with one worker on GPU 0, then with two workers on
-# GPUs 0 and 1 (`hydra.sweeper.devices=[0,1]`), each in a fresh study; the table gives trials per hour.
+# GPUs 0 and 1 (`hydra.sweeper.devices=[0,1]`), each in a fresh study; the table gives trials per hour. A
+# warm-up sweep of the same trials runs first, unreported, so that both measured sweeps find the tokenized data
+# and MLX's compiled kernels cached (the first sweep on a fresh machine would otherwise pay for both).
 #   source benchmarks/gpu/setup_mlx_cuda.sh WHEELS_DIR [PARTS...] && bash benchmarks/gpu/run_sweep_devices.sh
 # Writes $OUT/sweep_devices.txt (the table) and $OUT/sweep_log.txt. Each trial is the flagship experiment on
 # the 7B shape (random weights, the embedded Dolly sample, STEPS optimizer steps), W&B off, no sample answers.
@@ -27,6 +29,7 @@ sweep() {  # sweep NAME WORKERS DEVICES: one sweep, its wall seconds on stdout
   echo "$name $workers $devices $status $(python3 -c "print(round($end - $start, 1))")"
 }
 {
+  sweep warmup 2 [0,1] >/dev/null
   echo "sweep | workers | devices | exit | seconds | trials | trials/hour"
   for spec in "one_gpu 1 [0]" "two_gpus 2 [0,1]"; do
     read -r name workers devices status seconds < <(sweep $spec)

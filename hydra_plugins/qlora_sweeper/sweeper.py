@@ -125,6 +125,26 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
         # A trial draws its relative (joint) parameters when it is built: rebuild it with the reseeded sampler.
         return optuna.trial.Trial(study, trial._trial_id)
 
+    def _ask_batch(
+        self, study: optuna.Study, size: int, trials: list[optuna.trial.Trial], configure: Any
+    ) -> list[tuple[str, ...]]:
+        """Ask up to `size` trials into `trials` (fewer when a racing worker filled a bounded study) and return
+        each one's overrides, `configure(trial)` plus its trial number. Each trial draws its parameters as soon
+        as it is asked, while the sampler is the one seeded for it: a batch draws what one trial at a time would."""
+        from harness.pruning import TRIAL_ENV
+        from harness.sweep_storage import with_retries
+
+        overrides = []
+        for _ in range(size):
+            trial = self._ask(study)
+            if self._is_surplus(study, trial):
+                with_retries(lambda: trial.set_user_attr(SURPLUS_ATTR, True))
+                with_retries(lambda: tell(study, trial, state=TrialState.FAIL))
+                break
+            trials.append(trial)
+            overrides.append((*configure(trial), f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}"))
+        return overrides
+
     def _open_study(self, directions: list[str]) -> optuna.Study:
         from harness.pruning import make_pruner
         from harness.sweep_storage import open_storage, with_retries
@@ -202,7 +222,6 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
                 log.warning(f"could not fail trial {trial.number}: {err}")
 
     def sweep(self, arguments: list[str]) -> None:
-        from harness.pruning import TRIAL_ENV
         from harness.sweep_storage import with_retries
 
         self._process_searchspace_config()
@@ -234,20 +253,12 @@ class QLoRAOptunaSweeperImpl(OptunaSweeperImpl):
                 break
             trials: list[optuna.trial.Trial] = []
             try:
-                for _ in range(batch_size):
-                    trial = self._ask(study)
-                    if self._is_surplus(study, trial):
-                        with_retries(lambda: trial.set_user_attr(SURPLUS_ATTR, True))
-                        with_retries(lambda: tell(study, trial, state=TrialState.FAIL))
-                        break
-                    trials.append(trial)
+                overrides = self._ask_batch(
+                    study, batch_size, trials,
+                    lambda trial: self._configure_trials([trial], space, fixed_params, fixed_overrides)[0],
+                )
                 if not trials:
                     continue
-                overrides = [
-                    (*self._configure_trials([trial], space, fixed_params, fixed_overrides)[0],
-                     f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
-                    for trial in trials
-                ]
                 with Heartbeat(study._storage, [t._trial_id for t in trials], self.heartbeat_interval):
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             except BaseException:  # Ctrl-C or a launcher error: leave no trial of this batch RUNNING

@@ -58,6 +58,28 @@ def test_fresh_studies_repeat_their_seed_and_relaunches_or_second_workers_draw_n
     assert drawn[:3] != drawn[3:]
 
 
+def test_a_batch_of_parallel_trials_draws_the_points_one_trial_at_a_time_draws(tmp_path):
+    """With `n_jobs` > 1 the sweeper asks a batch of trials before launching them; each must still draw with the
+    sampler seeded for it, so a fresh study's points do not depend on how many trials run at once."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+
+    def suggest(trial):
+        return tuple(trial._suggest(name, dist) for name, dist in SPACE.items())
+
+    def points(study_name: str, batch: int) -> list[tuple]:
+        study, impl, drawn = optuna.create_study(study_name=study_name, storage=storage), sweeper_impl(), []
+        while len(drawn) < 4:
+            trials: list = []
+            for trial, overrides in zip(trials, impl._ask_batch(study, batch, trials, suggest)):
+                drawn.append(overrides[:-1])  # the last override names the trial for its job
+                study.tell(trial, overrides[0])
+        return drawn
+
+    one_at_a_time = points("one", 1)
+    assert points("two", 2) == one_at_a_time
+    assert len(set(one_at_a_time)) == 4
+
+
 def test_each_worker_process_claims_its_own_device(tmp_path):
     from harness import worker_devices
 

@@ -51,19 +51,31 @@ def rows_on_streams(fn: Callable[[Batch], Any], streams: list[mx.Stream]) -> Cal
 
 
 def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):
-    """`update(grads, n_tokens) -> grad_norm`: divide summed gradients by the loss tokens, clip their global norm
-    to `grad_clip` (0 = off), apply the optimizer to `model`. Compiled with the model and optimizer state."""
+    """`update(grads, n_tokens) -> grad_norm`: scale the summed gradients to the mean over the loss tokens, clip
+    their global norm to `grad_clip` (0 = off; as `optim.clip_grad_norm` does), apply the optimizer to `model`.
+    Compiled with the model and optimizer state.
+
+    A step with few tokens is bound by the number of kernels, not by arithmetic (BENCHMARKS.md, "Where a small
+    step's time goes"), so the update costs two kernels per parameter array: one dot product for its squared
+    norm, and the optimizer's fused arithmetic, into which the division by the token count and the clipping
+    factor fold as one scalar."""
 
     def update(grads: dict, n_tokens: mx.array) -> mx.array:
-        grads = tree_map(lambda g: g / mx.maximum(n_tokens, 1).astype(g.dtype), grads)
+        n_tokens = mx.maximum(n_tokens, 1).astype(mx.float32)
+        norm = mx.sqrt(sum(squared_norm(g) for _, g in tree_flatten(grads))) / n_tokens
+        scale = 1 / n_tokens
         if grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, grad_clip)
-        else:
-            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-        optimizer.update(model, grads)
+            scale = mx.where(norm < grad_clip, scale, scale * (grad_clip / (norm + 1e-6)))
+        optimizer.update(model, tree_map(lambda g: g * scale.astype(g.dtype), grads))
         return norm
 
     if compile:
         state = [model.state, optimizer.state, mx.random.state]
         update = partial(mx.compile, inputs=state, outputs=state)(update)
     return update
+
+
+def squared_norm(array: mx.array) -> mx.array:
+    """Sum of the squares of `array`'s elements as a float32 scalar, in one kernel (a dot product)."""
+    flat = array.reshape(-1).astype(mx.float32)
+    return flat @ flat

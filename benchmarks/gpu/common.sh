@@ -1,11 +1,11 @@
 # Shared by the GPU run scripts: restore MLX's kernel cache, name the card, run one harness.bench stack.
 mkdir -p "$OUT"
 [ -f .ptx/mlx_ptx_cache.tgz ] && [ ! -d /root/mlx_ptx ] && mkdir -p /root && tar xzf .ptx/mlx_ptx_cache.tgz -C /root
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 bench() {  # bench SECONDS ARGS...: one stack in its own process, its RESULT line appended to results.jsonl
   local limit=$1; shift
   echo "== $*" | tee -a "$OUT/log.txt"
-  timeout "$limit" python3 -m harness.bench model=mistral-7b-shape "$@" 2>>"$OUT/log.txt" \
+  timeout "$limit" python3 -m harness.bench model=${MODEL:-mistral-7b-shape} "$@" 2>>"$OUT/log.txt" \
     | grep '^RESULT ' | sed 's/^RESULT //' | tee -a "$OUT/results.jsonl"
 }
 save_kernel_cache() {  # bring MLX's compiled kernels back for the next machine (carry .ptx/ in later calls)

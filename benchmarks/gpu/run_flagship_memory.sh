@@ -14,7 +14,6 @@ QUANTIZED_ENDS="quant.quantize_embeddings=true quant.quantize_lm_head=true"
 VARIANTS=(
   ""
   "trainer.memory_limit_gb=8.0"
-  "trainer.memory_limit_gb=7.0"
   "$QUANTIZED_ENDS"
   "$QUANTIZED_ENDS trainer.memory_limit_gb=7.5"
 )

@@ -14,6 +14,7 @@ The Optuna sweeper opens `hydra.sweeper.storage` before Hydra creates the sweep 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,14 @@ from omegaconf import DictConfig
 
 SQLITE_PREFIX = "sqlite:///"
 T = TypeVar("T")
+
+# Optuna warns about what this project does on purpose, once per trial or sweep: heartbeats outside
+# `Study.optimize` (the sweeper asks, launches and tells itself, with its own heartbeat thread) and the heartbeat
+# API being experimental (used as documented, versions pinned). The warnings would bury the sweep's own output.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", message=r".*(RetryHeartbeatStaleTrialCallback|heartbeat_interval|fail_stale_trials).*"
+                        r"is experimental")
+warnings.filterwarnings("ignore", message=r"Argument ``heartbeat_interval`` is an experimental feature")
 
 
 def sqlite_path(storage: str | None) -> Path | None:

@@ -44,6 +44,9 @@ def export_run(
 
 
 def run(cfg) -> dict[str, Path]:
+    from harness.config_checks import check_export_config
+
+    check_export_config(cfg)
     return export_run(
         cfg.run_dir, cfg.out_dir, which=cfg.adapters, dtype=cfg.dtype, merged=cfg.merged, peft=cfg.peft
     )

@@ -243,6 +243,31 @@ def test_generate_refuses_a_prompt_longer_than_max_prompt_tokens(run_copy, herme
     assert proc.returncode == 2 and "max_prompt_tokens=64" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_generate_names_a_prompt_that_is_not_utf8(run_copy, hermetic_env):
+    """Instructions on stdin are read as UTF-8 (a BOM accepted); a Latin-1 line is named, not a crash."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness.conftest import REPO
+
+    def generate(*args: bytes | str, stdin: bytes = b"") -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness.generate", f"run_dir={run_copy}", "adapters=latest", *args],
+            input=stdin, capture_output=True, cwd=run_copy.parent, timeout=300,
+            env={**os.environ, **hermetic_env, "PYTHONPATH": str(REPO)},
+        )
+        stderr = proc.stderr.decode("utf-8", "replace")
+        assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+        return stderr.strip().splitlines()[-1]
+
+    last = generate("max_new_tokens=2", stdin=b"\xef\xbb\xbfName a river.\nCaf\xe9 au lait?\n")
+    assert last == "error: stdin, line 2: not UTF-8 text (byte 0xe9 at column 4); send UTF-8"
+    last = generate(b"prompt='Caf\xe9 au lait?'")  # a Latin-1 terminal's argument (quoted for Hydra)
+    assert last == "error: prompt: not UTF-8 text (character 4); pass it as UTF-8"
+
+
 def test_run_files_follow_the_umask(stopped_run):
     """Files and folders of a run get the process's umask (no private 0600/0700 temporary-file modes)."""
     mask = process_umask()  # the training subprocess inherited it

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.config_checks import ConfigError, check_train_config
 from harness.run_state import (
     ADAPTERS_FILE,
     CHECKPOINTS_DIR,
@@ -133,6 +134,18 @@ def check_run_dir(run_dir: Path) -> None:
             "the data position and the optimizer's step are unknown, so resume stops here and changes nothing. "
             "Restore state.json, or start a new run"
         )
+    if state is not None and not (Path(run_dir) / RUN_CONFIG_FILE).is_file():
+        raise ResumeError(
+            f"{Path(run_dir) / RUN_CONFIG_FILE}: missing, but {STATE_FILE} says the run is at step {state.step}; "
+            "without its config the run cannot continue as it was configured, so resume stops here and changes "
+            "nothing. Restore run_config.yaml, or start a new run"
+        )
+    if state is not None and state.diverged:
+        raise ResumeError(
+            f"{run_dir}: the run diverged at step {state.step} (loss nan/inf; see {Path(run_dir) / 'metrics.jsonl'}); "
+            "its latest checkpoint holds what the diverged step left and would diverge again. Start a new run "
+            "(e.g. with a lower optim.lr)"
+        )
     if state is not None and state.latest is not None:
         ckpt = Path(run_dir) / state.latest
         for name in (ADAPTERS_FILE, "adapter_config.json", OPTIMIZER_FILE):
@@ -185,7 +198,15 @@ def merge_for_resume(cfg: DictConfig, saved: DictConfig, run_dir: Path, override
     try:  # typed like a composed config (missing new keys get their defaults; wrong types fail here)
         merged = OmegaConf.merge(OmegaConf.structured(schema.TrainRoot), saved)
     except Exception as err:
-        raise ResumeError(f"{path}: does not fit today's config schema ({err})") from err
+        key = getattr(err, "full_key", None)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]  # OmegaConf appends the key's context
+        raise ResumeError(
+            f"{path}: does not fit today's config schema ({f'{key}: ' if key else ''}{reason})"
+        ) from err
+    try:  # values the run's own file holds are checked like the command line's, naming the file
+        check_train_config(merged)
+    except ConfigError as err:
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(err).splitlines())) from None
     new, old = flat_leaves(cfg), flat_leaves(merged)
     requested, everything = requested_keys(overrides)
     changed, kept, refused = [], [], []

@@ -123,7 +123,7 @@ def read_state(run_dir: Path) -> TrainState | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (an editor's) is accepted
     except UnicodeDecodeError as err:
         raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
     except json.JSONDecodeError as err:
@@ -236,8 +236,8 @@ def load_saved_config(run_dir: Path) -> DictConfig | None:
         saved = OmegaConf.create(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
         raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
-    except Exception as err:  # OmegaConf/YAML parse errors come in several types
-        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {err})") from err
+    except Exception as err:  # OmegaConf/YAML parse errors come in several types (and span several lines)
+        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {' '.join(str(err).split())})") from err
     if not isinstance(saved, DictConfig):
         raise RunStateError(f"{path}: not a readable config (expected a mapping)")
     return saved

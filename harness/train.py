@@ -126,6 +126,13 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
     build.check_tokenizer_fits(tokenizer, model)
     optimizer = build.build_optimizer(cfg.optim, model, total_steps)
     state = restore_run_state(run_dir, model, optimizer, continuing=continuing, total_steps=total_steps)
+    if state is not None and state.finished:  # nothing to train: leave the finished run as it is
+        if ranks.is_main:
+            note(
+                f"resume: the run in {run_dir} finished at step {state.step} of {total_steps}; nothing to do "
+                f"(to train further: python -m harness.train resume={run_dir} trainer.max_steps=<more steps>)"
+            )
+        return float("nan") if state.best_val_loss is None else state.best_val_loss
     if ranks.is_main:  # only now, with everything to load checked, is the run directory written (by rank 0)
         write_run_record(run_dir, cfg, {k: v for k, v in job.items() if k != "run_dir"}, continuing=continuing)
     report.warn_if_no_validation(batches.validation)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from harness.config_checks import ConfigError
 from harness.run_state import RunStateError, checkpoint_dir, read_state
 from harness.resume import ResumeError
 from harness.tracking import read_metrics
@@ -200,6 +201,30 @@ def corrupt_optimizer_missing(ckpt: Path):
     return "optimizer.safetensors", "missing"
 
 
+def corrupt_optimizer_truncated(ckpt: Path):
+    path = ckpt / "optimizer.safetensors"
+    path.write_bytes(path.read_bytes()[:5000])
+    return "optimizer.safetensors", "corrupt"
+
+
+def corrupt_run_config_missing(ckpt: Path):
+    (ckpt.parent.parent / "run_config.yaml").unlink()  # today's defaults must not stand in for it
+    return "run_config.yaml", "missing"
+
+
+def corrupt_run_config_value(ckpt: Path):
+    path = ckpt.parent.parent / "run_config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    saved["trainer"]["batch_size"] = 0
+    path.write_text(yaml.safe_dump(saved))
+    return "run_config.yaml", "trainer.batch_size=0: must be an integer >= 1"
+
+
+def corrupt_run_config_yaml(ckpt: Path):
+    (ckpt.parent.parent / "run_config.yaml").write_text("trainer: [1, 2\n")
+    return "run_config.yaml", "not a readable config"
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
@@ -212,16 +237,38 @@ def corrupt_optimizer_missing(ckpt: Path):
         corrupt_adapter_config_binary,
         corrupt_run_config_binary,
         corrupt_optimizer_missing,
+        corrupt_optimizer_truncated,
+        corrupt_run_config_missing,
+        corrupt_run_config_value,
+        corrupt_run_config_yaml,
     ],
 )
 def test_damaged_run_directory_is_named_and_left_as_it_was(run_copy, compose_train, corrupt):
-    """In-process (the same `train` the command runs; seconds each): the error names the damaged file."""
+    """In-process (the same `train` the command runs; seconds each): one line naming the damaged file."""
     file_name, what = corrupt(run_copy / "checkpoints" / "step-000003")
     before = snapshot(run_copy)
-    with pytest.raises((RunStateError, ResumeError)) as error:
+    with pytest.raises((RunStateError, ResumeError, ConfigError)) as error:
         train(compose_train(*ORIGINAL, f"resume={run_copy}"), run_dir=run_copy.parent / "job")
-    assert file_name in str(error.value) and what in str(error.value), str(error.value)
+    message = str(error.value)
+    assert file_name in message and what in message and len(message.splitlines()) == 1, message
     assert snapshot(run_copy) == before
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_changes_nothing(run_copy, compose_train, hermetic_env):
+    train(compose_train(*ORIGINAL, f"resume={run_copy}"), run_dir=run_copy)  # the run to its end (step 8)
+    assert read_state(run_copy).finished
+    before = snapshot(run_copy)
+    proc = resume_cli(run_copy, env=hermetic_env, check=True)
+    assert "finished at step 8 of 8; nothing to do" in proc.stderr and "trainer.max_steps" in proc.stderr
+    assert snapshot(run_copy) == before, "resuming a finished run must not rewrite it"
+
+
+def test_state_json_with_a_bom_is_read(run_copy):
+    """An editor may save state.json with a UTF-8 BOM; it is still the same state."""
+    path = run_copy / "state.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_state(run_copy).step == 3
 
 
 @pytest.mark.slow

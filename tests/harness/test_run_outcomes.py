@@ -76,16 +76,36 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_a_resume_hint(tmp_path, he
         assert resumed.finished and resumed.step == state.step + 2
 
 
-@pytest.mark.slow
-def test_a_diverged_single_run_exits_non_zero(tmp_path, hermetic_env):
+@pytest.fixture(scope="module")
+def diverged_run(tmp_path_factory, hermetic_env) -> tuple[subprocess.CompletedProcess, Path]:
+    root = tmp_path_factory.mktemp("diverged")
     proc = run_cli(
         "harness.train", *FAST, "model=tiny", "logger=none", "optim.lr=1e30", "optim.grad_clip=0",
-        "trainer.num_sample_prompts=0", f"hydra.run.dir={tmp_path}/run",
-        env=hermetic_env, cwd=tmp_path, check=False,
+        "trainer.num_sample_prompts=0", f"hydra.run.dir={root}/run",
+        env=hermetic_env, cwd=root, check=False,
     )
+    return proc, root / "run"
+
+
+@pytest.mark.slow
+def test_a_diverged_single_run_exits_non_zero(diverged_run):
+    proc, run_dir = diverged_run
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "diverged" in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
-    assert read_state(tmp_path / "run").diverged
+    assert read_state(run_dir).diverged
+
+
+@pytest.mark.slow
+def test_resuming_a_diverged_run_says_it_diverged(diverged_run, tmp_path, hermetic_env):
+    """Not "the file is damaged": the NaN in its checkpoint is what the diverged step left."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(diverged_run[1], run_dir)
+    state_before = (run_dir / "state.json").read_bytes()
+    proc = run_cli("harness.train", f"resume={run_dir}", env=hermetic_env, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run_dir}: the run diverged at step {read_state(run_dir).step}"), last
+    assert (run_dir / "state.json").read_bytes() == state_before
 
 
 def test_an_empty_validation_split_is_warned_about(compose_train, tmp_path, capfd):

@@ -76,6 +76,46 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_a_resume_hint(tmp_path, he
         assert resumed.finished and resumed.step == state.step + 2
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_closing_the_terminal_stops_the_run_with_a_checkpoint(tmp_path, hermetic_env):
+    """The run's terminal goes away (an ssh session drops): SIGHUP, then writes to the terminal fail; the run
+    still ends with a checkpoint, the resume hint in train.log and status 129."""
+    import fcntl
+    import termios
+
+    run_dir = tmp_path / "run"
+    master, terminal = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", *LONG_RUN, "trainer.progress=true", f"hydra.run.dir={run_dir}"],
+        stdin=terminal, stdout=terminal, stderr=terminal, cwd=tmp_path, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # the terminal controls the run's session
+        env={**os.environ, **hermetic_env, "PYTHONPATH": str(REPO)},
+    )
+    os.close(terminal)
+    os.set_blocking(master, False)
+    try:
+        deadline = time.monotonic() + 240
+        while not logged_a_step(run_dir):
+            try:
+                while os.read(master, 1 << 16):  # what a terminal would show
+                    pass
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or logged no step"
+            time.sleep(0.1)
+        os.close(master)  # the terminal is gone: the kernel sends SIGHUP to the session
+        returncode = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert returncode == 128 + signal.SIGHUP
+    state = read_state(run_dir)
+    assert 1 <= state.step < 400 and (run_dir / state.latest / "adapters.safetensors").is_file()
+    log = (run_dir / "train.log").read_text()
+    assert f"SIGHUP: stopped at step {state.step}" in log and f"resume={run_dir}" in log
+
+
 @pytest.fixture(scope="module")
 def diverged_run(tmp_path_factory, hermetic_env) -> tuple[subprocess.CompletedProcess, Path]:
     root = tmp_path_factory.mktemp("diverged")

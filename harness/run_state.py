@@ -192,9 +192,13 @@ def save_checkpoint(
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_adapters_fn(model, tmp)
-        save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
-        os.replace(tmp, final)
+        try:
+            save_adapters_fn(model, tmp)
+            save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
+            os.replace(tmp, final)
+        except BaseException:  # a full disk, a second Ctrl-C: give the space back; state.json is unchanged
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     state.latest = f"{CHECKPOINTS_DIR}/{name}"
     if is_best:
         state.best = state.latest

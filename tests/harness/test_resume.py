@@ -315,6 +315,30 @@ def test_generate_names_a_prompt_that_is_not_utf8(run_copy, hermetic_env):
     assert last == "error: prompt: not UTF-8 text (character 4); pass it as UTF-8"
 
 
+@pytest.mark.slow
+def test_a_log_that_cannot_grow_does_not_bury_the_output(run_copy, hermetic_env):
+    """train.log past what the disk takes (a file-size limit stands in for a full disk): the lines still reach
+    the terminal, without logging's traceback for each one, and the run goes on."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from tests.harness.conftest import REPO
+
+    limit = 400_000  # above every file a resume writes, below the padded log
+    with open(run_copy / "train.log", "a", encoding="utf-8") as log:
+        log.write("x" * (limit + 1000) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.train", *ORIGINAL, f"resume={run_copy}"], cwd=run_copy.parent,
+        env={**os.environ, **hermetic_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]
+    assert read_state(run_copy).finished
+
+
 def test_run_files_follow_the_umask(stopped_run):
     """Files and folders of a run get the process's umask (no private 0600/0700 temporary-file modes)."""
     mask = process_umask()  # the training subprocess inherited it

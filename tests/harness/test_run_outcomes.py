@@ -222,3 +222,74 @@ def test_a_checkpoint_it_cannot_load_is_one_line_naming_its_config(tmp_path, her
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {config_path}"), proc.stderr[-1000:]
     assert message in proc.stderr
+
+
+def run_with_file_size_limit(limit: int, args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """`python <args>` unable to write a file past `limit` bytes: its writes fail as on a full disk (EFBIG for
+    ENOSPC; Python ignores SIGXFSZ), which a test cannot otherwise arrange without root."""
+    import resource
+
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_leaves_no_partial_checkpoint(tmp_path, hermetic_env):
+    run_dir = tmp_path / "run"
+    proc = run_with_file_size_limit(  # room for the adapters of the tiny model, not for its optimizer state
+        100_000,
+        ["-m", "harness.train", *FAST, "model=tiny", "logger=none", "data.max_records=100",
+         "trainer.num_sample_prompts=0", f"hydra.run.dir={run_dir}"],
+        {**hermetic_env, "QLORA_CACHE_DIR": str(tmp_path / "cache")}, tmp_path,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run_dir}/checkpoints/.step-000000.tmp/optimizer.safetensors: cannot write"), last
+    assert list((run_dir / "checkpoints").iterdir()) == [], "the partial checkpoint's space is given back"
+    assert not (run_dir / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_caching_tokenized_data_names_the_cache(tmp_path, hermetic_env):
+    cache = tmp_path / "cache"
+    proc = run_with_file_size_limit(
+        8_000, ["-m", "harness.prepare", "model=tiny", "data.max_records=100"],
+        {**hermetic_env, "QLORA_CACHE_DIR": str(cache)}, tmp_path,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {cache}/data/tokenized/.") and "cannot write" in last, last
+    assert list((cache / "data" / "tokenized").iterdir()) == [], "no partial cache entry is left"
+
+
+FULL_METRICS_LOG = """
+import resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from harness.tracking import Tracker
+from models.atomic_files import DiskWriteError
+tracker = Tracker(Path(sys.argv[1]), wandb=None, config={})
+try:
+    for step in range(1000):
+        tracker.log({"train/loss": 1.0, "padding": "x" * 100}, step=step)
+except DiskWriteError as err:
+    print(err)
+try:
+    tracker.finish()
+except DiskWriteError as err:
+    print(err)
+"""
+
+
+def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path):
+    """Python's own message for a failed write ("[Errno 28] No space left on device") names no file."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_METRICS_LOG, str(tmp_path)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{tmp_path / 'metrics.jsonl'}: cannot write") for line in lines)

@@ -224,6 +224,19 @@ def test_a_checkpoint_it_cannot_load_is_one_line_naming_its_config(tmp_path, her
     assert message in proc.stderr
 
 
+@pytest.mark.slow
+def test_a_model_file_not_fetched_yet_is_one_line(tmp_path, hermetic_env):
+    """The default model before `scripts/setup.sh`: what to run, not a traceback."""
+    missing = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    proc = run_cli(
+        "harness.train", "model=smollm2-135m", f"model.path={missing}", "logger=none", "trainer.max_steps=1",
+        f"hydra.run.dir={tmp_path / 'run'}", env=hermetic_env, cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: model.path={missing}: not there yet") and "harness.download" in last, last
+
+
 def run_with_file_size_limit(limit: int, args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     """`python <args>` unable to write a file past `limit` bytes: its writes fail as on a full disk (EFBIG for
     ENOSPC; Python ignores SIGXFSZ), which a test cannot otherwise arrange without root."""

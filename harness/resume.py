@@ -30,6 +30,8 @@ from harness.run_state import (
 )
 
 LOCK_FILE = ".lock"
+# What any run directory holds once its Hydra job started (`.hydra/`), or once training started (the others).
+RUN_DIR_MARKERS = (RUN_CONFIG_FILE, STATE_FILE, CHECKPOINTS_DIR, ".hydra")
 # Keys (or whole sections) a resumed run may change: how long it runs, how it logs, where caches live, how
 # the work is spread over this machine. Nothing that changes the model, the data or the optimizer's path.
 SAFE_ON_RESUME = (
@@ -81,6 +83,11 @@ def resume_target(value: Any, run_dir: Path) -> Path | None:
     path = Path(str(value)).expanduser()
     if not path.is_dir():
         raise ResumeError(f"resume={value}: no such run directory")
+    if not any((path / name).exists() for name in RUN_DIR_MARKERS):
+        raise ResumeError(
+            f"resume={value}: not a training run directory (it holds none of {', '.join(RUN_DIR_MARKERS)}); "
+            "nothing to resume"
+        )
     return path
 
 

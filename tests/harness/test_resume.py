@@ -127,6 +127,22 @@ def test_a_new_run_into_a_run_directory_is_refused(run_copy, hermetic_env):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["typo", "foreign"])
+def test_resume_of_a_directory_that_holds_no_run_is_refused(tmp_path, hermetic_env, target):
+    """A mistyped run directory, or a folder of something else: refused, not a new run started there."""
+    run_dir = tmp_path / "outputs" / "2026-11-26" / "10-00-00-12345"  # one digit short of a real one
+    if target == "foreign":
+        run_dir = tmp_path / "my_notes"
+        run_dir.mkdir()
+        (run_dir / "notes.txt").write_text("mine\n")
+    proc = run_cli("harness.train", *ORIGINAL, f"resume={run_dir}", env=hermetic_env, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: resume={run_dir}: not a training run directory")
+    for name in ("run_config.yaml", "state.json", "checkpoints", "metrics.jsonl", ".lock"):
+        assert not (run_dir / name).exists(), name
+
+
+@pytest.mark.slow
 def test_a_second_writer_is_locked_out(run_copy, hermetic_env):
     import fcntl
 

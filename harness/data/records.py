@@ -94,6 +94,10 @@ def _check_not_utf16(path: Path, head: bytes) -> None:
     for bom, name in FOREIGN_BOMS.items():
         if head.startswith(bom):
             raise DataError(f"{path}: the file is {name} text; save it as UTF-8")
+    # JSON starts with an ASCII character; in UTF-16/32 without a byte-order mark its other bytes are NUL.
+    if len(head) == 4 and 0 in head[:2]:
+        name = "UTF-32" if head[1:4] == b"\0\0\0" or head[:3] == b"\0\0\0" else "UTF-16"
+        raise DataError(f"{path}: the file looks like {name} text without a byte-order mark; save it as UTF-8")
 
 
 def _undecodable(path: Path, line_number: int, err: UnicodeDecodeError) -> DataError:

@@ -41,7 +41,7 @@ class StopSignals:
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         self._signals = signals  # the ones handled here; others keep their default action
-        self.armed = False
+        self._armed = self._was_armed = False
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -57,6 +57,16 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    @property
+    def armed(self) -> bool:
+        """Whether training is under way (a signal then asks for a stop after the step)."""
+        return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        self._armed = value
+        self._was_armed = self._was_armed or value
+
     def requested(self) -> bool:
         """Whether a stop was asked for (the loop's `should_stop`)."""
         return self.received is not None
@@ -65,7 +75,11 @@ class StopSignals:
         if signum == getattr(signal, "SIGHUP", None):
             _leave_the_terminal()
         if not self.armed or self.received is not None:
-            when = "again" if self.received is not None else "before training began"
+            when = (
+                "again" if self.received is not None
+                else "after training" if self._was_armed
+                else "before training began"
+            )
             raise RunInterrupted(signum, f"{signal_name(signum)} {when}: stopped at once; nothing more was saved")
         self.received = signum
         print(

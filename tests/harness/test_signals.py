@@ -32,6 +32,15 @@ def test_a_signal_before_training_stops_at_once():
         assert not stop.requested()
 
 
+def test_a_signal_after_training_says_so():
+    """While the answers after training are generated: the run has finished, it did not fail to start."""
+    with StopSignals() as stop:
+        stop.armed = True
+        stop.armed = False  # the loop returned
+        with pytest.raises(RunInterrupted, match="^SIGINT after training: stopped at once"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 @pytest.mark.skipif(not HANGUP, reason="no SIGHUP on this platform")
 def test_a_signal_the_process_ignores_stays_ignored():
     """`nohup` starts a run with SIGHUP ignored: closing the terminal must not stop it then."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.run_state import read_state
+from harness.run_state import RunStateError, checkpoint_dir, read_state
 from harness.tracking import read_metrics
 from harness.train import train
 from models.tokenizer import default_tokenizer_path
@@ -155,6 +155,9 @@ def test_an_empty_validation_split_is_warned_about(compose_train, tmp_path, capf
         run_dir=tmp_path / "run",
     )
     assert "warning: the validation split is empty" in capfd.readouterr().err
+    with pytest.raises(RunStateError, match="no 'best' checkpoint .*: use adapters=latest"):
+        checkpoint_dir(tmp_path / "run", "best")  # what generate and export are told
+    assert checkpoint_dir(tmp_path / "run", "latest").name == "step-000002"
 
 
 def test_skipped_records_are_counted_at_the_end_of_training(compose_train, tmp_path, capfd):

@@ -60,6 +60,9 @@ class TrainState:
     finished: bool = False
     diverged: bool = False
     numpy_rng: dict[str, Any] = field(default_factory=dict)
+    # What the run trains on (`file:<sha256>` of a local or embedded file, `hub:...`): `batch_in_epoch` counts
+    # batches of this data, so a resume on other data would continue from a position that means nothing.
+    data_source: str | None = None
 
 
 def capture_rng(state: TrainState) -> None:
@@ -156,6 +159,7 @@ _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "finished": (bool,),
     "diverged": (bool,),
     "numpy_rng": (dict,),
+    "data_source": (str, type(None)),
 }
 
 
@@ -249,15 +253,29 @@ def load_saved_config(run_dir: Path) -> DictConfig | None:
 
 
 def restore_run_state(
-    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, *, continuing: bool, total_steps: int
+    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, *, continuing: bool, total_steps: int,
+    data_source: str | None = None, data_description: str = "the data",
 ) -> TrainState | None:
     """The state a continued run resumes from, with its adapters and optimizer loaded into `model` and
-    `optimizer` (everything checked, nothing written); None for a run that starts at step 0."""
+    `optimizer` (everything checked, nothing written); None for a run that starts at step 0.
+
+    `data_source`: the fingerprint of the data this process prepared; a run that trained on a local file whose
+    content has changed since is refused (`RunStateError`)."""
     from harness.console import note
 
     run_dir = Path(run_dir)
     if continuing and (run_dir / STATE_FILE).exists():
+        state = read_state(run_dir)
+        saved = state.data_source if state is not None else None
+        # Only files: a Hub dataset's fingerprint also follows the `datasets` library's version.
+        if saved and data_source and saved != data_source and saved.startswith("file:") and data_source.startswith("file:"):
+            raise RunStateError(
+                f"{data_description}: the data changed since the run started ({saved[5:17]}... then, "
+                f"{data_source[5:17]}... now); the run's data position would point into other records. Restore "
+                f"the file, or start a new run ({run_dir / STATE_FILE} keeps the run's fingerprint)"
+            )
         state = load_checkpoint(run_dir, model, optimizer)
+        state.data_source = state.data_source or data_source
         state.finished = state.finished and state.step >= total_steps  # a run extended with trainer.max_steps
         note(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
         return state

@@ -143,6 +143,23 @@ def test_resume_of_a_directory_that_holds_no_run_is_refused(tmp_path, hermetic_e
 
 
 @pytest.mark.slow
+def test_resume_on_a_data_file_that_changed_is_refused(tmp_path, compose_train, hermetic_env):
+    """The data position (`batch_in_epoch`) means nothing in other data: same path, other content, refused."""
+    from harness.data import load_records
+
+    records = load_records("embedded:dolly_sample").records[:120]
+    source = tmp_path / "data.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir = tmp_path / "run"
+    overrides = [*ORIGINAL, f"data.source={source}", "data.max_records=null"]
+    train(compose_train(*overrides, "trainer.stop_after_steps=2"), run_dir=run_dir)
+    source.write_text("".join(json.dumps(r) + "\n" for r in records[::-1]))  # the same records, another order
+    before = snapshot(run_dir)
+    proc = run_cli("harness.train", *overrides, f"resume={run_dir}", env=hermetic_env, cwd=tmp_path, check=False)
+    assert_refused(proc, run_dir, before, f"{source}: the data changed since the run started")
+
+
+@pytest.mark.slow
 def test_a_second_writer_is_locked_out(run_copy, hermetic_env):
     import fcntl
 

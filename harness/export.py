@@ -28,9 +28,17 @@ def export_run(
     from models.adapters import save_peft_adapters
     from models.export import export_merged
 
+    from harness.run_state import checkpoint_dir
+    from models.atomic_files import DiskWriteError
+
+    checkpoint_dir(run_dir, which)  # a run directory with those adapters, before anything is created
+    out = Path(out_dir) if out_dir else Path(run_dir) / "export"
+    try:  # before the model is loaded (minutes for 7B): a folder that cannot be made is said at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DiskWriteError(out, err.strerror or str(err), err.errno) from err
     set_up_process()
     cfg, model, tokenizer = build.load_trained(run_dir, which, progress=True)
-    out = Path(out_dir) if out_dir else Path(run_dir) / "export"
     written = {}
     if peft:
         written["peft"] = save_peft_adapters(

@@ -166,7 +166,12 @@ _STATE_TYPES: dict[str, tuple[type, ...]] = {
 def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
     """Folder with `adapters.safetensors` + `adapter_config.json` of the run's `best` or `latest` checkpoint."""
     state = read_state(Path(run_dir))
-    if state is None or getattr(state, which) is None:
+    if state is None:
+        raise RunStateError(
+            f"{Path(run_dir) / STATE_FILE}: missing; is {run_dir} a training run directory (one that reached its "
+            "first checkpoint)?"
+        )
+    if getattr(state, which) is None:
         hint = "; no validation ran (empty validation split?): use adapters=latest" if state and state.latest else ""
         raise RunStateError(f"{Path(run_dir) / STATE_FILE}: no {which!r} checkpoint in this run directory{hint}")
     path = Path(run_dir) / getattr(state, which)

@@ -315,6 +315,25 @@ def test_generate_and_export_refuse_adapters_with_nan(run_copy, hermetic_env):
 
 
 @pytest.mark.slow
+def test_export_checks_its_run_and_its_output_folder_before_loading(run_copy, hermetic_env):
+    """A mistyped run directory is not created (with an export/ inside); an output path that cannot be a
+    folder is said at once, without the full-disk guess."""
+    missing = run_copy.parent / "no_such_run"
+    proc = run_cli("harness.export", f"run_dir={missing}", env=hermetic_env, cwd=run_copy.parent, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {missing / 'state.json'}: missing; is {missing}")
+    assert not missing.exists()
+    taken = run_copy.parent / "export.txt"
+    taken.write_text("a file, not a folder\n")
+    proc = run_cli(
+        "harness.export", f"run_dir={run_copy}", "adapters=latest", f"out_dir={taken}", env=hermetic_env,
+        cwd=run_copy.parent, check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {taken}: cannot write (File exists)"
+
+
+@pytest.mark.slow
 def test_generate_refuses_a_prompt_longer_than_max_prompt_tokens(run_copy, hermetic_env):
     proc = run_cli(
         "harness.generate", f"run_dir={run_copy}", "adapters=latest", "max_prompt_tokens=64",

@@ -20,7 +20,7 @@ QUANT_METHODS = ("rowwise", "group", "nf4", "none")
 GROUP_SIZES = (32, 64, 128)  # the group-wise kernels' sizes (models.quant.QuantSpec)
 # numpy's global seed is 32-bit; MLX's key takes the same range.
 MAX_SEED = 2**32 - 1
-EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # models.backend.compute_dtype
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -90,6 +90,7 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.seed": (within(0, MAX_SEED), f"an integer in [0, {MAX_SEED}]"),
     "model.init_seed": (within(0, MAX_SEED), f"an integer in [0, {MAX_SEED}]"),
     "distributed.ranks_per_host": (at_least(1), "an integer >= 1"),
+    "model.dtype": (one_of(DTYPES), " | ".join(DTYPES)),
     "model.arch.vocab_size": (at_least(1), "an integer >= 1"),
     "model.arch.hidden_size": (at_least(1), "an integer >= 1"),
     "model.arch.intermediate_size": (at_least(1), "an integer >= 1"),
@@ -123,7 +124,7 @@ GENERATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 EXPORT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapters": (one_of(("best", "latest")), "best or latest"),
-    "dtype": (one_of(EXPORT_DTYPES), " | ".join(EXPORT_DTYPES)),
+    "dtype": (one_of(DTYPES), " | ".join(DTYPES)),
 }
 
 

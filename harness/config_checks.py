@@ -17,6 +17,10 @@ from harness.schema import SEVEN_PROJECTIONS
 # Shortest training sequence that holds BOS, the template's headers and one response token.
 MIN_SEQ_LEN = 16
 QUANT_METHODS = ("rowwise", "group", "nf4", "none")
+GROUP_SIZES = (32, 64, 128)  # the group-wise kernels' sizes (models.quant.QuantSpec)
+# numpy's global seed is 32-bit; MLX's key takes the same range.
+MAX_SEED = 2**32 - 1
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # models.backend.compute_dtype
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -68,7 +72,7 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora.dropout": (within(0, 1, high_open=True), "a number in [0, 1)"),
     "quant.method": (one_of(QUANT_METHODS), " | ".join(QUANT_METHODS)),
     "quant.bits": (one_of((4,)), "4"),
-    "quant.group_size": (at_least(1), "an integer >= 1"),
+    "quant.group_size": (one_of(GROUP_SIZES), "32, 64 or 128"),
     "trainer.epochs": (above(0), "a finite number > 0"),
     "trainer.max_steps": (optional(at_least(1)), "null or an integer >= 1"),
     "trainer.batch_size": (at_least(1), "an integer >= 1"),
@@ -82,6 +86,11 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.stop_after_steps": (optional(at_least(1)), "null or an integer >= 1"),
     "trainer.num_sample_prompts": (at_least(0), "an integer >= 0"),
     "trainer.sample_max_new_tokens": (at_least(0), "an integer >= 0"),
+    "trainer.exact_match_examples": (optional(at_least(0)), "null (all) or an integer >= 0 (0: none)"),
+    "trainer.seed": (within(0, MAX_SEED), f"an integer in [0, {MAX_SEED}]"),
+    "model.init_seed": (within(0, MAX_SEED), f"an integer in [0, {MAX_SEED}]"),
+    "distributed.ranks_per_host": (at_least(1), "an integer >= 1"),
+    "model.dtype": (one_of(DTYPES), " | ".join(DTYPES)),
     "model.arch.vocab_size": (at_least(1), "an integer >= 1"),
     "model.arch.hidden_size": (at_least(1), "an integer >= 1"),
     "model.arch.intermediate_size": (at_least(1), "an integer >= 1"),
@@ -103,6 +112,7 @@ DATA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.pad_to_multiple": (at_least(1), "an integer >= 1"),
     "data.sort_chunk_batches": (at_least(1), "an integer >= 1"),
     "data.invalid_records": (one_of(("error", "skip")), "error or skip"),
+    "data.split_seed": (within(0, MAX_SEED), f"an integer in [0, {MAX_SEED}]"),
 }
 GENERATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_new_tokens": (at_least(0), "an integer >= 0"),
@@ -110,6 +120,11 @@ GENERATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (at_least(0), "a finite number >= 0 (0: greedy)"),
     "top_p": (within(0, 1), "a number in [0, 1]"),
     "adapters": (one_of(("best", "latest")), "best or latest"),
+    "seed": (within(0, MAX_SEED), f"an integer in [0, {MAX_SEED}]"),
+}
+EXPORT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "adapters": (one_of(("best", "latest")), "best or latest"),
+    "dtype": (one_of(DTYPES), " | ".join(DTYPES)),
 }
 
 
@@ -181,4 +196,11 @@ def check_data_config(cfg: Any) -> None:
 
 
 def check_generate_config(cfg: Any) -> None:
-    raise_if(problems(cfg, GENERATE_RULES))
+    lines = problems(cfg, GENERATE_RULES)
+    if not cfg.get("run_dir") and not cfg.get("model_dir"):
+        lines.append("run_dir and model_dir are both null: give run_dir=<training run> or model_dir=<exported model>")
+    raise_if(lines)
+
+
+def check_export_config(cfg: Any) -> None:
+    raise_if(problems(cfg, EXPORT_RULES))

@@ -11,6 +11,11 @@ def note(message: str) -> None:
     """Print `message` to stderr, and write it to the file handlers of the root logger (Hydra's job log)."""
     print(message, file=sys.stderr, flush=True)
     record = logging.LogRecord("harness", logging.INFO, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    # A log file the disk cannot take (full) must not bury the line just printed under logging's traceback.
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    finally:
+        logging.raiseExceptions = raise_exceptions

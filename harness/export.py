@@ -9,6 +9,7 @@ are computed shard by shard (`models.export.export_merged`): the peak is the qua
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from harness import build
@@ -25,25 +26,41 @@ def export_run(
 ) -> dict[str, Path]:
     """Export the `which` adapters of `run_dir`; returns the written directories by kind."""
     from harness.process import set_up_process
+    from harness.run_state import checkpoint_dir
     from models.adapters import save_peft_adapters
+    from models.atomic_files import DiskWriteError
     from models.export import export_merged
 
-    set_up_process()
-    cfg, model, tokenizer = build.load_trained(run_dir, which, progress=True)
+    checkpoint_dir(run_dir, which)  # a run directory with those adapters, before anything is created
     out = Path(out_dir) if out_dir else Path(run_dir) / "export"
+    created = not out.exists()
+    try:  # before the model is loaded (minutes for 7B): a folder that cannot be made is said at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DiskWriteError(out, err.strerror or str(err), err.errno) from err
     written = {}
-    if peft:
-        written["peft"] = save_peft_adapters(
-            model, out / "peft", build.lora_spec(cfg.lora), build.base_model_id(cfg.model)
-        )
-    if merged:
-        written["merged"] = export_merged(model, out / "merged", tokenizer=tokenizer, dtype=dtype)
+    try:
+        set_up_process()
+        cfg, model, tokenizer = build.load_trained(run_dir, which, progress=True)
+        if peft:
+            written["peft"] = save_peft_adapters(
+                model, out / "peft", build.lora_spec(cfg.lora), build.base_model_id(cfg.model)
+            )
+        if merged:
+            written["merged"] = export_merged(model, out / "merged", tokenizer=tokenizer, dtype=dtype)
+    except BaseException:
+        if created and not written:  # nothing exported: no empty folder left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     for kind, path in written.items():
         print(f"{kind:7s} {path}")
     return written
 
 
 def run(cfg) -> dict[str, Path]:
+    from harness.config_checks import check_export_config
+
+    check_export_config(cfg)
     return export_run(
         cfg.run_dir, cfg.out_dir, which=cfg.adapters, dtype=cfg.dtype, merged=cfg.merged, peft=cfg.peft
     )

@@ -193,25 +193,55 @@ def load_exported(model_dir: str | Path):
     return model, load_tokenizer(model_dir)
 
 
+def check_utf8(text: str | None, where: str) -> None:
+    """Raise `ConfigError` when a command-line value holds bytes that are not UTF-8 (Python keeps them as
+    lone surrogates, which no tokenizer can encode)."""
+    from harness.config_checks import ConfigError
+
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{where}: not UTF-8 text (character {err.start + 1}); pass it as UTF-8") from None
+
+
+def stdin_prompts() -> list[str]:
+    """The non-blank lines of stdin, read as UTF-8 (a BOM accepted); an undecodable line is a `DataError`
+    naming it."""
+    from harness.data.errors import DataError
+
+    prompts = []
+    for line_number, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"stdin, line {line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                "send UTF-8"
+            ) from None
+        if line:
+            prompts.append(line)
+    return prompts
+
+
 def run(cfg) -> list[str]:
     """Generate for `cfg.prompt` (or each line of stdin), streaming to stdout; returns the responses."""
     from harness.config_checks import check_generate_config
     from harness.process import set_up_process
 
     check_generate_config(cfg)
+    for key in ("prompt", "context"):
+        check_utf8(cfg[key], key)
     set_up_process()
     if cfg.model_dir:
         model, tokenizer = load_exported(cfg.model_dir)
         template = None
-    elif cfg.run_dir:
+    else:
         from harness.build import load_trained
 
         train_cfg, model, tokenizer = load_trained(cfg.run_dir, cfg.adapters)
         template = train_cfg.data.template
-    else:
-        raise ValueError("give run_dir=<training run directory> or model_dir=<exported model directory>")
     mx.random.seed(cfg.seed)
-    prompts = [cfg.prompt] if cfg.prompt is not None else [line.strip() for line in sys.stdin if line.strip()]
+    prompts = [cfg.prompt] if cfg.prompt is not None else stdin_prompts()
     responses = []
     for instruction in prompts:
         record = {"instruction": instruction, "context": cfg.context}

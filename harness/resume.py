@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.config_checks import ConfigError, check_train_config
 from harness.run_state import (
     ADAPTERS_FILE,
     CHECKPOINTS_DIR,
@@ -29,6 +30,8 @@ from harness.run_state import (
 )
 
 LOCK_FILE = ".lock"
+# What any run directory holds once its Hydra job started (`.hydra/`), or once training started (the others).
+RUN_DIR_MARKERS = (RUN_CONFIG_FILE, STATE_FILE, CHECKPOINTS_DIR, ".hydra")
 # Keys (or whole sections) a resumed run may change: how long it runs, how it logs, where caches live, how
 # the work is spread over this machine. Nothing that changes the model, the data or the optimizer's path.
 SAFE_ON_RESUME = (
@@ -80,6 +83,11 @@ def resume_target(value: Any, run_dir: Path) -> Path | None:
     path = Path(str(value)).expanduser()
     if not path.is_dir():
         raise ResumeError(f"resume={value}: no such run directory")
+    if not any((path / name).exists() for name in RUN_DIR_MARKERS):
+        raise ResumeError(
+            f"resume={value}: not a training run directory (it holds none of {', '.join(RUN_DIR_MARKERS)}); "
+            "nothing to resume"
+        )
     return path
 
 
@@ -133,6 +141,18 @@ def check_run_dir(run_dir: Path) -> None:
             "the data position and the optimizer's step are unknown, so resume stops here and changes nothing. "
             "Restore state.json, or start a new run"
         )
+    if state is not None and not (Path(run_dir) / RUN_CONFIG_FILE).is_file():
+        raise ResumeError(
+            f"{Path(run_dir) / RUN_CONFIG_FILE}: missing, but {STATE_FILE} says the run is at step {state.step}; "
+            "without its config the run cannot continue as it was configured, so resume stops here and changes "
+            "nothing. Restore run_config.yaml, or start a new run"
+        )
+    if state is not None and state.diverged:
+        raise ResumeError(
+            f"{run_dir}: the run diverged at step {state.step} (loss nan/inf; see {Path(run_dir) / 'metrics.jsonl'}); "
+            "its latest checkpoint holds what the diverged step left and would diverge again. Start a new run "
+            "(e.g. with a lower optim.lr)"
+        )
     if state is not None and state.latest is not None:
         ckpt = Path(run_dir) / state.latest
         for name in (ADAPTERS_FILE, "adapter_config.json", OPTIMIZER_FILE):
@@ -185,7 +205,15 @@ def merge_for_resume(cfg: DictConfig, saved: DictConfig, run_dir: Path, override
     try:  # typed like a composed config (missing new keys get their defaults; wrong types fail here)
         merged = OmegaConf.merge(OmegaConf.structured(schema.TrainRoot), saved)
     except Exception as err:
-        raise ResumeError(f"{path}: does not fit today's config schema ({err})") from err
+        key = getattr(err, "full_key", None)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]  # OmegaConf appends the key's context
+        raise ResumeError(
+            f"{path}: does not fit today's config schema ({f'{key}: ' if key else ''}{reason})"
+        ) from err
+    try:  # values the run's own file holds are checked like the command line's, naming the file
+        check_train_config(merged)
+    except ConfigError as err:
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(err).splitlines())) from None
     new, old = flat_leaves(cfg), flat_leaves(merged)
     requested, everything = requested_keys(overrides)
     changed, kept, refused = [], [], []

@@ -60,6 +60,9 @@ class TrainState:
     finished: bool = False
     diverged: bool = False
     numpy_rng: dict[str, Any] = field(default_factory=dict)
+    # What the run trains on (`file:<sha256>` of a local or embedded file, `hub:...`): `batch_in_epoch` counts
+    # batches of this data, so a resume on other data would continue from a position that means nothing.
+    data_source: str | None = None
 
 
 def capture_rng(state: TrainState) -> None:
@@ -123,7 +126,7 @@ def read_state(run_dir: Path) -> TrainState | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (an editor's) is accepted
     except UnicodeDecodeError as err:
         raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
     except json.JSONDecodeError as err:
@@ -156,14 +159,21 @@ _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "finished": (bool,),
     "diverged": (bool,),
     "numpy_rng": (dict,),
+    "data_source": (str, type(None)),
 }
 
 
 def checkpoint_dir(run_dir: Path, which: str = "best") -> Path:
     """Folder with `adapters.safetensors` + `adapter_config.json` of the run's `best` or `latest` checkpoint."""
     state = read_state(Path(run_dir))
-    if state is None or getattr(state, which) is None:
-        raise RunStateError(f"{Path(run_dir) / STATE_FILE}: no {which!r} checkpoint in this run directory")
+    if state is None:
+        raise RunStateError(
+            f"{Path(run_dir) / STATE_FILE}: missing; is {run_dir} a training run directory (one that reached its "
+            "first checkpoint)?"
+        )
+    if getattr(state, which) is None:
+        hint = "; no validation ran (empty validation split?): use adapters=latest" if state.latest else ""
+        raise RunStateError(f"{Path(run_dir) / STATE_FILE}: no {which!r} checkpoint in this run directory{hint}")
     path = Path(run_dir) / getattr(state, which)
     if not (path / ADAPTERS_FILE).exists():
         raise RunStateError(f"{path / ADAPTERS_FILE}: missing (the run directory is incomplete)")
@@ -192,9 +202,13 @@ def save_checkpoint(
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_adapters_fn(model, tmp)
-        save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
-        os.replace(tmp, final)
+        try:
+            save_adapters_fn(model, tmp)
+            save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
+            os.replace(tmp, final)
+        except BaseException:  # a full disk, a second Ctrl-C: give the space back; state.json is unchanged
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     state.latest = f"{CHECKPOINTS_DIR}/{name}"
     if is_best:
         state.best = state.latest
@@ -236,23 +250,39 @@ def load_saved_config(run_dir: Path) -> DictConfig | None:
         saved = OmegaConf.create(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
         raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
-    except Exception as err:  # OmegaConf/YAML parse errors come in several types
-        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {err})") from err
+    except Exception as err:  # OmegaConf/YAML parse errors come in several types (and span several lines)
+        reason = " ".join(str(err).split())
+        raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {reason})") from err
     if not isinstance(saved, DictConfig):
         raise RunStateError(f"{path}: not a readable config (expected a mapping)")
     return saved
 
 
 def restore_run_state(
-    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, *, continuing: bool, total_steps: int
+    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, *, continuing: bool, total_steps: int,
+    data_source: str | None = None, data_description: str = "the data",
 ) -> TrainState | None:
     """The state a continued run resumes from, with its adapters and optimizer loaded into `model` and
-    `optimizer` (everything checked, nothing written); None for a run that starts at step 0."""
+    `optimizer` (everything checked, nothing written); None for a run that starts at step 0.
+
+    `data_source`: the fingerprint of the data this process prepared; a run that trained on a local file whose
+    content has changed since is refused (`RunStateError`)."""
     from harness.console import note
 
     run_dir = Path(run_dir)
     if continuing and (run_dir / STATE_FILE).exists():
+        state = read_state(run_dir)
+        saved = state.data_source if state is not None else None
+        # Only files: a Hub dataset's fingerprint also follows the `datasets` library's version.
+        files = saved and data_source and saved.startswith("file:") and data_source.startswith("file:")
+        if files and saved != data_source:
+            raise RunStateError(
+                f"{data_description}: the data changed since the run started ({saved[5:17]}... then, "
+                f"{data_source[5:17]}... now); the run's data position would point into other records. Restore "
+                f"the file, or start a new run ({run_dir / STATE_FILE} keeps the run's fingerprint)"
+            )
         state = load_checkpoint(run_dir, model, optimizer)
+        state.data_source = state.data_source or data_source
         state.finished = state.finished and state.step >= total_steps  # a run extended with trainer.max_steps
         note(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
         return state

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.atomic_files import atomic_write_text
+from models.atomic_files import DiskWriteError, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -99,15 +99,13 @@ class Tracker:
     def log(self, metrics: dict[str, Any], *, step: int) -> None:
         """Record `metrics` at optimizer step `step`."""
         record = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        self._append(json.dumps({k: _jsonable(v) for k, v in record.items()}))
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         """Final values of the run (best val loss, ...), also appended to metrics.jsonl as `"summary": true`."""
-        self._file.write(json.dumps({"summary": True, **{k: _jsonable(v) for k, v in values.items()}}) + "\n")
-        self._file.flush()
+        self._append(json.dumps({"summary": True, **{k: _jsonable(v) for k, v in values.items()}}))
         if self.wandb_run is not None:
             for key, value in values.items():
                 self.wandb_run.summary[key] = value
@@ -115,16 +113,29 @@ class Tracker:
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None:
         """A small table (e.g. generations for fixed prompts): W&B Table, and `<key>.jsonl` in the run dir."""
         path = self.run_dir / f"{key.replace('/', '_')}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(dict(zip(columns, row))) + "\n" for row in rows)
+        atomic_write_text(path, "".join(json.dumps(dict(zip(columns, row))) + "\n" for row in rows))
         if self.wandb_run is not None:
             import wandb
 
             self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
+    def _append(self, line: str) -> None:
+        """One line of metrics.jsonl, on disk now; a failed write (a full disk) names the file."""
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise DiskWriteError(self.metrics_path, err.strerror or str(err), err.errno) from err
+
     def finish(self, exit_code: int = 0) -> None:
+        failed = None
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as err:  # what a failed write left in the buffer: W&B is closed all the same
+                failed = err
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+        if failed is not None:
+            raise DiskWriteError(self.metrics_path, failed.strerror or str(failed), failed.errno) from failed

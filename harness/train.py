@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import harness.schema  # noqa: F401  (registers the structured configs)
 from harness import build, report
-from harness.run_state import restore_run_state, write_run_record
+from harness.run_state import TrainState, restore_run_state, write_run_record
 from harness.cli import CONFIG_DIR, TRUSTED_TARGETS
 from harness.command_outcome import exit_if_diverged, hydra_task, run_command
 from harness.config_checks import check_train_config
@@ -125,7 +125,18 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
     model = build.build_model(cfg, progress=trainer.progress)
     build.check_tokenizer_fits(tokenizer, model)
     optimizer = build.build_optimizer(cfg.optim, model, total_steps)
-    state = restore_run_state(run_dir, model, optimizer, continuing=continuing, total_steps=total_steps)
+    data_source = data.stats["key"]["source"]
+    state = restore_run_state(
+        run_dir, model, optimizer, continuing=continuing, total_steps=total_steps, data_source=data_source,
+        data_description=data.stats["source"],
+    )
+    if state is not None and state.finished:  # nothing to train: leave the finished run as it is
+        if ranks.is_main:
+            note(
+                f"resume: the run in {run_dir} finished at step {state.step} of {total_steps}; nothing to do "
+                f"(to train further: python -m harness.train resume={run_dir} trainer.max_steps=<more steps>)"
+            )
+        return float("nan") if state.best_val_loss is None else state.best_val_loss
     if ranks.is_main:  # only now, with everything to load checked, is the run directory written (by rank 0)
         write_run_record(run_dir, cfg, {k: v for k, v in job.items() if k != "run_dir"}, continuing=continuing)
     report.warn_if_no_validation(batches.validation)
@@ -151,7 +162,7 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
             run_dir,
             loop_settings(cfg, total_steps),
             save_adapters=build.adapter_saver(cfg),
-            state=state,
+            state=state if state is not None else TrainState(data_source=data_source),
             should_stop=ranks.agreed(stop.requested),
             # A trial of the project's sweeper reports to Optuna (a distributed trial's ranks have no sweeper).
             on_validation=reporter_for_job(sweeper_config()),

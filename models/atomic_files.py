@@ -11,6 +11,7 @@ The one helper for every atomic write of the project (run state, adapters, expor
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +24,9 @@ class DiskWriteError(OSError):
 
     def __init__(self, path: Path, reason: str, errno: int | None = None):
         super().__init__(errno, reason, str(path))
-        self.message = f"{path}: cannot write ({reason}; is the disk full?)"
+        # MLX's short writes carry no errno: most likely a full disk too.
+        full = errno is None or errno in (_errno.ENOSPC, _errno.EFBIG, getattr(_errno, "EDQUOT", _errno.ENOSPC))
+        self.message = f"{path}: cannot write ({reason}{'; is the disk full?' if full else ''})"
 
     def __str__(self) -> str:
         return self.message

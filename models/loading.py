@@ -429,6 +429,10 @@ def _load_cached(cache_path: Path, key: str, args: ModelArgs, quant) -> MistralF
         quantized_shell(model, quant)
         model.load_weights(str(weights_path), strict=True)
         mx.eval(model.parameters())
+        # Bytes overwritten under an intact header load without complaint; NaN scales would train as NaN.
+        for name, value in tree_flatten(model.parameters()):
+            if mx.issubdtype(value.dtype, mx.inexact) and not mx.all(mx.isfinite(value)).item():
+                raise PretrainedWeightsError(f"{weights_path}: tensor {name!r} holds NaN or inf values")
     except (OSError, RuntimeError, ValueError) as err:
         warnings.warn(
             f"ignoring unusable quantized-base cache {cache_path} ({err}); quantizing again", stacklevel=3

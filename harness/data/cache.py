@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from models.atomic_files import make_temp_dir
+from models.atomic_files import DiskWriteError, make_temp_dir
 
 # Bump when the encoding rules change, so that caches written by older code are not reused.
 ENCODING_VERSION = 2  # 2: BOS only when the tokenizer's model adds one
@@ -45,7 +45,13 @@ def write_entry(directory: Path, write: Callable[[Path], None]) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(directory.parent, f".{directory.name}.")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except DiskWriteError:
+            raise
+        except OSError as err:  # numpy's and Python's write errors do not say which file (a full disk)
+            where = Path(err.filename) if err.filename else tmp
+            raise DiskWriteError(where, err.strerror or str(err), err.errno) from err
         if not is_complete(tmp):
             raise RuntimeError(f"cache writer did not write {COMPLETE_MARKER}")
         if directory.exists() and not is_complete(directory):

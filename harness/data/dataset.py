@@ -16,7 +16,7 @@ from harness.data.config import DataConfig, TemplateConfig
 from harness.data.encode import encode_records
 from harness.data.errors import DataError
 from harness.data.examples import EncodedSplit
-from harness.data.records import INVALID_POLICIES, load_records
+from harness.data.records import INVALID_POLICIES, load_records, reason_kind
 from harness.data.split import split_indices
 from models.tokenizer import Tokenizer, load_tokenizer
 
@@ -142,7 +142,7 @@ def prepare_dataset(
         "source": loaded.description,
         "key": key_parts,
         "records": len(records),
-        "invalid_records": dict(Counter(reason for _, reason in loaded.invalid)),
+        "invalid_records": dict(Counter(reason_kind(reason) for _, reason in loaded.invalid)),
         "invalid_examples": [f"{where}: {reason}" for where, reason in loaded.invalid[:10]],
         "splits": {},
     }

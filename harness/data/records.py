@@ -79,6 +79,12 @@ def _collect(rows: Iterable[tuple[str, object]], policy: str, loaded: LoadedReco
             loaded.invalid.append((where, str(error).removeprefix(f"{where}: ")))
 
 
+def reason_kind(reason: str) -> str:
+    """What a skipped record's reason says without its details (`not UTF-8 text`, `malformed JSON`, `field
+    'response' must be a string, got int`): the key skipped records are counted under."""
+    return reason.split(" (", 1)[0]
+
+
 # Byte-order marks of the encodings a text editor may save instead of UTF-8.
 FOREIGN_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
                 b"\xfe\xff": "UTF-16"}
@@ -88,6 +94,10 @@ def _check_not_utf16(path: Path, head: bytes) -> None:
     for bom, name in FOREIGN_BOMS.items():
         if head.startswith(bom):
             raise DataError(f"{path}: the file is {name} text; save it as UTF-8")
+    # JSON starts with an ASCII character; in UTF-16/32 without a byte-order mark its other bytes are NUL.
+    if len(head) == 4 and 0 in head[:2]:
+        name = "UTF-32" if head[1:4] == b"\0\0\0" or head[:3] == b"\0\0\0" else "UTF-16"
+        raise DataError(f"{path}: the file looks like {name} text without a byte-order mark; save it as UTF-8")
 
 
 def _undecodable(path: Path, line_number: int, err: UnicodeDecodeError) -> DataError:
@@ -95,6 +105,11 @@ def _undecodable(path: Path, line_number: int, err: UnicodeDecodeError) -> DataE
         f"{path}, line {line_number}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at column {err.start + 1}); "
         "save the file as UTF-8"
     )
+
+
+def _json_problem(error: json.JSONDecodeError) -> str:
+    """`Expecting value at column 5` (json's own message may already end in "at")."""
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -115,7 +130,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as error:
-                yield where, DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})")
+                yield where, DataError(f"{where}: malformed JSON ({_json_problem(error)})")
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -130,7 +145,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}, line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        raise DataError(f"{path}, line {error.lineno}: malformed JSON ({_json_problem(error)})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):

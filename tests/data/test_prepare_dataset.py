@@ -1,6 +1,7 @@
 """prepare_dataset end to end: splits, stats, the printed report, clear errors."""
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,32 @@ def test_composed_hydra_config_prepares_the_embedded_sample(tmp_path, tokenizer)
     assert len(splits["train"]["categories"]) == len(splits["validation"]["categories"]) == 8
     assert {bool(x["record"]["context"]) for x in prepared.validation} == {True, False}
     assert np.all(prepared.train.prompt_lengths < prepared.train.lengths)  # a labelled token in every example
+
+
+def test_skipped_records_are_counted_by_kind(tmp_path, tokenizer):
+    """Under `skip`, the count line stays one short line however many bad lines differ in their details
+    (columns, bytes); the examples keep the details."""
+    good = [json.dumps(row).encode() for row in dolly_records(40)]
+    bad = [
+        '{"instruction": "Caf\u00e9", "response": "x"}'.encode("latin-1"),
+        '{"instruction": "A longer caf\u00e9", "response": "x"}'.encode("latin-1"),
+        '{"instruction": "q", "response": "\u00e9t\u00e9"}'.encode("latin-1"),
+        b'{"instruction": "q", "response": "a\tb"}',  # a raw tab: json's "Invalid control character at"
+        b'{"instruction": "q", "response": ',
+        b'{"instruction": "q", "response": 3}',
+    ]
+    source = tmp_path / "d.jsonl"
+    source.write_bytes(b"\n".join(good[:20] + bad + good[20:]) + b"\n")
+    cfg = DataConfig(source=str(source), invalid_records="skip", cache_dir=str(tmp_path / "c"))
+    prepared = prepare_dataset(cfg, tokenizer, progress=False)
+    assert prepared.stats["invalid_records"] == {
+        "not UTF-8 text": 3, "malformed JSON": 2, "field 'response' must be a string, got int": 1,
+    }
+    out = io.StringIO()
+    print_report(prepared, file=out)
+    report = out.getvalue()
+    assert (
+        "invalid records skipped: 6 (3 not UTF-8 text, 2 malformed JSON, 1 field 'response' must be a string, "
+        f"got int) from {source}" in report
+    )
+    assert f"{source}, line 24: malformed JSON (Invalid control character at column " in report

@@ -169,6 +169,18 @@ def test_utf16_and_utf32_files_are_named(tmp_path, encoding):
             load_local_file(path, invalid_records="skip")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_utf16_and_utf32_files_without_a_bom_are_named(tmp_path, encoding):
+    """What some editors and PowerShell's redirection write; not "malformed JSON" on every line."""
+    for suffix in (".jsonl", ".json"):
+        path = tmp_path / f"wide{suffix}"
+        text = json.dumps(RECORD) + "\n" if suffix == ".jsonl" else json.dumps([RECORD])
+        path.write_bytes(text.encode(encoding))
+        name = encoding[:6].upper()
+        with pytest.raises(DataError, match=rf"{path}: the file looks like {name} text without a byte-order mark"):
+            load_local_file(path, invalid_records="skip")
+
+
 def test_binary_files_name_file_and_line(tmp_path):
     path = tmp_path / "binary.json"
     path.write_bytes(b'[{"instruction": "a",\n "response": "\x89PNG\x00\xff"}]')

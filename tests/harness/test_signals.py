@@ -8,7 +8,10 @@ import pytest
 from harness.signals import RunInterrupted, StopSignals
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+HANGUP = [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, *HANGUP])
 def test_armed_signal_asks_a_second_one_stops_at_once(signum, capfd):
     before = signal.getsignal(signum)
     with StopSignals() as stop:
@@ -27,3 +30,27 @@ def test_a_signal_before_training_stops_at_once():
         with pytest.raises(RunInterrupted, match="before training began"):
             os.kill(os.getpid(), signal.SIGTERM)
         assert not stop.requested()
+
+
+def test_a_signal_after_training_says_so():
+    """While the answers after training are generated: the run has finished, it did not fail to start."""
+    with StopSignals() as stop:
+        stop.armed = True
+        stop.armed = False  # the loop returned
+        with pytest.raises(RunInterrupted, match="^SIGINT after training: stopped at once"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.skipif(not HANGUP, reason="no SIGHUP on this platform")
+def test_a_signal_the_process_ignores_stays_ignored():
+    """`nohup` starts a run with SIGHUP ignored: closing the terminal must not stop it then."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopSignals() as stop:
+            stop.armed = True
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not stop.requested()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

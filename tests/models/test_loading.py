@@ -351,3 +351,25 @@ def test_benchmark_checkpoint_writer_output_loads_in_transformers_and_here(tmp_p
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
     assert reference.config.sliding_window == 16 and reference.config.num_key_value_heads == 2
+
+
+def test_a_cache_entry_with_non_finite_values_is_rebuilt_with_a_warning(small, tmp_path):
+    """Bytes overwritten under an intact safetensors header (a bad disk sector): the file still loads."""
+    import json
+
+    cache = tmp_path / "cache"
+    spec = QuantSpec(method="rowwise")
+    first = load_pretrained(small, quant=spec, cache_dir=cache, progress=False)
+    (entry,) = cache.iterdir()
+    weights = entry / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    name = next(k for k, v in header.items() if k.endswith("scales") and v["dtype"] == "F32")
+    start, end = header[name]["data_offsets"]
+    raw[8 + header_len + start : 8 + header_len + end] = np.full((end - start) // 4, np.nan, np.float32).tobytes()
+    weights.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=rf"{name}.* NaN or inf.*quantizing again"):
+        again = load_pretrained(small, quant=spec, cache_dir=cache, progress=False)
+    tokens = ids()
+    np.testing.assert_array_equal(logits_of(again, tokens), logits_of(first, tokens))

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.adapters import AdapterError, load_adapters
 from models.atomic_files import atomic_save_safetensors, atomic_write_text
+from models.json_files import read_json_object, read_utf8_text
 
 STATE_FILE = "state.json"
 RUN_CONFIG_FILE = "run_config.yaml"  # the run's resolved config, written before training starts
@@ -125,14 +126,7 @@ def read_state(run_dir: Path) -> TrainState | None:
     path = Path(run_dir) / STATE_FILE
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (an editor's) is accepted
-    except UnicodeDecodeError as err:
-        raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
-    except json.JSONDecodeError as err:
-        raise RunStateError(f"{path}: not a valid training state ({err})") from err
-    if not isinstance(data, dict):
-        raise RunStateError(f"{path}: not a valid training state (expected a JSON object)")
+    data = read_json_object(path, RunStateError, "a valid training state")
     known = {f.name for f in fields(TrainState)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -246,10 +240,9 @@ def load_saved_config(run_dir: Path) -> DictConfig | None:
     path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         return None
+    text = read_utf8_text(path, RunStateError)
     try:
-        saved = OmegaConf.create(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RunStateError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
+        saved = OmegaConf.create(text)
     except Exception as err:  # OmegaConf/YAML parse errors come in several types (and span several lines)
         reason = " ".join(str(err).split())
         raise RunStateError(f"{path}: not a readable config ({type(err).__name__}: {reason})") from err

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models.atomic_files import atomic_save_safetensors, atomic_write_text
+from models.json_files import read_json_object
 from models.lora import LoRALinear, LoRASpec, apply_lora
 from models.quant import QuantizedLinear, QuantSpec
 
@@ -87,14 +88,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterError(f"{path}: no adapter config here (expected {ADAPTER_CONFIG} from save_adapters)")
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise AdapterError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from err
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    config = read_json_object(path, AdapterError, "an adapter config")
     if "peft_type" in config:
         raise AdapterError(f"{path}: this is a PEFT adapter config; load it with peft.PeftModel.from_pretrained")
     for key in ("format_version", "lora", "base_model"):

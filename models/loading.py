@@ -37,6 +37,7 @@ from mlx.utils import tree_flatten
 from models import gguf
 from models.atomic_files import atomic_save_safetensors, make_temp_dir
 from models.backend import compute_dtype, dtype_name
+from models.json_files import read_json_object
 from models.mistral import MistralForCausalLM, ModelArgs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -157,12 +158,7 @@ def read_model_args(model_dir: Path) -> ModelArgs:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise PretrainedWeightsError(f"{config_path}: missing; a checkpoint directory needs config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise PretrainedWeightsError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
-    if not isinstance(config, dict):
-        raise PretrainedWeightsError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, PretrainedWeightsError, "a model config")
     return ModelArgs.from_hf_config(config, source=str(config_path))
 
 
@@ -182,13 +178,9 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it, from the index or the single weights file."""
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            names = index["weight_map"]
-        except json.JSONDecodeError as err:
-            raise PretrainedWeightsError(f"{index_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
-        except (KeyError, TypeError) as err:
-            raise PretrainedWeightsError(f"{index_path}: no 'weight_map' object") from err
+        names = read_json_object(index_path, PretrainedWeightsError, "a weights index").get("weight_map")
+        if not isinstance(names, dict):
+            raise PretrainedWeightsError(f"{index_path}: no 'weight_map' object")
         files = {name: model_dir / shard for name, shard in names.items()}
         missing = sorted({path.name for path in files.values() if not path.is_file()})
         if missing:

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from models.atomic_files import atomic_write_bytes
+from models.json_files import read_json_object
 
 # sha256 of Mistral-7B-v0.1's tokenizer.model (the Hub file's LFS oid); mistral_common ships the same bytes.
 MISTRAL_7B_V01_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
@@ -283,10 +284,7 @@ def _special_token_content(value) -> str | None:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenizerError(f"{file}: not a readable JSON file ({error})") from None
+    return read_json_object(file, TokenizerError, "a tokenizer file")
 
 
 def load_hf_tokenizer(file: Path) -> HFTokenizer:

@@ -18,6 +18,7 @@ from harness.data.errors import DataError
 from harness.data.examples import EncodedSplit
 from harness.data.records import INVALID_POLICIES, load_records, reason_kind
 from harness.data.split import split_indices
+from models.json_files import read_json_object
 from models.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
@@ -68,11 +69,8 @@ def _check_config(cfg) -> None:
 def read_stats(entry: Path) -> dict:
     """The `stats.json` of a cache entry; a damaged one is a `DataError` naming it."""
     path = entry / "stats.json"
-    try:
-        stats = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
-        raise DataError(f"{path}: unreadable ({err})") from err
-    if not isinstance(stats, dict) or not isinstance(stats.get("splits"), dict):
+    stats = read_json_object(path, DataError, "the statistics of a cache entry")
+    if not isinstance(stats.get("splits"), dict):
         raise DataError(f"{path}: not the statistics of a cache entry")
     return stats
 

@@ -95,7 +95,8 @@ def test_shape_mismatch_with_the_base_is_named(saved_adapters):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("{not json", "not valid JSON"), ('{"format_version": 1, "base_model": "x"}', "missing key 'lora'"),
+    [("{not json", r"not an adapter config \(invalid JSON at line 1"),
+     ('{"format_version": 1, "base_model": "x"}', "missing key 'lora'"),
      ('{"format_version": 1, "base_model": "x", "lora": {"rank": -1}}', "bad 'lora' section")],
 )
 def test_bad_config_names_the_file(saved_adapters, content, message):

@@ -10,7 +10,14 @@ import models  # noqa: E402,F401  (must come before anything that imports mlx)
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+
+# MLX reads its evaluation order (MLX_BFS_MAX_WIDTH) once per process, at its first evaluation. Evaluating once now
+# fixes MLX's default order in every test process, whatever a test's CPU streams later set: a wide order defeats
+# `mx.checkpoint`, so memory measured in-process would depend on which test a worker ran first. Tests of the wide
+# order start processes of their own.
+mx.eval(mx.array(0) + 1)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,10 @@ Forward paths of `QuantizedLinear` (see `QuantizedLinear.__call__`):
 - "fused": `mx.quantized_matmul` on the packed weight (affine schemes only). Fast when few tokens are
   multiplied (generation), where reading 4-bit weights beats writing and re-reading a dense copy.
 - "reference": plain dequantize-then-matmul, differentiated by MLX itself; the readable baseline.
+
+Inside `dense_weights_shared(modules, dtype)` the given layers multiply by dense weights built once when the block
+is entered, whatever their path: a training step split over several CPU streams builds each weight once for all
+streams and for the backward pass, instead of once per stream and pass.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in b
 FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 256}
 
 _KEEP_DENSE_FOR_BACKWARD = contextvars.ContextVar("keep_dense_for_backward", default=False)
+_SHARED_DENSE: contextvars.ContextVar[dict[int, mx.array] | None] = contextvars.ContextVar("shared_dense", default=None)
 
 
 @contextlib.contextmanager
@@ -60,6 +65,19 @@ def dense_weights_kept_for_backward():
         yield
     finally:
         _KEEP_DENSE_FOR_BACKWARD.reset(token)
+
+
+@contextlib.contextmanager
+def dense_weights_shared(modules: list[nn.Module], dtype: mx.Dtype):
+    """Within this block every `QuantizedLinear` among `modules` multiplies by its dense weight in `dtype`, built
+    here once (frozen: no gradient flows into it) and shared by all its calls, instead of rebuilt per call. Costs
+    the dense weights' memory for the block's lifetime."""
+    dense = {id(m): mx.stop_gradient(m.dequantize(dtype)) for m in modules if isinstance(m, QuantizedLinear)}
+    token = _SHARED_DENSE.set(dense)
+    try:
+        yield
+    finally:
+        _SHARED_DENSE.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,8 +490,11 @@ class QuantizedLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """`x (…, in) -> (…, out)` in x's dtype."""
-        path = self.choose_path(x)
-        if path == "fused":
+        shared = _SHARED_DENSE.get()
+        path = "shared" if shared is not None and id(self) in shared else self.choose_path(x)
+        if path == "shared":
+            y = x @ shared[id(self)].astype(x.dtype).T
+        elif path == "fused":
             y = self._fused(x)
         elif path == "dequantize":
             y = _dequantize_matmul(self.method, self.bits)(x, self.quantized_arrays())

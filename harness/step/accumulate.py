@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -13,6 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from harness.distributed import world
 from harness.step.cpu_streams import split_rows
+from models.quant import dense_weights_shared
 
 Batch = dict[str, mx.array]
 
@@ -33,18 +35,23 @@ def sum_outputs(outputs: list[Any]) -> Any:
     return tree_map(lambda *parts: sum(parts[1:], parts[0]), *outputs)
 
 
-def rows_on_streams(fn: Callable[[Batch], Any], streams: list[mx.Stream]) -> Callable[[Batch], Any]:
+def rows_on_streams(
+    fn: Callable[[Batch], Any], streams: list[mx.Stream], model: nn.Module | None = None
+) -> Callable[[Batch], Any]:
     """`fn(batch)`, whose outputs add up over rows (loss sums, token counts, gradients), with each batch's rows
     split over `streams`, one piece each, and the pieces' outputs summed (`harness.step.cpu_streams`). No streams:
-    `fn` itself."""
+    `fn` itself. With `model`, its decoder layers' quantized weights are dequantized once for all streams (and
+    kept for the backward pass) rather than once per stream and pass (`models.quant.dense_weights_shared`)."""
     if not streams:
         return fn
+    layers = [m for layer in model.model.layers for _, m in layer.named_modules()] if model is not None else []
 
     def split_fn(batch: Batch):
         outputs = []
-        for stream, piece in zip(streams, split_rows(batch, len(streams))):
-            with mx.stream(stream):
-                outputs.append(fn(piece))
+        with dense_weights_shared(layers, model.model.norm.weight.dtype) if layers else nullcontext():
+            for stream, piece in zip(streams, split_rows(batch, len(streams))):
+                with mx.stream(stream):
+                    outputs.append(fn(piece))
         return sum_outputs(outputs)
 
     return split_fn

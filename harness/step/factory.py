@@ -32,5 +32,5 @@ def make_eval_step(
 ) -> Callable[[Batch], tuple[mx.array, mx.array]]:
     """`eval_step(batch) -> (loss_sum, n_tokens)` with the current weights (model state is an input), each
     batch's rows split over `streams` streams as in `TrainStep`."""
-    step = rows_on_streams(partial(causal_lm_loss, model), new_streams(streams))
+    step = rows_on_streams(partial(causal_lm_loss, model), new_streams(streams), model)
     return mx.compile(step, inputs=[model.state]) if compile else step

@@ -42,7 +42,7 @@ class TrainStep:
             return loss_sum, n_tokens, grads
 
         self.streams = new_streams(streams)
-        gradients = rows_on_streams(gradients, self.streams)
+        gradients = rows_on_streams(gradients, self.streams, model)
         if compile:
             state = [model.state, optimizer.state, mx.random.state]
             gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)

@@ -26,6 +26,7 @@ from models.quant import (
     quantize_rowwise,
     quantized_shell,
     dense_weights_kept_for_backward,
+    dense_weights_shared,
     set_forward_path,
     unpack_codes,
 )
@@ -336,3 +337,24 @@ def test_dequantize_path_backward_recomputes_instead_of_keeping_dense_weights():
     # ... the custom VJP rebuilds each one when needed: peak memory does not grow with depth
     shallow, deep = peak_grad_memory(8, "dequantize"), peak_grad_memory(32, "dequantize")
     assert deep < 6 * dense_weight and deep <= shallow + dense_weight
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("rowwise"), QuantSpec("group", group_size=64), QuantSpec("nf4")])
+def test_shared_dense_weights_give_the_same_outputs_and_gradients_and_dequantize_once(spec, monkeypatch):
+    layers = [QuantizedLinear.from_linear(nn.Linear(256, 48), spec) for _ in range(2)]
+    x = mx.random.normal((2, 5, 256), key=mx.random.key(3))
+
+    def loss(x):  # each layer called twice, as two CPU streams and a backward pass would
+        return sum(((layer(x) * layer(x[::-1])) ** 2).sum() for layer in layers)
+
+    expected_loss, expected_grad = mx.value_and_grad(loss)(x)
+    calls = []
+    dequantize = QuantizedLinear.dequantize
+    monkeypatch.setattr(
+        QuantizedLinear, "dequantize", lambda self, *args, **kwargs: calls.append(self) or dequantize(self, *args, **kwargs)
+    )
+    with dense_weights_shared([*layers, nn.Linear(2, 2)], mx.float32):  # other modules are ignored
+        shared_loss, shared_grad = mx.value_and_grad(loss)(x)
+    assert len(calls) == len(layers)  # once each, however often the layer is called and differentiated
+    np.testing.assert_allclose(float(shared_loss), float(expected_loss), rtol=1e-5)
+    np.testing.assert_allclose(np.array(shared_grad), np.array(expected_grad), rtol=1e-4, atol=1e-4)

@@ -69,9 +69,11 @@ def dense_weights_kept_for_backward():
 
 @contextlib.contextmanager
 def dense_weights_shared(modules: list[nn.Module], dtype: mx.Dtype):
-    """Within this block every `QuantizedLinear` among `modules` multiplies by its dense weight in `dtype`, built
-    here once (frozen: no gradient flows into it) and shared by all its calls, instead of rebuilt per call. Costs
-    the dense weights' memory for the block's lifetime."""
+    """Within this block every `QuantizedLinear` among `modules` (or `QuantizedEmbedding`, for a tied LM head)
+    multiplies by, and `dequantize`s to, its dense weight in `dtype`, built here once (frozen: no gradient flows
+    into it) and shared by all its calls, instead of rebuilt per call. Costs the dense weights' memory for the
+    block's lifetime."""
+    modules = [m.table if isinstance(m, QuantizedEmbedding) else m for m in modules]  # a tied head's table
     dense = {id(m): mx.stop_gradient(m.dequantize(dtype)) for m in modules if isinstance(m, QuantizedLinear)}
     token = _SHARED_DENSE.set(dense)
     try:
@@ -464,7 +466,11 @@ class QuantizedLinear(nn.Module):
         return {k: v for k, v in self.items() if isinstance(v, mx.array) and k != "bias"}
 
     def dequantize(self, dtype=mx.float32, native: bool = True) -> mx.array:
-        """The dense weight `(out, in)` in `dtype` (`native=False`: the plain reference dequantizer)."""
+        """The dense weight `(out, in)` in `dtype` (`native=False`: the plain reference dequantizer); inside
+        `dense_weights_shared`, the shared one."""
+        shared = _SHARED_DENSE.get()
+        if shared is not None and id(self) in shared:
+            return shared[id(self)].astype(dtype)
         return self._dense_from(self.quantized_arrays(), dtype, native)
 
     def _dense_from(self, arrays: dict[str, mx.array], dtype, native: bool = True) -> mx.array:

@@ -40,11 +40,14 @@ def rows_on_streams(
 ) -> Callable[[Batch], Any]:
     """`fn(batch)`, whose outputs add up over rows (loss sums, token counts, gradients), with each batch's rows
     split over `streams`, one piece each, and the pieces' outputs summed (`harness.step.cpu_streams`). No streams:
-    `fn` itself. With `model`, its decoder layers' quantized weights are dequantized once for all streams (and
-    kept for the backward pass) rather than once per stream and pass (`models.quant.dense_weights_shared`)."""
+    `fn` itself. With `model`, its decoder layers' and LM head's quantized weights are dequantized once for all
+    streams (and kept for the backward pass) rather than once per stream and pass
+    (`models.quant.dense_weights_shared`)."""
     if not streams:
         return fn
     layers = [m for layer in model.model.layers for _, m in layer.named_modules()] if model is not None else []
+    if model is not None:  # and the LM head, which every stream's loss dequantizes (`harness.step.loss`)
+        layers.append(model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head)
 
     def split_fn(batch: Batch):
         outputs = []

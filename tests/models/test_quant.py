@@ -348,13 +348,17 @@ def test_shared_dense_weights_give_the_same_outputs_and_gradients_and_dequantize
         return sum(((layer(x) * layer(x[::-1])) ** 2).sum() for layer in layers)
 
     expected_loss, expected_grad = mx.value_and_grad(loss)(x)
-    calls = []
-    dequantize = QuantizedLinear.dequantize
+    calls: list = []
+    build = QuantizedLinear._dense_from  # what every dequantization of a QuantizedLinear runs
     monkeypatch.setattr(
-        QuantizedLinear, "dequantize", lambda self, *args, **kwargs: calls.append(self) or dequantize(self, *args, **kwargs)
+        QuantizedLinear, "_dense_from", lambda self, *args, **kwargs: calls.append(self) or build(self, *args, **kwargs)
     )
-    with dense_weights_shared([*layers, nn.Linear(2, 2)], mx.float32):  # other modules are ignored
+    head = QuantizedEmbedding.from_embedding(nn.Embedding(64, 256), spec)  # a tied LM head's table
+    head_weight = head.dequantize(mx.float32)
+    calls.clear()
+    with dense_weights_shared([*layers, head, nn.Linear(2, 2)], mx.float32):  # other modules are ignored
         shared_loss, shared_grad = mx.value_and_grad(loss)(x)
-    assert len(calls) == len(layers)  # once each, however often the layer is called and differentiated
+        np.testing.assert_array_equal(np.array(head.dequantize(mx.float32)), np.array(head_weight))
+    assert len(calls) == len(layers) + 1  # once each, however often the layer is called and differentiated
     np.testing.assert_allclose(float(shared_loss), float(expected_loss), rtol=1e-5)
     np.testing.assert_allclose(np.array(shared_grad), np.array(expected_grad), rtol=1e-4, atol=1e-4)

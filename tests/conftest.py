@@ -8,10 +8,18 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import models  # noqa: E402,F401  (must come before anything that imports mlx)
 import shutil
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from hypothesis import settings
+
+# Hermetic: Hypothesis keeps no example database, and its other files go to a temporary directory, not into
+# `.hypothesis/` in the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="hypothesis-"))
+settings.register_profile("hermetic", database=None)
+settings.load_profile("hermetic")
 
 # MLX reads its evaluation order (MLX_BFS_MAX_WIDTH) once per process, at its first evaluation. Evaluating once now
 # fixes MLX's default order in every test process, whatever a test's CPU streams later set: a wide order defeats

@@ -33,7 +33,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from harness.bench import compose  # noqa: E402
-from harness.bench_timing import synthetic_tokens  # noqa: E402
+from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.step.loss import causal_lm_loss  # noqa: E402
 from harness.step.standard import TrainStep  # noqa: E402
@@ -42,14 +42,7 @@ from models.quant import QuantizedLinear  # noqa: E402
 
 def median_ms(fn, warmup: int = 2, repeat: int = 5) -> float:
     """Median wall milliseconds of `fn()` (which must synchronize)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(timed_runs(fn, warmup=warmup, repeat=repeat)) * 1e3
 
 
 def batch_of(rows: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -107,8 +100,8 @@ def main() -> None:
     def whole_step(b=batch):
         mx.eval(step([b]), model.trainable_parameters(), optimizer.state)
 
-    record(f"step {rows}x{seq} (ms)", median_ms(whole_step))
-    for r in [int(x) for x in options.row_counts.split(",")]:
+    # The batch's own row count among the others (one row of the table each).
+    for r in sorted({rows, *(int(x) for x in options.row_counts.split(","))}):
         b = batch_of(r, seq, args.vocab_size, seed=r)
         record(f"step {r}x{seq} (ms)", median_ms(lambda b=b: whole_step(b)))
     # Parts of the step.

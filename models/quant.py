@@ -53,7 +53,8 @@ NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in b
 FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 256}
 
 _KEEP_DENSE_FOR_BACKWARD = contextvars.ContextVar("keep_dense_for_backward", default=False)
-_SHARED_DENSE: contextvars.ContextVar[dict[int, mx.array] | None] = contextvars.ContextVar("shared_dense", default=None)
+# Inside `dense_weights_shared`: dense weights by module id, and concatenations of them by tuple of ids.
+_SHARED_DENSE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shared_dense", default=None)
 
 
 @contextlib.contextmanager
@@ -71,8 +72,8 @@ def dense_weights_kept_for_backward():
 def dense_weights_shared(modules: list[nn.Module], dtype: mx.Dtype):
     """Within this block every `QuantizedLinear` among `modules` (or `QuantizedEmbedding`, for a tied LM head)
     multiplies by, and `dequantize`s to, its dense weight in `dtype`, built here once (frozen: no gradient flows
-    into it) and shared by all its calls, instead of rebuilt per call. Costs the dense weights' memory for the
-    block's lifetime."""
+    into it) and shared by all its calls, instead of rebuilt per call (`concatenated_product` likewise builds each
+    concatenation of them once). Costs the dense weights' memory for the block's lifetime."""
     modules = [m.table if isinstance(m, QuantizedEmbedding) else m for m in modules]  # a tied head's table
     dense = {id(m): mx.stop_gradient(m.dequantize(dtype)) for m in modules if isinstance(m, QuantizedLinear)}
     token = _SHARED_DENSE.set(dense)
@@ -375,6 +376,28 @@ def _fused_group_size(in_features: int) -> int | None:
     return next((g for g in (64, 32) if in_features % g == 0), None)
 
 
+def _dense_weight(method: str, bits: int, arrays: dict[str, mx.array], dtype, native: bool = True) -> mx.array:
+    """The dense `(out, in)` weight in `dtype` that a quantized layer's stored `arrays` define."""
+    if method == "nf4":
+        return dequantize_nf4(arrays, dtype=dtype)
+    return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], bits, dtype, native)
+
+
+def _after(arrays: dict[str, mx.array], x: mx.array) -> dict[str, mx.array]:
+    """`arrays` made to depend on `x`, so what is computed from them is scheduled only once x exists."""
+    return dict(zip(arrays, mx.depends(list(arrays.values()), x)))
+
+
+def _dense_product(method: str, bits: int, arrays: dict[str, mx.array], x: mx.array, path: str) -> mx.array:
+    """`x @ W^T` for the weight `arrays` define, W dequantized for this product ("dequantize": rebuilt again for the
+    backward pass; "dequantize_saved": kept for it; see the module docstring)."""
+    if path == "dequantize":
+        return _dequantize_matmul(method, bits)(x, arrays)
+    # As in "dequantize": rebuild W only once x exists, or MLX may schedule the recomputation's dense weights of
+    # every layer long before their backward passes and keep them all alive.
+    return x @ mx.stop_gradient(_dense_weight(method, bits, _after(arrays, x), x.dtype)).T  # frozen: no gradient
+
+
 @functools.cache
 def _dequantize_matmul(method: str, bits: int):
     """`x @ W^T` with W rebuilt from packed arrays; the backward pass rebuilds W again rather than saving it."""
@@ -382,10 +405,7 @@ def _dequantize_matmul(method: str, bits: int):
     def dense(dtype, arrays, after):
         # Rebuild W only once `after` exists: the dequantization depends on the packed weights alone, so
         # without this MLX may schedule every layer's dense W up front and keep them all alive at once.
-        arrays = dict(zip(arrays, mx.depends(list(arrays.values()), after)))
-        if method == "nf4":
-            return dequantize_nf4(arrays, dtype=dtype)
-        return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], bits, dtype)
+        return _dense_weight(method, bits, _after(arrays, after), dtype)
 
     @mx.custom_function
     def matmul(x, arrays):
@@ -471,12 +491,7 @@ class QuantizedLinear(nn.Module):
         shared = _SHARED_DENSE.get()
         if shared is not None and id(self) in shared:
             return shared[id(self)].astype(dtype)
-        return self._dense_from(self.quantized_arrays(), dtype, native)
-
-    def _dense_from(self, arrays: dict[str, mx.array], dtype, native: bool = True) -> mx.array:
-        if self.method == "nf4":
-            return dequantize_nf4(arrays, dtype=dtype)
-        return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], self.bits, dtype, native)
+        return _dense_weight(self.method, self.bits, self.quantized_arrays(), dtype, native)
 
     @property
     def bits_per_weight(self) -> float:
@@ -502,13 +517,8 @@ class QuantizedLinear(nn.Module):
             y = x @ shared[id(self)].astype(x.dtype).T
         elif path == "fused":
             y = self._fused(x)
-        elif path == "dequantize":
-            y = _dequantize_matmul(self.method, self.bits)(x, self.quantized_arrays())
-        elif path == "dequantize_saved":
-            # As in "dequantize": rebuild W only once x exists, or MLX may schedule the recomputation's dense
-            # weights of every layer long before their backward passes and keep them all alive.
-            arrays = dict(zip(self.quantized_arrays(), mx.depends(list(self.quantized_arrays().values()), x)))
-            y = x @ mx.stop_gradient(self._dense_from(arrays, x.dtype)).T  # frozen: no gradient through W
+        elif path in ("dequantize", "dequantize_saved"):
+            y = _dense_product(self.method, self.bits, self.quantized_arrays(), x, path)
         elif path == "reference":
             y = x @ self.dequantize(x.dtype, native=False).T
         else:
@@ -530,6 +540,44 @@ class QuantizedLinear(nn.Module):
             scales = mx.contiguous(mx.broadcast_to(scales, shape))
             biases = mx.contiguous(mx.broadcast_to(biases, shape))
         return mx.quantized_matmul(x, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits)
+
+
+def concatenated_product(layers: tuple[nn.Module, ...], x: mx.array) -> mx.array | None:
+    """`x @ [W_1; W_2; ...]^T`: the outputs of quantized layers that read the same `x`, side by side, computed as
+    one product on one dense weight; None when these layers cannot be (then call each on its own).
+
+    They can when they are all `QuantizedLinear`s without bias, of one scheme whose stored arrays are per output
+    row (row-wise and group-wise affine, NF4 without double quantization: the arrays then concatenate along the
+    rows exactly), of the same input size, and their forward path at this token count multiplies by a dense
+    weight ("dequantize", "dequantize_saved", or the shared weights of `dense_weights_shared`, whose
+    concatenation is built once per block). One dequantization and one product instead of one per layer: fewer,
+    larger kernels (BENCHMARKS.md, "Where a small step's time goes")."""
+    first = layers[0]
+    if not all(isinstance(layer, QuantizedLinear) and "bias" not in layer for layer in layers):
+        return None
+    stored = [layer.quantized_arrays() for layer in layers]
+    shapes = [{k: (v.dtype, v.ndim, v.shape[1:]) for k, v in arrays.items()} for arrays in stored]
+    same_scheme = all(
+        (layer.method, layer.bits, layer.group_size, layer.in_features) == (first.method, first.bits,
+                                                                           first.group_size, first.in_features)
+        and layer_shapes == shapes[0]
+        for layer, layer_shapes in zip(layers, shapes)
+    )
+    per_row = all(v.ndim == 2 and v.shape[0] == layer.out_features for layer, a in zip(layers, stored)
+                  for v in a.values())
+    if not (same_scheme and per_row):
+        return None
+    shared = _SHARED_DENSE.get()
+    if shared is not None and all(id(layer) in shared for layer in layers):
+        key = tuple(id(layer) for layer in layers)
+        if key not in shared:  # the first call inside the block builds it; the others (and backward) reuse it
+            shared[key] = mx.concatenate([shared[id(layer)] for layer in layers], axis=0)
+        return x @ shared[key].astype(x.dtype).T
+    paths = {layer.choose_path(x) for layer in layers}
+    if len(paths) != 1 or paths & {"fused", "reference"}:
+        return None
+    arrays = {k: mx.concatenate([a[k] for a in stored], axis=0) for k in stored[0]}
+    return _dense_product(first.method, first.bits, arrays, x, paths.pop())
 
 
 class QuantizedEmbedding(nn.Module):

@@ -383,39 +383,47 @@ def _dense_weight(method: str, bits: int, arrays: dict[str, mx.array], dtype, na
     return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], bits, dtype, native)
 
 
-def _after(arrays: dict[str, mx.array], x: mx.array) -> dict[str, mx.array]:
-    """`arrays` made to depend on `x`, so what is computed from them is scheduled only once x exists."""
-    return dict(zip(arrays, mx.depends(list(arrays.values()), x)))
+def _stacked_after(parts: list[dict[str, mx.array]], x: mx.array) -> dict[str, mx.array]:
+    """The stored arrays of one or more layers (`parts`, of one scheme, per-row arrays) stacked along the output
+    rows, made to depend on `x`: what is computed from them is scheduled only once x exists."""
+    names = list(parts[0])
+    flat = mx.depends([part[name] for part in parts for name in names], x)
+    columns = [flat[i :: len(names)] for i in range(len(names))]  # each name's arrays, one per part
+    return {name: column[0] if len(parts) == 1 else mx.concatenate(column, axis=0)
+            for name, column in zip(names, columns)}
 
 
-def _dense_product(method: str, bits: int, arrays: dict[str, mx.array], x: mx.array, path: str) -> mx.array:
-    """`x @ W^T` for the weight `arrays` define, W dequantized for this product ("dequantize": rebuilt again for the
-    backward pass; "dequantize_saved": kept for it; see the module docstring)."""
+def _dense_product(method: str, bits: int, parts: list[dict[str, mx.array]], x: mx.array, path: str) -> mx.array:
+    """`x @ W^T`, W the dense weight that the stored arrays `parts` define (one layer's, or several layers' stacked
+    along the output rows), dequantized for this product ("dequantize": rebuilt again for the backward pass;
+    "dequantize_saved": kept for it; see the module docstring). Stacking happens here, so that no stacked copy of
+    the packed arrays is kept between the forward and the backward pass."""
     if path == "dequantize":
-        return _dequantize_matmul(method, bits)(x, arrays)
+        return _dequantize_matmul(method, bits)(x, parts)
     # As in "dequantize": rebuild W only once x exists, or MLX may schedule the recomputation's dense weights of
     # every layer long before their backward passes and keep them all alive.
-    return x @ mx.stop_gradient(_dense_weight(method, bits, _after(arrays, x), x.dtype)).T  # frozen: no gradient
+    return x @ mx.stop_gradient(_dense_weight(method, bits, _stacked_after(parts, x), x.dtype)).T  # frozen
 
 
 @functools.cache
 def _dequantize_matmul(method: str, bits: int):
-    """`x @ W^T` with W rebuilt from packed arrays; the backward pass rebuilds W again rather than saving it."""
+    """`x @ W^T` with W rebuilt from packed arrays (a list of layers' arrays, stacked along the rows); the backward
+    pass rebuilds W again rather than saving it."""
 
-    def dense(dtype, arrays, after):
+    def dense(dtype, parts, after):
         # Rebuild W only once `after` exists: the dequantization depends on the packed weights alone, so
         # without this MLX may schedule every layer's dense W up front and keep them all alive at once.
-        return _dense_weight(method, bits, _after(arrays, after), dtype)
+        return _dense_weight(method, bits, _stacked_after(parts, after), dtype)
 
     @mx.custom_function
-    def matmul(x, arrays):
-        return x @ dense(x.dtype, arrays, x).T
+    def matmul(x, parts):
+        return x @ dense(x.dtype, parts, x).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        _, arrays = primals
-        grad_x = cotangent @ dense(cotangent.dtype, arrays, cotangent)
-        return grad_x, {k: mx.zeros_like(v) for k, v in arrays.items()}  # frozen weights: no gradient
+        _, parts = primals
+        grad_x = cotangent @ dense(cotangent.dtype, parts, cotangent)
+        return grad_x, [{k: mx.zeros_like(v) for k, v in part.items()} for part in parts]  # frozen: no gradient
 
     return matmul
 
@@ -518,7 +526,7 @@ class QuantizedLinear(nn.Module):
         elif path == "fused":
             y = self._fused(x)
         elif path in ("dequantize", "dequantize_saved"):
-            y = _dense_product(self.method, self.bits, self.quantized_arrays(), x, path)
+            y = _dense_product(self.method, self.bits, [self.quantized_arrays()], x, path)
         elif path == "reference":
             y = x @ self.dequantize(x.dtype, native=False).T
         else:
@@ -576,8 +584,7 @@ def concatenated_product(layers: tuple[nn.Module, ...], x: mx.array) -> mx.array
     paths = {layer.choose_path(x) for layer in layers}
     if len(paths) != 1 or paths & {"fused", "reference"}:
         return None
-    arrays = {k: mx.concatenate([a[k] for a in stored], axis=0) for k in stored[0]}
-    return _dense_product(first.method, first.bits, arrays, x, paths.pop())
+    return _dense_product(first.method, first.bits, stored, x, paths.pop())
 
 
 class QuantizedEmbedding(nn.Module):

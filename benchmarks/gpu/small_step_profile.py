@@ -10,15 +10,17 @@ $OUT/small_step_profile.json when OUT is set:
   evaluation, and the node count of the uncompiled gradient graph (an upper bound on kernels per step);
 - one decoder layer's forward and forward + backward, times the number of layers;
 - dequantizing one layer's seven weights, times the number of layers;
-- the quantized path chosen per token count against the other one (every `QuantizedLinear` forced);
+- the quantized path chosen per token count against the others (every `QuantizedLinear` forced to each);
 - the per-kernel cost of the backend: a chain of small element-wise kernels, uncompiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -50,11 +52,12 @@ def batch_of(rows: int, seq: int, vocab: int, seed: int = 0) -> dict:
     return {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
 
 
-def graph_nodes(outputs) -> int:
-    """Nodes of the (unevaluated) graph behind `outputs`, from MLX's DOT export."""
+def graph_operations(outputs) -> collections.Counter:
+    """Operations of the (unevaluated) graph behind `outputs`, counted by primitive, from MLX's DOT export."""
     with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
         mx.export_to_dot(f.name, *outputs)
-        return sum(1 for line in open(f.name) if "label" in line and "->" not in line)
+        labels = [re.search(r'label\s*=\s*"([^"]*)"', line) for line in open(f.name) if "->" not in line]
+    return collections.Counter(m.group(1).split()[0] for m in labels if m and not m.group(1).startswith("{"))
 
 
 def kernel_chain_us(n: int = 2000) -> float:
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--row-counts", default="1,2,4,8,16")
+    parser.add_argument("--tag", default="", help="appended to the JSON file's name")
     options = parser.parse_args()
     cfg = compose([*options.overrides, "trainer.cpu_streams=1"])
     rows, seq = options.rows, options.seq
@@ -128,7 +132,10 @@ def main() -> None:
     record("step: graph building on the host (ms)", statistics.median(build_times) * 1e3)
     record("step: evaluation (ms)", statistics.median(eval_times) * 1e3)
     (_, _), grads_uncompiled = nn.value_and_grad(model, causal_lm_loss)(model, batch)
-    record("nodes of the uncompiled gradient graph", graph_nodes([g for _, g in tree_flatten(grads_uncompiled)]))
+    operations = graph_operations([g for _, g in tree_flatten(grads_uncompiled)])
+    record("nodes of the uncompiled gradient graph", sum(operations.values()))
+    for name, count in operations.most_common(12):
+        record(f"  of which {name}, per layer", count / layers)
     del grads_uncompiled
     # One decoder layer at this batch's shape.
     layer = model.model.layers[0]
@@ -144,7 +151,7 @@ def main() -> None:
            median_ms(lambda: mx.eval(dequant())) * layers)
     # The quantized path forced one way, then the other (the step is rebuilt so that it recompiles).
     every_quantized = [m for _, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    for path in ("fused", "dequantize"):
+    for path in ("fused", "dequantize", "dequantize_saved"):
         for m in every_quantized:
             m.forward_path = path
         forced = TrainStep(model, optimizer, grad_clip=cfg.optim.grad_clip)
@@ -154,7 +161,7 @@ def main() -> None:
         m.forward_path = "auto"
     out = os.environ.get("OUT")
     if out:
-        Path(out, "small_step_profile.json").write_text(json.dumps(
+        Path(out, f"small_step_profile{options.tag}.json").write_text(json.dumps(
             {"device": str(mx.default_device()), "overrides": options.overrides, "rows": rows, "seq": seq,
              "ms": table}, indent=1))
 

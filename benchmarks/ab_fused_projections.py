@@ -1,0 +1,90 @@
+"""Fused projections against one product per projection, alternating in ONE process on one model build.
+
+    python benchmarks/ab_fused_projections.py [--rows 4] [--seq 128] [--rounds 3] [--steps 8] [overrides ...]
+
+Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
+the host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
+round builds the trainer's step afresh (`harness.step.factory.make_train_step`, compiled again) for each variant in
+turn, runs `--warmup` untimed steps and `--steps` timed ones, and records the median step time and the peak memory
+of that variant's steps. Prints one row per variant and round, then the medians over rounds; writes the table as
+JSON to $OUT/ab_fused_projections<tag>.json when OUT is set. Overrides as `harness.bench`'s (default 7B shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import models  # noqa: F401,E402  (fast BLAS before mlx)
+import mlx.core as mx  # noqa: E402
+
+from harness.bench import compose  # noqa: E402
+from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
+from harness.build import build_model, build_optimizer  # noqa: E402
+from harness.process import set_up_process  # noqa: E402
+from harness.step.factory import make_train_step  # noqa: E402
+from models.fused_projections import fuse_projections, unfuse_projections  # noqa: E402
+
+VARIANTS = {"separate": unfuse_projections, "fused": fuse_projections}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", default=["model=mistral-7b-shape"])
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tag", default="", help="appended to the JSON file's name")
+    options = parser.parse_args()
+    cfg = compose(options.overrides)
+    streams, _ = set_up_process(cfg.trainer, batch_size=options.rows)
+    model = build_model(cfg, progress=False)
+    tokens = synthetic_tokens(options.rows, options.seq, model.args.vocab_size, seed=0)
+    batch = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
+    model.train()
+    print(f"device {mx.default_device()}, {options.overrides}, {options.rows}x{options.seq}, "
+          f"checkpointing {cfg.trainer.gradient_checkpointing}", flush=True)
+    rows = []
+    for round_ in range(options.rounds):
+        for name, apply in VARIANTS.items():
+            apply(model)
+            optimizer = build_optimizer(cfg.optim, model, total_steps=1000)
+            step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
+                                   streams=streams)
+
+            def run():
+                mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)
+
+            mx.reset_peak_memory()
+            seconds = statistics.median(timed_runs(run, warmup=options.warmup, repeat=options.steps))
+            row = {"round": round_ + 1, "variant": name, "ms": seconds * 1e3,
+                   "tokens_per_second": options.rows * options.seq / seconds,
+                   "peak_gb": mx.get_peak_memory() / 1e9, "step": type(step).__name__}
+            rows.append(row)
+            print(f"round {row['round']} {name:<9} {row['ms']:8.1f} ms {row['tokens_per_second']:9,.0f} tok/s "
+                  f"peak {row['peak_gb']:.2f} GB ({row['step']})", flush=True)
+    summary = {}
+    for name in VARIANTS:
+        mine = [r for r in rows if r["variant"] == name]
+        summary[name] = {"ms": statistics.median(r["ms"] for r in mine),
+                         "tokens_per_second": statistics.median(r["tokens_per_second"] for r in mine),
+                         "peak_gb": max(r["peak_gb"] for r in mine)}
+        print(f"median {name:<9} {summary[name]['ms']:8.1f} ms {summary[name]['tokens_per_second']:9,.0f} tok/s "
+              f"peak {summary[name]['peak_gb']:.2f} GB", flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, f"ab_fused_projections{options.tag}.json").write_text(json.dumps(
+            {"device": str(mx.default_device()), "overrides": options.overrides, "rows": options.rows,
+             "seq": options.seq, "runs": rows, "median": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,7 @@ import mlx.core as mx
 from mlx import nn
 
 from models.backend import backend_name
+from models.dequantize_kernels import affine_dequantize_4bit
 from models.mistral import PROJECTIONS
 
 METHODS = ("rowwise", "group", "nf4", "none")
@@ -186,13 +187,18 @@ def _affine_quantize(w: mx.array, group_size: int, bits: int, param_dtype: mx.Dt
 def _affine_dequantize(packed, scales, biases, bits: int, dtype, native: bool = True) -> mx.array:
     """Dense `(out, in)` from packed codes and per-group `scales`/`biases` `(out, groups)`.
 
-    `native` uses MLX's `mx.dequantize` kernel (one output buffer, no temporaries) whenever a row splits into
-    MLX groups, broadcasting row-wise parameters over them; otherwise, or with `native=False`, the plain
+    `native` uses a fast kernel: on CUDA, 4-bit codes go through `models.dequantize_kernels` (ours, which reads the
+    parameters as stored); otherwise MLX's `mx.dequantize` (one output buffer, no temporaries) whenever a row
+    splits into MLX groups, broadcasting row-wise parameters over them. Otherwise, or with `native=False`, the plain
     unpack-scale-shift below runs. The native kernel gets its parameters in the output's dtype, contiguous (for
     a float32 result both paths compute `scale * q + bias` in float32); that is faster on GPUs
     (BENCHMARKS.md, "Why the code is as it is") for at most about one more unit in the last place of the bf16
     weight it writes anyway.
     """
+    if native and bits == 4:
+        dense = affine_dequantize_4bit(packed, scales, biases, dtype)  # CUDA: our own kernel (faster)
+        if dense is not None:
+            return dense
     in_features = packed.shape[-1] * 32 // bits
     groups = scales.shape[-1]
     mlx_group = in_features // groups if groups > 1 else _fused_group_size(in_features)

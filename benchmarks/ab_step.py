@@ -1,13 +1,18 @@
-"""Fused projections against one product per projection, alternating in ONE process on one model build.
+"""Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_fused_projections.py [--rows 4] [--seq 128] [--rounds 3] [--steps 8] [overrides ...]
+    python benchmarks/ab_step.py [--compare projections|dequantize] [--rows 4] [--seq 128] [--rounds 3]
+        [--steps 8] [overrides ...]
+
+`--compare projections`: q/k/v and gate/up as one product each (`models.fused_projections`) against one product
+per projection. `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
+(`models.dequantize_kernels`; the same on other backends).
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
 the host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
 round builds the trainer's step afresh (`harness.step.factory.make_train_step`, compiled again) for each variant in
 turn, runs `--warmup` untimed steps and `--steps` timed ones, and records the median step time and the peak memory
 of that variant's steps. Prints one row per variant and round, then the medians over rounds; writes the table as
-JSON to $OUT/ab_fused_projections<tag>.json when OUT is set. Overrides as `harness.bench`'s (default 7B shape).
+JSON to $OUT/ab_<compare><tag>.json when OUT is set. Overrides as `harness.bench`'s (default 7B shape).
 """
 
 from __future__ import annotations
@@ -31,12 +36,25 @@ from harness.process import set_up_process  # noqa: E402
 from harness.step.factory import make_train_step  # noqa: E402
 from models.fused_projections import fuse_projections, unfuse_projections  # noqa: E402
 
-VARIANTS = {"separate": unfuse_projections, "fused": fuse_projections}
+
+
+def dequantize_with(how: str):
+    def apply(model):
+        os.environ["QLORA_DEQUANTIZE"] = how  # read when the step is traced (models.dequantize_kernels)
+
+    return apply
+
+
+COMPARISONS = {
+    "projections": {"separate": unfuse_projections, "fused": fuse_projections},
+    "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", default=["model=mistral-7b-shape"])
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="projections")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -52,9 +70,10 @@ def main() -> None:
     model.train()
     print(f"device {mx.default_device()}, {options.overrides}, {options.rows}x{options.seq}, "
           f"checkpointing {cfg.trainer.gradient_checkpointing}", flush=True)
+    variants = COMPARISONS[options.compare]
     rows = []
     for round_ in range(options.rounds):
-        for name, apply in VARIANTS.items():
+        for name, apply in variants.items():
             apply(model)
             optimizer = build_optimizer(cfg.optim, model, total_steps=1000)
             step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
@@ -72,7 +91,7 @@ def main() -> None:
             print(f"round {row['round']} {name:<9} {row['ms']:8.1f} ms {row['tokens_per_second']:9,.0f} tok/s "
                   f"peak {row['peak_gb']:.2f} GB ({row['step']})", flush=True)
     summary = {}
-    for name in VARIANTS:
+    for name in variants:
         mine = [r for r in rows if r["variant"] == name]
         summary[name] = {"ms": statistics.median(r["ms"] for r in mine),
                          "tokens_per_second": statistics.median(r["tokens_per_second"] for r in mine),
@@ -81,7 +100,7 @@ def main() -> None:
               f"peak {summary[name]['peak_gb']:.2f} GB", flush=True)
     out = os.environ.get("OUT")
     if out:
-        Path(out, f"ab_fused_projections{options.tag}.json").write_text(json.dumps(
+        Path(out, f"ab_{options.compare}{options.tag}.json").write_text(json.dumps(
             {"device": str(mx.default_device()), "overrides": options.overrides, "rows": options.rows,
              "seq": options.seq, "runs": rows, "median": summary}, indent=1))
 

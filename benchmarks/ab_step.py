@@ -5,7 +5,8 @@
 
 `--compare projections`: q/k/v and gate/up as one product each (`models.fused_projections`) against one product
 per projection. `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
-(`models.dequantize_kernels`; the same on other backends).
+(`models.dequantize_kernels`; the same on other backends). `--compare update`: the optimizer applied array by
+array against end to end (`harness.step.accumulate.flat_update`).
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
 the host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
@@ -33,6 +34,7 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
+from harness.step import accumulate  # noqa: E402
 from harness.step.factory import make_train_step  # noqa: E402
 from models.fused_projections import fuse_projections, unfuse_projections  # noqa: E402
 
@@ -45,9 +47,19 @@ def dequantize_with(how: str):
     return apply
 
 
+def update_end_to_end(on: bool):
+    def apply(model):
+        accumulate.flat_update = _flat_update if on else (lambda *args: False)  # False: array by array
+
+    return apply
+
+
+_flat_update = accumulate.flat_update
+
 COMPARISONS = {
     "projections": {"separate": unfuse_projections, "fused": fuse_projections},
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
+    "update": {"per-array": update_end_to_end(False), "end-to-end": update_end_to_end(True)},
 }
 
 

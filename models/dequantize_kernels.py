@@ -5,7 +5,8 @@ Why: a small training step rebuilds every frozen weight twice (forward and backw
 step's time goes"): its CUDA kernel gives each thread one byte of codes and writes two values at a time. Here each
 thread expands one 32-bit word (eight codes) and writes its eight values with one 16-byte store, so a warp reads
 128 consecutive bytes and writes 512; scales and biases are read where they are stored, one per row (row-wise) or
-per group, in their own dtype, with no broadcast or cast beforehand.
+per group, in their own dtype, with no broadcast or cast beforehand. The shape is compiled into the kernel (its
+index divisions become multiplications): a model compiles one kernel per weight shape, once (MLX caches them).
 
 Layout as `models.quant`'s affine schemes (MLX's): codes low bits first, `w = scale * q + bias` per group of inputs,
 computed in float32 and rounded once to the output dtype. Only CUDA runs it (`affine_dequantize_4bit` answers None
@@ -26,17 +27,16 @@ DEQUANTIZERS = {"cuda": "kernel"}
 _OUTPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 _SOURCE = """
-    const size_t word = cg::this_grid().thread_rank();
-    const size_t rows = w_shape[0];
-    const size_t words_per_row = w_shape[1];
-    if (word >= rows * words_per_row) {
+    // WORDS: words of codes in all; WORDS_PER_ROW, WORDS_PER_GROUP: compile-time constants, so that the divisions
+    // below are multiplications; 32-bit indices (the caller checks that they suffice).
+    const uint32_t word = blockIdx.x * blockDim.x + threadIdx.x;
+    if (word >= WORDS) {
         return;
     }
-    const size_t row = word / words_per_row;
-    const size_t groups = scales_shape[1];
-    const size_t group = (word - row * words_per_row) * 8 * groups / (words_per_row * 8);
-    const float scale = static_cast<float>(scales[row * groups + group]);
-    const float bias = static_cast<float>(biases[row * groups + group]);
+    const uint32_t row = word / WORDS_PER_ROW;
+    const uint32_t group = row * (WORDS_PER_ROW / WORDS_PER_GROUP) + (word - row * WORDS_PER_ROW) / WORDS_PER_GROUP;
+    const float scale = static_cast<float>(scales[group]);
+    const float bias = static_cast<float>(biases[group]);
     const uint32_t codes = w[word];
     alignas(16) unsigned char expanded[8 * sizeof(T)];
     #pragma unroll
@@ -44,7 +44,7 @@ _SOURCE = """
         const T value = static_cast<T>(scale * static_cast<float>((codes >> (4 * i)) & 0xFu) + bias);
         memcpy(expanded + i * sizeof(T), &value, sizeof(T));
     }
-    uint4* destination = reinterpret_cast<uint4*>(out + word * 8);
+    uint4* destination = reinterpret_cast<uint4*>(out + size_t(word) * 8);
     #pragma unroll
     for (int i = 0; i < int(8 * sizeof(T) / sizeof(uint4)); ++i) {
         destination[i] = reinterpret_cast<const uint4*>(expanded)[i];
@@ -80,11 +80,11 @@ def affine_dequantize_4bit(packed: mx.array, scales: mx.array, biases: mx.array,
         return None
     rows, words = packed.shape
     groups = scales.shape[1]
-    if scales.shape[0] != rows or words % groups or scales.dtype not in _OUTPUT_DTYPES:
+    if scales.shape[0] != rows or words % groups or scales.dtype not in _OUTPUT_DTYPES or rows * words >= 2**31:
         return None
     (out,) = _kernel()(
         inputs=[packed, scales, biases.astype(scales.dtype)],
-        template=[("T", dtype)],
+        template=[("T", dtype), ("WORDS", rows * words), ("WORDS_PER_ROW", words), ("WORDS_PER_GROUP", words // groups)],
         grid=(rows * words, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(rows, words * 8)],

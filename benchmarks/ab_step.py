@@ -1,12 +1,11 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare projections|dequantize] [--rows 4] [--seq 128] [--rounds 3]
-        [--steps 8] [overrides ...]
+    python benchmarks/ab_step.py [--compare dequantize] [--rows 4] [--seq 128] [--rounds 3] [--steps 8]
+        [overrides ...]
 
-`--compare projections`: q/k/v and gate/up as one product each (`models.fused_projections`) against one product
-per projection. `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
-(`models.dequantize_kernels`; the same on other backends). `--compare update`: the optimizer applied array by
-array against end to end (`harness.step.accumulate.flat_update`).
+`--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
+(`models.dequantize_kernels`; both the same on other backends). Further comparisons go in `COMPARISONS`: a name
+for each variant and what it changes (in the model or the process) before the step is built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
 the host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
@@ -34,10 +33,7 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
-from harness.step import accumulate  # noqa: E402
 from harness.step.factory import make_train_step  # noqa: E402
-from models.fused_projections import fuse_projections, unfuse_projections  # noqa: E402
-
 
 
 def dequantize_with(how: str):
@@ -47,26 +43,15 @@ def dequantize_with(how: str):
     return apply
 
 
-def update_end_to_end(on: bool):
-    def apply(model):
-        accumulate.flat_update = _flat_update if on else (lambda *args: False)  # False: array by array
-
-    return apply
-
-
-_flat_update = accumulate.flat_update
-
 COMPARISONS = {
-    "projections": {"separate": unfuse_projections, "fused": fuse_projections},
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
-    "update": {"per-array": update_end_to_end(False), "end-to-end": update_end_to_end(True)},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", default=["model=mistral-7b-shape"])
-    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="projections")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="dequantize")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)

@@ -79,7 +79,6 @@ class Result:
     ranks: int = 1  # data-parallel ranks; `batch` is rows per rank, tokens/s count every rank's tokens
     lengths: str = "fixed"  # "fixed": batch x seq every step; "dolly": length-sorted Dolly-profile batches
     padding_fraction: float = 0.0  # padding tokens / all tokens of the timed steps
-    fused_projections: bool = False  # q/k/v and gate/up as one product each (trainer.fuse_projections)
 
 
 def compose(overrides: list[str]):
@@ -128,8 +127,7 @@ def matmul_tflops(dtype: mx.Dtype) -> float:
 
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
                 streams: int = 1, build_peak: float = float("nan"), accum: int = 1, train_step: str = "",
-                ranks: int = 1, real_tokens: int | None = None, padding: float = 0.0,
-                fused_projections: bool = False) -> Result:
+                ranks: int = 1, real_tokens: int | None = None, padding: float = 0.0) -> Result:
     """A `Result` from the optimizer-step times of one stack (`accum` micro-batches of batch x seq each on each
     of `ranks` ranks), with FLOPs and the matmul ceiling measured now. `real_tokens`: with batches of real
     lengths (`seq` their mean width), the non-padding tokens of all timed steps; tokens/s is then those over the
@@ -152,7 +150,6 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
         grad_accum_steps=accum, lora_rank=cfg.lora.rank, lora_dropout=cfg.lora.dropout, train_step=train_step,
         ranks=ranks,
         lengths="fixed" if real_tokens is None else "dolly", padding_fraction=padding,
-        fused_projections=fused_projections,
     )
 
 
@@ -216,7 +213,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
                    f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak,
                    accum=accum, train_step=type(step).__name__, ranks=ranks.size, real_tokens=real_tokens,
-                   padding=padding or 0.0, fused_projections=cfg.trainer.fuse_projections)
+                   padding=padding or 0.0)
 
 
 def stack_command(stack: str, overrides: list[str], options: argparse.Namespace) -> list[str]:
@@ -242,17 +239,16 @@ def print_table(results: list[dict]) -> None:
     columns = [("stack", "{}"), ("shape", "{}"), ("ranks", "{}"), ("batch", "{}"), ("seq", "{}"),
                ("grad_accum_steps", "{}"),
                ("checkpointing", "{}"), ("lora_rank", "{}"), ("lora_dropout", "{:g}"), ("train_step", "{}"),
-               ("fused_projections", "{}"), ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("lengths", "{}"), ("padding_fraction", "{:.0%}"),
+               ("quant", "{}"), ("dtype", "{}"), ("streams", "{}"), ("lengths", "{}"), ("padding_fraction", "{:.0%}"),
                ("tokens_per_second", "{:,.0f}"),
                ("step_seconds", "{:.3f}"), ("tflops_per_second", "{:.3g}"), ("mfu", "{:.1%}"),
                ("peak_memory_gb", "{:.2f}"), ("build_peak_memory_gb", "{:.2f}"), ("first_step_seconds", "{:.1f}")]
-    headers = ["stack", "shape", "dp ranks", "batch", "seq", "accum", "ckpt", "rank", "dropout", "step", "fused", "quant",
+    headers = ["stack", "shape", "dp ranks", "batch", "seq", "accum", "ckpt", "rank", "dropout", "step", "quant",
                "dtype", "streams", "lengths", "padding", "tok/s", "s/step", "TFLOP/s", "MFU", "peak GB", "build GB",
                "1st step s"]
     # results of older versions lack some fields
     defaults = {"streams": 1, "build_peak_memory_gb": float("nan"), "grad_accum_steps": 1, "lora_rank": 0,
-                "lora_dropout": 0.0, "train_step": "", "ranks": 1, "lengths": "fixed", "padding_fraction": 0.0,
-                "fused_projections": False}
+                "lora_dropout": 0.0, "train_step": "", "ranks": 1, "lengths": "fixed", "padding_fraction": 0.0}
     rows = [[fmt.format(r.get(key, defaults.get(key))) for key, fmt in columns] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))

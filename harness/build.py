@@ -17,7 +17,6 @@ from mlx import nn
 from omegaconf import DictConfig, OmegaConf
 
 from models.cpu_paths import use_cpu_paths
-from models.fused_projections import fuse_projections
 from models.backend import compute_dtype
 from models.lora import LoRASpec, apply_lora
 from models.memory import release_cache
@@ -136,8 +135,6 @@ def build_model(cfg: DictConfig, *, progress: bool = True) -> nn.Module:
     model = build_base_model(cfg, progress=progress)
     mx.random.seed(cfg.trainer.seed)  # adapter init follows the run's seed, not the base's
     apply_lora(model, lora_spec(cfg.lora))
-    if cfg.trainer.fuse_projections:
-        fuse_projections(model)
     if cfg.trainer.gradient_checkpointing:
         from models.recompute import enable_gradient_checkpointing
 

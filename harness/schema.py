@@ -122,9 +122,6 @@ class TrainerConfig:
     seed: int = 0  # data order, dropout, numpy
     gradient_checkpointing: bool = False
     compile: bool = True
-    # q/k/v and gate/up each as one product on one dense weight, their adapters' down projections as one
-    # (models/fused_projections.py): fewer, larger kernels per layer. false: one product per projection.
-    fuse_projections: bool = True
     # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
     # the BLAS's threads can be set; 1: off). GPUs use one. See harness/step/cpu_streams.py.
     cpu_streams: int | None = None

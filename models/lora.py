@@ -241,26 +241,17 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """`x (…, in) -> (…, out)` in x's dtype."""
-        return self.add_update(self.base_layer(x), x)
-
-    def down_projection(self, x: mx.array) -> mx.array:
-        """`dropout(x) @ A^T` `(…, rank)` in x's dtype: the adapter's first product (drawing its dropout mask)."""
+        y = self.base_layer(x)
         a = self.lora_A.astype(x.dtype)
-        if not self.drops:
-            return x @ a.T
-        draw, key = dropout_draw(), _drawn_dropout_key()
-        if draw == "hash":
-            return _dropout_down_projection(self._keep_threshold, draw)(x, a, key)
-        # MLX's generator, the dropped input differentiated by MLX (DROPOUT_DRAWS)
-        keep = _kept(key, x.shape, self._keep_threshold, draw)
-        return (mx.where(keep, x, 0) @ a.T) * (_DRAW_LEVELS / self._keep_threshold)
-
-    def add_update(self, y: mx.array, x: mx.array, down: mx.array | None = None) -> mx.array:
-        """`y + scale * down @ B^T`, `y` being the base layer's output for `x` and `down` the adapter's down
-        projection of x (`down_projection(x)` when not given: `models.fused_projections` computes several
-        adapters' at once)."""
-        if down is None:
-            down = self.down_projection(x)
+        if self.drops:
+            draw, key = dropout_draw(), _drawn_dropout_key()
+            if draw == "hash":
+                down = _dropout_down_projection(self._keep_threshold, draw)(x, a, key)
+            else:  # MLX's generator, the dropped input differentiated by MLX (DROPOUT_DRAWS)
+                keep = _kept(key, x.shape, self._keep_threshold, draw)
+                down = (mx.where(keep, x, 0) @ a.T) * (_DRAW_LEVELS / self._keep_threshold)
+        else:
+            down = x @ a.T  # (…, rank)
         if y.dtype == x.dtype:
             # y + scale * down @ B^T in one GEMM (BLAS beta = 1): no separate pass over the (…, out) update.
             return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)

@@ -213,13 +213,6 @@ class KVCache:
         return self.keys, self.values
 
 
-def separate_projections(projections: tuple[nn.Module, ...], x: mx.array) -> list[mx.array]:
-    """Each projection applied to `x` on its own: a block's default `projections_fn`. Projections that read the
-    same input (q/k/v; gate/up) go through this one function, so a version that computes them as one product
-    (`models.fused_projections`) can be swapped in from outside."""
-    return [projection(x) for projection in projections]
-
-
 class MistralAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -235,14 +228,12 @@ class MistralAttention(nn.Module):
         # A plain function attribute (not a parameter), like `act_fn` in the MLP, so a backend-specific
         # attention (models.cpu_paths) can be swapped in from outside.
         self.attention_fn = fused_attention
-        self.projections_fn = separate_projections
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None = None) -> mx.array:
         batch, length, _ = x.shape
-        q, k, v = self.projections_fn((self.q_proj, self.k_proj, self.v_proj), x)
-        q = q.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
@@ -259,11 +250,9 @@ class MistralMLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.act_fn = nn.SiLU()  # a module (as in HF), so a backend-specific SiLU can be swapped in from outside
-        self.projections_fn = separate_projections  # as in the attention
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.projections_fn((self.gate_proj, self.up_proj), x)
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MistralDecoderLayer(nn.Module):

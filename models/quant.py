@@ -54,8 +54,7 @@ NF4_DOUBLE_QUANT_BLOCK = 256  # QLoRA: absmax constants quantized to 8 bits in b
 FUSED_MAX_TOKENS = {"cpu": 4, "metal": 16, "cuda": 256}
 
 _KEEP_DENSE_FOR_BACKWARD = contextvars.ContextVar("keep_dense_for_backward", default=False)
-# Inside `dense_weights_shared`: dense weights by module id, and concatenations of them by tuple of ids.
-_SHARED_DENSE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shared_dense", default=None)
+_SHARED_DENSE: contextvars.ContextVar[dict[int, mx.array] | None] = contextvars.ContextVar("shared_dense", default=None)
 
 
 @contextlib.contextmanager
@@ -73,8 +72,8 @@ def dense_weights_kept_for_backward():
 def dense_weights_shared(modules: list[nn.Module], dtype: mx.Dtype):
     """Within this block every `QuantizedLinear` among `modules` (or `QuantizedEmbedding`, for a tied LM head)
     multiplies by, and `dequantize`s to, its dense weight in `dtype`, built here once (frozen: no gradient flows
-    into it) and shared by all its calls, instead of rebuilt per call (`concatenated_product` likewise builds each
-    concatenation of them once). Costs the dense weights' memory for the block's lifetime."""
+    into it) and shared by all its calls, instead of rebuilt per call. Costs the dense weights' memory for the
+    block's lifetime."""
     modules = [m.table if isinstance(m, QuantizedEmbedding) else m for m in modules]  # a tied head's table
     dense = {id(m): mx.stop_gradient(m.dequantize(dtype)) for m in modules if isinstance(m, QuantizedLinear)}
     token = _SHARED_DENSE.set(dense)
@@ -389,47 +388,39 @@ def _dense_weight(method: str, bits: int, arrays: dict[str, mx.array], dtype, na
     return _affine_dequantize(arrays["weight"], arrays["scales"], arrays["biases"], bits, dtype, native)
 
 
-def _stacked_after(parts: list[dict[str, mx.array]], x: mx.array) -> dict[str, mx.array]:
-    """The stored arrays of one or more layers (`parts`, of one scheme, per-row arrays) stacked along the output
-    rows, made to depend on `x`: what is computed from them is scheduled only once x exists."""
-    names = list(parts[0])
-    flat = mx.depends([part[name] for part in parts for name in names], x)
-    columns = [flat[i :: len(names)] for i in range(len(names))]  # each name's arrays, one per part
-    return {name: column[0] if len(parts) == 1 else mx.concatenate(column, axis=0)
-            for name, column in zip(names, columns)}
+def _after(arrays: dict[str, mx.array], x: mx.array) -> dict[str, mx.array]:
+    """`arrays` made to depend on `x`, so what is computed from them is scheduled only once x exists."""
+    return dict(zip(arrays, mx.depends(list(arrays.values()), x)))
 
 
-def _dense_product(method: str, bits: int, parts: list[dict[str, mx.array]], x: mx.array, path: str) -> mx.array:
-    """`x @ W^T`, W the dense weight that the stored arrays `parts` define (one layer's, or several layers' stacked
-    along the output rows), dequantized for this product ("dequantize": rebuilt again for the backward pass;
-    "dequantize_saved": kept for it; see the module docstring). Stacking happens here, so that no stacked copy of
-    the packed arrays is kept between the forward and the backward pass."""
+def _dense_product(method: str, bits: int, arrays: dict[str, mx.array], x: mx.array, path: str) -> mx.array:
+    """`x @ W^T` for the weight `arrays` define, W dequantized for this product ("dequantize": rebuilt again for the
+    backward pass; "dequantize_saved": kept for it; see the module docstring)."""
     if path == "dequantize":
-        return _dequantize_matmul(method, bits)(x, parts)
+        return _dequantize_matmul(method, bits)(x, arrays)
     # As in "dequantize": rebuild W only once x exists, or MLX may schedule the recomputation's dense weights of
     # every layer long before their backward passes and keep them all alive.
-    return x @ mx.stop_gradient(_dense_weight(method, bits, _stacked_after(parts, x), x.dtype)).T  # frozen
+    return x @ mx.stop_gradient(_dense_weight(method, bits, _after(arrays, x), x.dtype)).T  # frozen: no gradient
 
 
 @functools.cache
 def _dequantize_matmul(method: str, bits: int):
-    """`x @ W^T` with W rebuilt from packed arrays (a list of layers' arrays, stacked along the rows); the backward
-    pass rebuilds W again rather than saving it."""
+    """`x @ W^T` with W rebuilt from packed arrays; the backward pass rebuilds W again rather than saving it."""
 
-    def dense(dtype, parts, after):
+    def dense(dtype, arrays, after):
         # Rebuild W only once `after` exists: the dequantization depends on the packed weights alone, so
         # without this MLX may schedule every layer's dense W up front and keep them all alive at once.
-        return _dense_weight(method, bits, _stacked_after(parts, after), dtype)
+        return _dense_weight(method, bits, _after(arrays, after), dtype)
 
     @mx.custom_function
-    def matmul(x, parts):
-        return x @ dense(x.dtype, parts, x).T
+    def matmul(x, arrays):
+        return x @ dense(x.dtype, arrays, x).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        _, parts = primals
-        grad_x = cotangent @ dense(cotangent.dtype, parts, cotangent)
-        return grad_x, [{k: mx.zeros_like(v) for k, v in part.items()} for part in parts]  # frozen: no gradient
+        _, arrays = primals
+        grad_x = cotangent @ dense(cotangent.dtype, arrays, cotangent)
+        return grad_x, {k: mx.zeros_like(v) for k, v in arrays.items()}  # frozen weights: no gradient
 
     return matmul
 
@@ -532,7 +523,7 @@ class QuantizedLinear(nn.Module):
         elif path == "fused":
             y = self._fused(x)
         elif path in ("dequantize", "dequantize_saved"):
-            y = _dense_product(self.method, self.bits, [self.quantized_arrays()], x, path)
+            y = _dense_product(self.method, self.bits, self.quantized_arrays(), x, path)
         elif path == "reference":
             y = x @ self.dequantize(x.dtype, native=False).T
         else:
@@ -554,43 +545,6 @@ class QuantizedLinear(nn.Module):
             scales = mx.contiguous(mx.broadcast_to(scales, shape))
             biases = mx.contiguous(mx.broadcast_to(biases, shape))
         return mx.quantized_matmul(x, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits)
-
-
-def concatenated_product(layers: tuple[nn.Module, ...], x: mx.array) -> mx.array | None:
-    """`x @ [W_1; W_2; ...]^T`: the outputs of quantized layers that read the same `x`, side by side, computed as
-    one product on one dense weight; None when these layers cannot be (then call each on its own).
-
-    They can when they are all `QuantizedLinear`s without bias, of one scheme whose stored arrays are per output
-    row (row-wise and group-wise affine, NF4 without double quantization: the arrays then concatenate along the
-    rows exactly), of the same input size, and their forward path at this token count multiplies by a dense
-    weight ("dequantize", "dequantize_saved", or the shared weights of `dense_weights_shared`, whose
-    concatenation is built once per block). One dequantization and one product instead of one per layer: fewer,
-    larger kernels (BENCHMARKS.md, "Where a small step's time goes")."""
-    first = layers[0]
-    if not all(isinstance(layer, QuantizedLinear) and "bias" not in layer for layer in layers):
-        return None
-    stored = [layer.quantized_arrays() for layer in layers]
-    shapes = [{k: (v.dtype, v.ndim, v.shape[1:]) for k, v in arrays.items()} for arrays in stored]
-    same_scheme = all(
-        (layer.method, layer.bits, layer.group_size, layer.in_features) == (first.method, first.bits,
-                                                                           first.group_size, first.in_features)
-        and layer_shapes == shapes[0]
-        for layer, layer_shapes in zip(layers, shapes)
-    )
-    per_row = all(v.ndim == 2 and v.shape[0] == layer.out_features for layer, a in zip(layers, stored)
-                  for v in a.values())
-    if not (same_scheme and per_row):
-        return None
-    shared = _SHARED_DENSE.get()
-    if shared is not None and all(id(layer) in shared for layer in layers):
-        key = tuple(id(layer) for layer in layers)
-        if key not in shared:  # the first call inside the block builds it; the others (and backward) reuse it
-            shared[key] = mx.concatenate([shared[id(layer)] for layer in layers], axis=0)
-        return x @ shared[key].astype(x.dtype).T
-    paths = {layer.choose_path(x) for layer in layers}
-    if len(paths) != 1 or paths & {"fused", "reference"}:
-        return None
-    return _dense_product(first.method, first.bits, stored, x, paths.pop())
 
 
 class QuantizedEmbedding(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -11,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 from harness.distributed import world
 from harness.step.cpu_streams import split_rows
@@ -67,92 +66,23 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, 
     Compiled with the model and optimizer state.
 
     A step with few tokens is bound by the number of kernels, not by arithmetic (BENCHMARKS.md, "Where a small
-    step's time goes"): applied array by array, the update of a 7B model's 448 adapter arrays took a fifth of a
-    4 x 128 step. So the gradients, parameters and optimizer moments are each laid end to end in one vector
-    (`flat_update`), the norm is one dot product and the optimizer's element-wise arithmetic runs once, with the
-    token mean and the clipping factor folded in as one scalar; the results are cut back into the arrays as views.
-    """
+    step's time goes"), so the update costs two kernels per parameter array: one dot product for its squared
+    norm, and the optimizer's fused arithmetic, into which the division by the token count and the clipping
+    factor fold as one scalar."""
 
     def update(grads: dict, n_tokens: mx.array) -> mx.array:
         n_tokens = mx.maximum(n_tokens, 1).astype(mx.float32)
-        named = tree_flatten(grads)
-        flat = _end_to_end([g for _, g in named])
-        if flat is None:  # mixed dtypes: array by array
-            norm = mx.sqrt(sum(squared_norm(g) for _, g in named)) / n_tokens
-        else:
-            norm = mx.sqrt(flat @ flat) / n_tokens
+        norm = mx.sqrt(sum(squared_norm(g) for _, g in tree_flatten(grads))) / n_tokens
         scale = 1 / n_tokens
         if grad_clip > 0:
             scale = mx.where(norm < grad_clip, scale, scale * (grad_clip / (norm + 1e-6)))
-        names = [name for name, _ in named]
-        if flat is None or not flat_update(model, optimizer, names, flat * scale.astype(flat.dtype)):
-            optimizer.update(model, tree_map(lambda g: g * scale.astype(g.dtype), grads))
+        optimizer.update(model, tree_map(lambda g: g * scale.astype(g.dtype), grads))
         return norm
 
     if compile:
         state = [model.state, optimizer.state, mx.random.state]
         update = partial(mx.compile, inputs=state, outputs=state)(update)
     return update
-
-
-# The optimizer state's key under which `flat_update` places the moments laid end to end, for one call.
-_FLAT_KEY = "__end_to_end__"
-
-
-def flat_update(model: nn.Module, optimizer: optim.Optimizer, names: list[str], flat_gradient: mx.array) -> bool:
-    """Apply `optimizer` to the parameters `names` (dotted paths in `model`) with their gradients laid end to end in
-    `flat_gradient`, as one element-wise update (the optimizer's own `apply_gradients` on one vector: its schedule
-    and step count advance as usual); the parameters and their optimizer state become views of the results.
-    Returns False, changing nothing, when the optimizer's state is not one array per parameter of its shape (then
-    update array by array)."""
-    parameters = dict(tree_flatten(model.trainable_parameters()))
-    arrays = [parameters[name] for name in names]
-    try:
-        states = [_subtree(optimizer.state, name) for name in names]
-    except (KeyError, IndexError, TypeError):  # not initialized yet (`apply_gradients` would do it lazily)
-        optimizer.init(model.trainable_parameters())
-        states = [_subtree(optimizer.state, name) for name in names]
-    keys = sorted(states[0]) if isinstance(states[0], dict) else None
-    if keys is None or not all(
-        isinstance(state, dict) and sorted(state) == keys
-        and all(isinstance(state[k], mx.array) and state[k].shape == p.shape and state[k].dtype == p.dtype
-                for k in keys)
-        for state, p in zip(states, arrays)
-    ):
-        return False
-    flat_parameters = _end_to_end(arrays)
-    if flat_parameters is None or flat_parameters.dtype != flat_gradient.dtype:
-        return False
-    optimizer.state[_FLAT_KEY] = {k: _end_to_end([state[k] for state in states]) for k in keys}
-    try:
-        updated = optimizer.apply_gradients({_FLAT_KEY: flat_gradient}, {_FLAT_KEY: flat_parameters})[_FLAT_KEY]
-    finally:
-        flat_state = optimizer.state.pop(_FLAT_KEY)
-    model.update(tree_unflatten(list(zip(names, _cut(updated, arrays)))))
-    for k in keys:
-        for state, part in zip(states, _cut(flat_state[k], arrays)):
-            state[k] = part
-    return True
-
-
-def _end_to_end(arrays: list[mx.array]) -> mx.array | None:
-    """The arrays flattened and laid end to end in one vector; None if their dtypes differ."""
-    if len({a.dtype for a in arrays}) != 1:
-        return None
-    return mx.concatenate([a.reshape(-1) for a in arrays])
-
-
-def _cut(flat: mx.array, like: list[mx.array]) -> list[mx.array]:
-    """`flat` cut back into arrays of the shapes of `like` (views: no copy)."""
-    ends = list(itertools.accumulate(a.size for a in like))
-    return [flat[end - a.size : end].reshape(a.shape) for end, a in zip(ends, like)]
-
-
-def _subtree(tree, dotted: str):
-    """The node at a dotted path (`model.layers.0.mlp`) of a tree of dicts and lists."""
-    for key in dotted.split("."):
-        tree = tree[int(key)] if isinstance(tree, list) else tree[key]
-    return tree
 
 
 def squared_norm(array: mx.array) -> mx.array:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from harness.step import accumulate
 from harness.step.accumulate import make_update
 
 
@@ -30,31 +29,20 @@ def reference_update(model, optimizer, grads, n_tokens: int, grad_clip: float):
     return norm
 
 
-OPTIMIZERS = {  # whether the update runs end to end (one array per parameter of its shape in the state)
-    "adamw": (lambda: optim.AdamW(learning_rate=optim.cosine_decay(1e-2, 10), weight_decay=0.1), True),
-    "sgd with momentum": (lambda: optim.SGD(learning_rate=1e-2, momentum=0.9), True),
-    "adafactor": (lambda: optim.Adafactor(learning_rate=1e-2), False),  # factored moments: array by array
+OPTIMIZERS = {
+    "adamw": lambda: optim.AdamW(learning_rate=optim.cosine_decay(1e-2, 10), weight_decay=0.1),
+    "sgd with momentum": lambda: optim.SGD(learning_rate=1e-2, momentum=0.9),
+    "adafactor": lambda: optim.Adafactor(learning_rate=1e-2),
 }
-
-
-@pytest.fixture
-def end_to_end_calls(monkeypatch):
-    """Whether each update ran end to end (`flat_update`'s answers)."""
-    answers = []
-    original = accumulate.flat_update
-    monkeypatch.setattr(accumulate, "flat_update", lambda *a: answers.append(original(*a)) or answers[-1])
-    return answers
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=OPTIMIZERS.keys())
 @pytest.mark.parametrize("compile", [True, False])
 @pytest.mark.parametrize("grad_clip, grad_size", [(1.0, 50.0), (1.0, 0.01), (0.0, 50.0)])  # clipped, not, off
-def test_update_is_the_token_mean_clipped_then_the_optimizer(optimizer, compile, grad_clip, grad_size,
-                                                             end_to_end_calls):
+def test_update_is_the_token_mean_clipped_then_the_optimizer(optimizer, compile, grad_clip, grad_size):
     n_tokens = 37
     ours, reference = Adapters(), Adapters()
-    make_optimizer, end_to_end = OPTIMIZERS[optimizer]
-    ours_opt, reference_opt = make_optimizer(), make_optimizer()
+    ours_opt, reference_opt = OPTIMIZERS[optimizer](), OPTIMIZERS[optimizer]()
     update = make_update(ours, ours_opt, grad_clip, compile)
     for step in range(3):  # Adam's moments and bias correction over several steps
         grads = {
@@ -69,7 +57,6 @@ def test_update_is_the_token_mean_clipped_then_the_optimizer(optimizer, compile,
             np.testing.assert_allclose(np.array(ours_p), np.array(reference_p), rtol=1e-5, atol=1e-6, err_msg=name)
     moved = tree_flatten(ours.parameters())[0][1]
     assert not np.allclose(np.array(moved), np.array(Adapters().lora_a))  # the update did something
-    assert end_to_end_calls and all(answer is end_to_end for answer in end_to_end_calls)
     # the optimizer's state keeps its structure: one entry per parameter, as the reference's
     assert [k for k, _ in tree_flatten(ours_opt.state)] == [k for k, _ in tree_flatten(reference_opt.state)]
     for (name, ours_s), (_, reference_s) in zip(tree_flatten(ours_opt.state), tree_flatten(reference_opt.state)):

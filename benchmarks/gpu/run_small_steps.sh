@@ -15,8 +15,7 @@ bench 75 --stack mlx-lm --batch 4 "${DOLLY[@]}"
 bench 60 --stack ours --batch 8 "${DOLLY[@]}"
 bench 75 --stack mlx-lm --batch 8 "${DOLLY[@]}"
 bench 45 --stack ours --batch 8 --seq 512 --steps 10
-bench 45 --stack ours --batch 4 --seq 512 --checkpointing --steps 10
-bench 40 --stack mlx-lm --batch 8 --seq 512 --steps 3
+bench 45 --stack ours --batch 4 --seq 512 --checkpointing --steps 10 trainer.memory_limit_gb=8.0  # as the flagship
 python3 - "$OUT/results.jsonl" <<'PY' | tee "$OUT/table.txt"
 import json, sys
 from harness.bench import print_table

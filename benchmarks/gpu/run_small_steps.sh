@@ -10,7 +10,7 @@ DOLLY=(--dolly-lengths data.max_seq_len=512 --steps 12)
 bench 45 --stack ours --batch 4 --seq 128 --steps 10
 bench 60 --stack mlx-lm --batch 4 --seq 128 --steps 5
 bench 45 --stack ours --batch 4 --seq 128 --checkpointing --steps 10
-bench 60 --stack ours --batch 4 "${DOLLY[@]}"
+bench 90 --stack ours --batch 4 "${DOLLY[@]}"  # one compilation per width: about 50 s
 bench 75 --stack mlx-lm --batch 4 "${DOLLY[@]}"
 bench 60 --stack ours --batch 8 "${DOLLY[@]}"
 bench 75 --stack mlx-lm --batch 8 "${DOLLY[@]}"

@@ -68,15 +68,21 @@ def dense_weights_kept_for_backward():
         _KEEP_DENSE_FOR_BACKWARD.reset(token)
 
 
-@contextlib.contextmanager
-def dense_weights_shared(modules: list[nn.Module], dtype: mx.Dtype):
-    """Within this block every `QuantizedLinear` among `modules` (or `QuantizedEmbedding`, for a tied LM head)
-    multiplies by, and `dequantize`s to, its dense weight in `dtype`, built here once (frozen: no gradient flows
-    into it) and shared by all its calls, instead of rebuilt per call. Costs the dense weights' memory for the
-    block's lifetime."""
+def dense_weights(modules: list[nn.Module], dtype: mx.Dtype) -> dict[int, mx.array]:
+    """The dense weights in `dtype` of the `QuantizedLinear`s among `modules` (a `QuantizedEmbedding`, a tied LM
+    head, by its table), by module id, unevaluated and frozen (no gradient flows into them): what
+    `dense_weights_shared` shares."""
     modules = [m.table if isinstance(m, QuantizedEmbedding) else m for m in modules]  # a tied head's table
-    dense = {id(m): mx.stop_gradient(m.dequantize(dtype)) for m in modules if isinstance(m, QuantizedLinear)}
-    token = _SHARED_DENSE.set(dense)
+    return {id(m): mx.stop_gradient(m.dequantize(dtype)) for m in modules if isinstance(m, QuantizedLinear)}
+
+
+@contextlib.contextmanager
+def dense_weights_shared(modules: list[nn.Module], dtype: mx.Dtype, dense: dict[int, mx.array] | None = None):
+    """Within this block every `QuantizedLinear` among `modules` (or `QuantizedEmbedding`, for a tied LM head)
+    multiplies by, and `dequantize`s to, its dense weight in `dtype`, shared by all its calls instead of rebuilt
+    per call: built here once, or `dense` (`dense_weights(modules, dtype)`, built earlier and kept by the caller).
+    Costs the dense weights' memory for the block's lifetime (or the caller's)."""
+    token = _SHARED_DENSE.set(dense_weights(modules, dtype) if dense is None else dense)
     try:
         yield
     finally:
@@ -186,13 +192,13 @@ def _affine_quantize(w: mx.array, group_size: int, bits: int, param_dtype: mx.Dt
 def _affine_dequantize(packed, scales, biases, bits: int, dtype, native: bool = True) -> mx.array:
     """Dense `(out, in)` from packed codes and per-group `scales`/`biases` `(out, groups)`.
 
-    `native` uses a fast kernel: on CUDA, 4-bit codes go through `models.dequantize_kernels` (ours, which reads the
-    parameters as stored); otherwise MLX's `mx.dequantize` (one output buffer, no temporaries) whenever a row
-    splits into MLX groups, broadcasting row-wise parameters over them. Otherwise, or with `native=False`, the plain
-    unpack-scale-shift below runs. The native kernel gets its parameters in the output's dtype, contiguous (for
-    a float32 result both paths compute `scale * q + bias` in float32); that is faster on GPUs
-    (BENCHMARKS.md, "Why the code is as it is") for at most about one more unit in the last place of the bf16
-    weight it writes anyway.
+    `native` uses a fast kernel: on CUDA, for 4-bit codes, our own (`models.dequantize_kernels`: the parameters
+    read as stored, `scale * q + bias` in float32); elsewhere MLX's `mx.dequantize` (one output buffer, no
+    temporaries) whenever a row splits into MLX groups, row-wise parameters broadcast over them. MLX's kernel gets
+    its parameters in the output's dtype, contiguous (for a float32 result `scale * q + bias` is then in float32
+    too); that is faster on GPUs (BENCHMARKS.md, "Why the code is as it is") for at most about one more unit in the
+    last place of the bf16 weight it writes anyway. With `native=False`, or when neither kernel applies, the plain
+    unpack-scale-shift below runs, in float32.
     """
     if native and bits == 4:
         dense = affine_dequantize_4bit(packed, scales, biases, dtype)  # CUDA: our own kernel (faster)

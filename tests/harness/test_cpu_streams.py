@@ -148,3 +148,28 @@ def test_validation_over_streams_gives_one_streams_loss(compile):
     got = evaluate(model, batches, make_eval_step(model, compile=compile, streams=2))
     assert got[1] == expected[1]
     assert got[0] == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_the_streams_dequantize_each_weight_once_for_the_run_and_drop_the_copies_with_the_model(monkeypatch):
+    import gc
+
+    from harness.step import accumulate
+    from models import quant
+
+    calls = []
+    build = quant._dense_weight
+    monkeypatch.setattr(quant, "_dense_weight", lambda *a, **k: calls.append(a[2]["weight"].shape) or build(*a, **k))
+    model = _model()
+    quantized = [m for _, m in model.named_modules() if isinstance(m, quant.QuantizedLinear)]
+    # uncompiled, so that every call runs the Python that dequantizes (a compiled step replays its first trace)
+    train_step = make_train_step(model, optim.SGD(learning_rate=0.1), grad_clip=1.0, compile=False, streams=2)
+    eval_step = make_eval_step(model, compile=False, streams=2)
+    for seed in (1, 2, 3):  # three training steps and a validation pass after each
+        mx.eval(train_step([_batch(seed)]), model.parameters())
+        mx.eval(eval_step(_batch(seed + 10)))
+    assert len(calls) == len(quantized) == 14  # once per weight for the run, shared by both steps and streams
+    model_id = id(model)
+    assert model_id in accumulate._DENSE_COPIES
+    del model, quantized, train_step, eval_step
+    gc.collect()
+    assert model_id not in accumulate._DENSE_COPIES  # freed with the model

@@ -4,7 +4,9 @@
         [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
-(`models.dequantize_kernels`; both the same on other backends). Further comparisons go in `COMPARISONS`: a name
+(`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
+quantized weights dequantized every step against once for the run (`accumulate.persistent_dense_weights`).
+Further comparisons go in `COMPARISONS`: a name
 for each variant and what it changes (in the model or the process) before the step is built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
@@ -33,6 +35,7 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
+from harness.step import accumulate  # noqa: E402
 from harness.step.factory import make_train_step  # noqa: E402
 
 
@@ -43,8 +46,18 @@ def dequantize_with(how: str):
     return apply
 
 
+def dense_copies(kept: bool):
+    def apply(model):
+        accumulate.persistent_dense_weights = _persistent if kept else (lambda *args: None)  # None: every step
+
+    return apply
+
+
+_persistent = accumulate.persistent_dense_weights
+
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
+    "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
 }
 
 

@@ -5,7 +5,7 @@
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
-quantized weights dequantized every step against once for the run (`accumulate.persistent_dense_weights`).
+quantized weights dequantized every step against once for the run (`models.dense_copies`).
 Further comparisons go in `COMPARISONS`: a name
 for each variant and what it changes (in the model or the process) before the step is built.
 
@@ -37,6 +37,8 @@ from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
 from harness.step import accumulate  # noqa: E402
 from harness.step.factory import make_train_step  # noqa: E402
+from models.dense_copies import weight_modules  # noqa: E402
+from models.quant import dense_weights_shared  # noqa: E402
 
 
 def dequantize_with(how: str):
@@ -48,12 +50,18 @@ def dequantize_with(how: str):
 
 def dense_copies(kept: bool):
     def apply(model):
-        accumulate.persistent_dense_weights = _persistent if kept else (lambda *args: None)  # None: every step
+        # per step: the shared block builds its own copies each time it is entered (`dense_weights_shared`)
+        accumulate.multiplying_by_kept_dense_weights = _kept if kept else _per_step
 
     return apply
 
 
-_persistent = accumulate.persistent_dense_weights
+_kept = accumulate.multiplying_by_kept_dense_weights
+
+
+def _per_step(model):
+    return dense_weights_shared(weight_modules(model), model.model.norm.weight.dtype)
+
 
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},

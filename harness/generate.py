@@ -7,12 +7,16 @@ streamed to stdout as they are sampled (temperature / top-p), with a KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import mlx.core as mx
 from mlx import nn
+
+from models.backend import is_cpu
+from models.dense_copies import multiplying_by_kept_dense_weights
 
 
 def sample_next_token(logits: mx.array, temperature: float, top_p: float) -> mx.array:
@@ -119,15 +123,17 @@ def complete_batch(
     responses = [""] * len(records)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        new = generate_batch(
-            model, [prompts[i] for i in rows], max_new_tokens=[limits[i] for i in rows],
-            eos_id=tokenizer.eos_id, pad_id=pad,
-        )
-        for i, ids in zip(rows, new):
-            responses[i] = tokenizer.decode(ids, continuation=True)
+    # On the CPU a batch's decoding steps multiply by dense weights; built once, they serve every step (and the run)
+    with multiplying_by_kept_dense_weights(model) if is_cpu() else contextlib.nullcontext():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+            new = generate_batch(
+                model, [prompts[i] for i in rows], max_new_tokens=[limits[i] for i in rows],
+                eos_id=tokenizer.eos_id, pad_id=pad,
+            )
+            for i, ids in zip(rows, new):
+                responses[i] = tokenizer.decode(ids, continuation=True)
     model.train(was_training)
     return responses
 

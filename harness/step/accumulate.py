@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -15,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from harness.distributed import world
 from harness.step.cpu_streams import split_rows
-from models.quant import dense_weights, dense_weights_shared
+from models.dense_copies import kept_dense_weights, multiplying_by_kept_dense_weights
 
 Batch = dict[str, mx.array]
 
@@ -41,46 +40,22 @@ def rows_on_streams(
 ) -> Callable[[Batch], Any]:
     """`fn(batch)`, whose outputs add up over rows (loss sums, token counts, gradients), with each batch's rows
     split over `streams`, one piece each, and the pieces' outputs summed (`harness.step.cpu_streams`). No streams:
-    `fn` itself. With `model`, its decoder layers' and LM head's quantized weights are multiplied as dense weights
-    built once for the run (`persistent_dense_weights`), not once per stream and pass."""
+    `fn` itself. With `model`, its decoder layers' and LM head's quantized weights are multiplied as dense copies
+    built once for the run (`models.dense_copies`), not rebuilt per stream and pass."""
     if not streams:
         return fn
-    layers = [m for layer in model.model.layers for _, m in layer.named_modules()] if model is not None else []
-    if model is not None:  # and the LM head, which every stream's loss dequantizes (`harness.step.loss`)
-        layers.append(model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head)
-    dtype = model.model.norm.weight.dtype if model is not None else None
-    dense = persistent_dense_weights(model, layers, dtype) if model is not None else None
+    if model is not None:
+        kept_dense_weights(model)  # built now, outside any compiled function: evaluated once, then constants
 
     def split_fn(batch: Batch):
         outputs = []
-        with dense_weights_shared(layers, dtype, dense) if layers else nullcontext():
+        with multiplying_by_kept_dense_weights(model) if model is not None else nullcontext():
             for stream, piece in zip(streams, split_rows(batch, len(streams))):
                 with mx.stream(stream):
                     outputs.append(fn(piece))
         return sum_outputs(outputs)
 
     return split_fn
-
-
-# Dense copies of a model's frozen quantized weights, by id(model): (what they were built for, the copies).
-_DENSE_COPIES: dict[int, tuple[tuple, dict[int, mx.array]]] = {}
-
-
-def persistent_dense_weights(model: nn.Module, modules: list[nn.Module], dtype: mx.Dtype) -> dict[int, mx.array]:
-    """The dense weights of the quantized layers among `modules` (`models.quant.dense_weights`), built and evaluated
-    once per model and kept until the model is freed; every step made for the model (training, evaluation) shares
-    them. The quantized weights are frozen, so one copy serves the whole run: dequantizing every weight each step
-    cost about 0.7 s of a 4-5 s SmolLM2-shape step on a 2-core CPU (BENCHMARKS.md). The streams need the copies
-    during every step anyway; kept, they stay allocated between steps too (0.4 GB for SmolLM2-135M in float32)."""
-    built_for = (dtype, tuple(id(m) for m in modules))
-    entry = _DENSE_COPIES.get(id(model))
-    if entry is None or entry[0] != built_for:
-        if entry is None:
-            weakref.finalize(model, _DENSE_COPIES.pop, id(model), None)
-        entry = (built_for, dense_weights(modules, dtype))
-        mx.eval(entry[1])
-        _DENSE_COPIES[id(model)] = entry
-    return entry[1]
 
 
 def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):

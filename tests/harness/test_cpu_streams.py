@@ -153,8 +153,7 @@ def test_validation_over_streams_gives_one_streams_loss(compile):
 def test_the_streams_dequantize_each_weight_once_for_the_run_and_drop_the_copies_with_the_model(monkeypatch):
     import gc
 
-    from harness.step import accumulate
-    from models import quant
+    from models import dense_copies, quant
 
     calls = []
     build = quant._dense_weight
@@ -169,7 +168,7 @@ def test_the_streams_dequantize_each_weight_once_for_the_run_and_drop_the_copies
         mx.eval(eval_step(_batch(seed + 10)))
     assert len(calls) == len(quantized) == 14  # once per weight for the run, shared by both steps and streams
     model_id = id(model)
-    assert model_id in accumulate._DENSE_COPIES
+    assert model_id in dense_copies._KEPT
     del model, quantized, train_step, eval_step
     gc.collect()
-    assert model_id not in accumulate._DENSE_COPIES  # freed with the model
+    assert model_id not in dense_copies._KEPT  # freed with the model

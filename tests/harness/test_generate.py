@@ -68,3 +68,24 @@ def test_a_model_loaded_from_an_exported_directory_gets_the_cpu_paths(tiny_mistr
     ]
     # On the CPU (this suite's backend) the swap is real: the loaded model's layers were changed.
     assert changed == 0 or {type(layer.mlp.act_fn) for layer in model.model.layers} != expected_kinds
+
+
+def test_batched_answers_of_a_quantized_model_on_the_cpu_dequantize_each_weight_once(model, monkeypatch):
+    import copy
+
+    from models import quant
+    from models.backend import is_cpu
+    from models.quant import QuantSpec, quantize_model
+
+    quantized = quantize_model(copy.deepcopy(model), QuantSpec("rowwise"))
+    tokenizer = load_tokenizer(None)
+    records = [{"instruction": f"Question {i}: what is {i} plus {i}?", "context": ""} for i in range(6)]
+    expected = [complete(quantized, tokenizer, r, max_new_tokens=5) for r in records]  # one row: the fused kernel
+    calls = []
+    build = quant._dense_weight
+    monkeypatch.setattr(quant, "_dense_weight", lambda *a, **k: calls.append(1) or build(*a, **k))
+    for _ in range(2):  # six rows a batch: more tokens than the fused kernel takes, every step multiplies densely
+        assert complete_batch(quantized, tokenizer, records, max_new_tokens=5) == expected
+    weights = sum(isinstance(m, quant.QuantizedLinear) for _, m in quantized.named_modules())
+    if is_cpu():  # the kept dense copies: each weight once, for both calls and all their decoding steps
+        assert len(calls) == weights == 14

@@ -64,7 +64,8 @@ class Result:
     step_seconds: float
     tokens_per_second: float
     tflops_per_second: float  # model FLOPs (4N + attention + LoRA per token) / step time
-    matmul_tflops: float  # dense matmul rate of this device in the compute dtype, measured in this run
+    matmul_tflops: float  # dense matmul rate of this device in the compute dtype, measured in this run (ours: before
+    # and after the timed steps, averaged)
     mfu: float
     peak_memory_gb: float  # during the training steps (warm-up and compilation included)
     first_step_seconds: float  # process start -> end of the first training step (build, compile included)
@@ -127,11 +128,13 @@ def matmul_tflops(dtype: mx.Dtype) -> float:
 
 def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step, dtype, quant: str,
                 streams: int = 1, build_peak: float = float("nan"), accum: int = 1, train_step: str = "",
-                ranks: int = 1, real_tokens: int | None = None, padding: float = 0.0) -> Result:
+                ranks: int = 1, real_tokens: int | None = None, padding: float = 0.0,
+                ceiling_before: float | None = None) -> Result:
     """A `Result` from the optimizer-step times of one stack (`accum` micro-batches of batch x seq each on each
-    of `ranks` ranks), with FLOPs and the matmul ceiling measured now. `real_tokens`: with batches of real
-    lengths (`seq` their mean width), the non-padding tokens of all timed steps; tokens/s is then those over the
-    steps' total time."""
+    of `ranks` ranks), with FLOPs and the matmul ceiling measured now (and averaged with `ceiling_before`, the
+    one measured right before the timed steps, when given: a CPU's clocks drift). `real_tokens`: with batches of
+    real lengths (`seq` their mean width), the non-padding tokens of all timed steps; tokens/s is then those over
+    the steps' total time."""
     step = statistics.median(times)
     tokens = batch * seq * accum * ranks
     if real_tokens is not None:
@@ -140,6 +143,8 @@ def make_result(stack, cfg, args, batch, seq, ckpt, trainable, times, first_step
     flops = flops_per_token(args, seq, cfg.lora.rank, lora_layers, list(cfg.lora.target_modules))
     achieved = flops * tokens / step / 1e12
     ceiling = matmul_tflops(compute_dtype("auto"))  # the device's best dense rate, the same for every stack
+    if ceiling_before is not None:
+        ceiling = (ceiling + ceiling_before) / 2
     return Result(
         stack=stack, shape=cfg.model.name, batch=batch, seq=seq, checkpointing=ckpt,
         quant=quant, trainable_params=trainable, step_seconds=step,
@@ -201,6 +206,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
 
     run()
     first_step = time.perf_counter() - _PROCESS_START
+    ceiling_before = matmul_tflops(compute_dtype("auto"))
     real_tokens = padding = None
     if dolly_lengths:  # the rest of an untimed pass (one compilation per width), then one timed pass
         times = timed_runs(run, warmup=len(steps_batches) - 1, repeat=len(steps_batches))
@@ -213,7 +219,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
                    trainable_parameter_count(model), times, first_step, compute_dtype(cfg.model.dtype),
                    f"{cfg.quant.method}{cfg.quant.bits if cfg.quant.method != 'none' else ''}", streams, build_peak,
                    accum=accum, train_step=type(step).__name__, ranks=ranks.size, real_tokens=real_tokens,
-                   padding=padding or 0.0)
+                   padding=padding or 0.0, ceiling_before=ceiling_before)
 
 
 def stack_command(stack: str, overrides: list[str], options: argparse.Namespace) -> list[str]:

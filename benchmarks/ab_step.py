@@ -50,13 +50,14 @@ def dequantize_with(how: str):
 
 def dense_copies(kept: bool):
     def apply(model):
-        # per step: the shared block builds its own copies each time it is entered (`dense_weights_shared`)
+        # per step: no kept copies; the shared block builds its own each time it is entered (`dense_weights_shared`)
+        accumulate.kept_dense_weights = _build_kept if kept else (lambda *args: {})
         accumulate.multiplying_by_kept_dense_weights = _kept if kept else _per_step
 
     return apply
 
 
-_kept = accumulate.multiplying_by_kept_dense_weights
+_build_kept, _kept = accumulate.kept_dense_weights, accumulate.multiplying_by_kept_dense_weights
 
 
 def _per_step(model):

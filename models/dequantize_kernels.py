@@ -84,7 +84,9 @@ def affine_dequantize_4bit(packed: mx.array, scales: mx.array, biases: mx.array,
         return None
     (out,) = _kernel()(
         inputs=[packed, scales, biases.astype(scales.dtype)],
-        template=[("T", dtype), ("WORDS", rows * words), ("WORDS_PER_ROW", words), ("WORDS_PER_GROUP", words // groups)],
+        template=[
+            ("T", dtype), ("WORDS", rows * words), ("WORDS_PER_ROW", words), ("WORDS_PER_GROUP", words // groups)
+        ],
         grid=(rows * words, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(rows, words * 8)],

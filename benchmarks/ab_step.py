@@ -1,13 +1,13 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize] [--rows 4] [--seq 128] [--rounds 3] [--steps 8]
-        [overrides ...]
+    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm] [--rows 4] [--seq 128] [--rounds 3]
+        [--steps 8] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
-quantized weights dequantized every step against once for the run (`models.dense_copies`).
-Further comparisons go in `COMPARISONS`: a name
-for each variant and what it changes (in the model or the process) before the step is built.
+quantized weights dequantized every step against once for the run (`models.dense_copies`). `--compare norm`: the
+update's squared norm of each gradient array as a dot product against a sum of squares. Further comparisons go in
+`COMPARISONS`: a name for each variant and what it changes (in the model or the process) before the step is built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
 the host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
@@ -64,9 +64,23 @@ def _per_step(model):
     return dense_weights_shared(weight_modules(model), model.model.norm.weight.dtype)
 
 
+def squared_norm_by(how: str):
+    def sum_of_squares(array):
+        flat = array.reshape(-1).astype(mx.float32)
+        return (flat * flat).sum()
+
+    def apply(model):
+        accumulate.squared_norm = _dot if how == "dot" else sum_of_squares
+
+    return apply
+
+
+_dot = accumulate.squared_norm
+
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
+    "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum")},
 }
 
 

@@ -116,13 +116,8 @@ def matmul_tflops(dtype: mx.Dtype) -> float:
     a = mx.random.normal((size, size)).astype(dtype)
     b = mx.random.normal((size, size)).astype(dtype)
     mx.eval(a, b)
-    threads = blas.blas_threads()
-    blas.set_blas_threads(cpu_cores())  # every core, whatever the training step used (no-op without a BLAS)
-    try:
+    with blas.blas_threads_within(cpu_cores()):  # every core, whatever the training step used
         times = timed_runs(lambda: mx.eval(a @ b), warmup=1, repeat=3 if backend_name() == "cpu" else 10)
-    finally:
-        if threads is not None:
-            blas.set_blas_threads(threads)
     return 2 * size**3 / statistics.median(times) / 1e12
 
 

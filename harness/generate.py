@@ -15,7 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx import nn
 
+from harness.step.cpu_streams import cpu_cores
 from models.backend import is_cpu
+from models.blas import blas_threads_within
 from models.dense_copies import multiplying_by_kept_dense_weights
 
 
@@ -123,8 +125,12 @@ def complete_batch(
     responses = [""] * len(records)
     was_training = model.training
     model.eval()
-    # On the CPU a batch's decoding steps multiply by dense weights; built once, they serve every step (and the run)
-    with multiplying_by_kept_dense_weights(model) if is_cpu() else contextlib.nullcontext():
+    # On the CPU a batch's decoding steps multiply by dense weights (built once, they serve every step and the run),
+    # one stream's work with every core's BLAS threads
+    with contextlib.ExitStack() as on_cpu:
+        if is_cpu():
+            on_cpu.enter_context(multiplying_by_kept_dense_weights(model))
+            on_cpu.enter_context(blas_threads_within(cpu_cores()))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0

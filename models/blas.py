@@ -18,6 +18,7 @@ instruction set the CPU has, which for the Intel CPUs OpenBLAS knows is what its
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -139,3 +140,23 @@ def set_blas_threads(n: int) -> bool:
         return False
     functions[0](int(n))
     return True
+
+
+@contextlib.contextmanager
+def blas_threads_within(n: int):
+    """Within this block each call of the loaded BLAS uses `n` threads, then as many as before (for work that runs
+    on one MLX stream while the CPU streams' plan gave each stream a share of the cores); nothing changes where
+    the BLAS's threads cannot be set. MLX is synchronized on entry and exit, so that no matmul runs meanwhile."""
+    before = blas_threads()
+    if before is None or before == n:
+        yield
+        return
+    import mlx.core as mx  # (only here: this module must not import MLX before the BLAS is loaded)
+
+    mx.synchronize()
+    set_blas_threads(n)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        set_blas_threads(before)

@@ -89,3 +89,25 @@ def test_batched_answers_of_a_quantized_model_on_the_cpu_dequantize_each_weight_
     weights = sum(isinstance(m, quant.QuantizedLinear) for _, m in quantized.named_modules())
     if is_cpu():  # the kept dense copies: each weight once, for both calls and all their decoding steps
         assert len(calls) == weights == 14
+
+
+def test_batched_answers_on_the_cpu_use_every_core_for_the_blas_then_give_the_threads_back(model, monkeypatch):
+    from harness import generate
+    from harness.step.cpu_streams import cpu_cores
+    from models import blas
+    from models.backend import is_cpu
+
+    if not is_cpu() or blas.blas_threads() is None or cpu_cores() < 2:
+        pytest.skip("needs the CPU backend, a BLAS whose threads can be set and two cores")
+    before = blas.blas_threads()
+    blas.set_blas_threads(1)  # as the CPU streams' plan leaves it for training with one stream per core
+    seen = []
+    original = generate.generate_batch
+    monkeypatch.setattr(generate, "generate_batch", lambda *a, **k: seen.append(blas.blas_threads()) or original(*a, **k))
+    try:
+        records = [{"instruction": "Name a river.", "context": ""}]
+        complete_batch(model, load_tokenizer(None), records, max_new_tokens=2)
+        assert seen == [cpu_cores()]
+        assert blas.blas_threads() == 1
+    finally:
+        blas.set_blas_threads(before)

@@ -256,16 +256,19 @@ def test_two_workers_on_postgresql_survive_one_killed_mid_trial(tmp_path, hermet
 
 
 def wait_for_running(worker: subprocess.Popen, storage: str, count: int) -> None:
-    """Until the study `shared` holds `count` RUNNING trials with their parameters drawn (the workers are mid-trial).
+    """Until the study `shared` holds `count` RUNNING trials with all their parameters drawn (the workers are
+    mid-trial).
 
-    A trial is RUNNING from `study.ask`, a moment before its parameters are suggested: a worker killed in that
-    moment leaves a trial without parameters, whose retry rightly draws a new point.
+    A trial is RUNNING from `study.ask`, a moment before its parameters are suggested one by one: a worker killed in
+    that moment leaves a trial without all its parameters, whose retry rightly draws a new point.
     """
+    drawn = len(OmegaConf.load(REPO / "conf" / "hparams_search" / "tiny_optuna.yaml").hydra.sweeper.params)
     deadline = time.monotonic() + 300
     while True:
         assert time.monotonic() < deadline and worker.poll() is None, "no trial ever ran"
         try:
-            running = [t for t in load(storage, "shared").get_trials(states=(TrialState.RUNNING,)) if t.params]
+            trials = load(storage, "shared").get_trials(states=(TrialState.RUNNING,))
+            running = [t for t in trials if len(t.params) == drawn]
         except (KeyError, OperationalError):  # the study (or its SQLite folder) does not exist yet
             running = []
         if len(running) == count:

@@ -260,7 +260,7 @@ def wait_for_running(worker: subprocess.Popen, storage: str, count: int) -> None
     mid-trial).
 
     A trial is RUNNING from `study.ask`, a moment before its parameters are suggested one by one: a worker killed in
-    that moment leaves a trial without all its parameters, whose retry rightly draws a new point.
+    that moment leaves a trial without all its parameters, and its retry rightly draws the missing ones anew.
     """
     drawn = len(OmegaConf.load(REPO / "conf" / "hparams_search" / "tiny_optuna.yaml").hydra.sweeper.params)
     deadline = time.monotonic() + 300

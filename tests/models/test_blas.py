@@ -56,6 +56,27 @@ def test_thread_count_can_be_set_and_read_back_where_a_blas_was_loaded():
         blas.set_blas_threads(before)
 
 
+def test_threads_set_for_a_block_are_given_back_even_when_it_fails():
+    from models import blas
+
+    before = blas.blas_threads()
+    if before is None:
+        with blas.blas_threads_within(2):  # nothing to set: the block just runs
+            pass
+        return
+    try:
+        blas.set_blas_threads(1)
+        with blas.blas_threads_within(2):
+            assert blas.blas_threads() == 2
+        assert blas.blas_threads() == 1
+        with pytest.raises(RuntimeError, match="inside"):
+            with blas.blas_threads_within(2):
+                raise RuntimeError("inside")
+        assert blas.blas_threads() == 1
+    finally:
+        blas.set_blas_threads(before)
+
+
 CORE_PROBE = "import models; print(models.blas.openblas_core())"
 
 

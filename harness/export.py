@@ -37,7 +37,7 @@ def export_run(
     try:  # before the model is loaded (minutes for 7B): a folder that cannot be made is said at once
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DiskWriteError(out, err.strerror or str(err), err.errno) from err
+        raise DiskWriteError.from_error(out, err) from err
     written = {}
     try:
         set_up_process()

@@ -125,7 +125,7 @@ class Tracker:
             self._file.write(line + "\n")
             self._file.flush()
         except OSError as err:
-            raise DiskWriteError(self.metrics_path, err.strerror or str(err), err.errno) from err
+            raise DiskWriteError.from_error(self.metrics_path, err) from err
 
     def finish(self, exit_code: int = 0) -> None:
         failed = None
@@ -138,4 +138,4 @@ class Tracker:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
         if failed is not None:
-            raise DiskWriteError(self.metrics_path, failed.strerror or str(failed), failed.errno) from failed
+            raise DiskWriteError.from_error(self.metrics_path, failed) from failed

@@ -31,6 +31,13 @@ class DiskWriteError(OSError):
     def __str__(self) -> str:
         return self.message
 
+    @classmethod
+    def from_error(cls, path: str | os.PathLike, err: BaseException) -> DiskWriteError:
+        """The error for a write of `path` that failed with `err` (an `OSError`'s reason and errno, when it has
+        them; MLX's write errors are RuntimeErrors without)."""
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return cls(Path(path), reason, err.errno if isinstance(err, OSError) else None)
+
 
 def process_umask() -> int:
     """The process's file-mode creation mask (read without changing it, where Linux allows)."""
@@ -44,11 +51,6 @@ def process_umask() -> int:
     mask = os.umask(0o022)  # elsewhere: read by setting, then put back at once
     os.umask(mask)
     return mask
-
-
-def _write_failed(path: Path, err: BaseException) -> DiskWriteError:
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    return DiskWriteError(path, reason, err.errno if isinstance(err, OSError) else None)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -65,7 +67,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise _write_failed(path, err) from err
+            raise DiskWriteError.from_error(path, err) from err
         raise
 
 
@@ -89,7 +91,7 @@ def atomic_save_safetensors(
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, (OSError, RuntimeError)):  # MLX reports a short write as RuntimeError
-            raise _write_failed(path, err) from err
+            raise DiskWriteError.from_error(path, err) from err
         raise
 
 

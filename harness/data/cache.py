@@ -51,7 +51,7 @@ def write_entry(directory: Path, write: Callable[[Path], None]) -> None:
             raise
         except OSError as err:  # numpy's and Python's write errors do not say which file (a full disk)
             where = Path(err.filename) if err.filename else tmp
-            raise DiskWriteError(where, err.strerror or str(err), err.errno) from err
+            raise DiskWriteError.from_error(where, err) from err
         if not is_complete(tmp):
             raise RuntimeError(f"cache writer did not write {COMPLETE_MARKER}")
         if directory.exists() and not is_complete(directory):

@@ -214,12 +214,15 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: optim.Optimizer) -> TrainState:
+def load_checkpoint(
+    run_dir: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainState | None = None
+) -> TrainState:
     """Restore the latest checkpoint of `run_dir` into `model` (which carries its LoRA adapters already) and
-    `optimizer`; RNGs too. Everything is checked on the way (keys, shapes, adapter config, finite values) and
-    a failure is a `RunStateError` naming the file; nothing in the run directory is written."""
+    `optimizer`; RNGs too. `state`: the run's `read_state`, when the caller has read it already. Everything is
+    checked on the way (keys, shapes, adapter config, finite values) and a failure is a `RunStateError` naming the
+    file; nothing in the run directory is written."""
     run_dir = Path(run_dir)
-    state = read_state(run_dir)
+    state = read_state(run_dir) if state is None else state
     if state is None or state.latest is None:
         raise RunStateError(f"{run_dir / STATE_FILE}: nothing to resume (no checkpoint was written)")
     ckpt = run_dir / state.latest
@@ -274,7 +277,7 @@ def restore_run_state(
                 f"{data_source[5:17]}... now); the run's data position would point into other records. Restore "
                 f"the file, or start a new run ({run_dir / STATE_FILE} keeps the run's fingerprint)"
             )
-        state = load_checkpoint(run_dir, model, optimizer)
+        state = load_checkpoint(run_dir, model, optimizer, state)
         state.data_source = state.data_source or data_source
         state.finished = state.finished and state.step >= total_steps  # a run extended with trainer.max_steps
         note(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")

@@ -219,17 +219,14 @@ def check_utf8(text: str | None, where: str) -> None:
 def stdin_prompts() -> list[str]:
     """The non-blank lines of stdin, read as UTF-8 (a BOM accepted); an undecodable line is a `DataError`
     naming it."""
-    from harness.data.errors import DataError
+    from harness.data.records import undecodable_line
 
     prompts = []
     for line_number, raw in enumerate(sys.stdin.buffer, start=1):
         try:
             line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").strip()
         except UnicodeDecodeError as err:
-            raise DataError(
-                f"stdin, line {line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                "send UTF-8"
-            ) from None
+            raise undecodable_line("stdin", line_number, err, remedy="send UTF-8") from None
         if line:
             prompts.append(line)
     return prompts

@@ -100,10 +100,14 @@ def _check_not_utf16(path: Path, head: bytes) -> None:
         raise DataError(f"{path}: the file looks like {name} text without a byte-order mark; save it as UTF-8")
 
 
-def _undecodable(path: Path, line_number: int, err: UnicodeDecodeError) -> DataError:
+def undecodable_line(
+    source: str | Path, line_number: int, err: UnicodeDecodeError, remedy: str = "save the file as UTF-8"
+) -> DataError:
+    """The error for line `line_number` of `source` (a file, or "stdin"), which `err` could not decode as UTF-8:
+    the first bad byte and its column, and what to do."""
     return DataError(
-        f"{path}, line {line_number}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at column {err.start + 1}); "
-        "save the file as UTF-8"
+        f"{source}, line {line_number}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at column "
+        f"{err.start + 1}); {remedy}"
     )
 
 
@@ -123,7 +127,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as error:
-                yield where, _undecodable(path, line_number, error)
+                yield where, undecodable_line(path, line_number, error)
                 continue
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) carry no record
@@ -141,7 +145,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     except UnicodeDecodeError as error:
         line_start = data_bytes.rfind(b"\n", 0, error.start) + 1
         column_error = UnicodeDecodeError("utf-8", data_bytes[line_start:], error.start - line_start, error.end - line_start, error.reason)
-        raise _undecodable(path, data_bytes.count(b"\n", 0, error.start) + 1, column_error) from None
+        raise undecodable_line(path, data_bytes.count(b"\n", 0, error.start) + 1, column_error) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

@@ -1,4 +1,5 @@
-# Shared by the GPU run scripts: restore MLX's kernel cache, name the card, run one harness.bench stack.
+# Shared by the GPU run scripts: restore MLX's kernel cache, name the card, run one harness.bench stack or the
+# PyTorch anchor (PEFT on bitsandbytes from /tmp/bnb_site).
 mkdir -p "$OUT"
 [ -f .ptx/mlx_ptx_cache.tgz ] && [ ! -d /root/mlx_ptx ] && mkdir -p /root && tar xzf .ptx/mlx_ptx_cache.tgz -C /root
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
@@ -7,6 +8,15 @@ bench() {  # bench SECONDS ARGS...: one stack in its own process, its RESULT lin
   echo "== $*" | tee -a "$OUT/log.txt"
   timeout "$limit" python3 -m harness.bench model=${MODEL:-mistral-7b-shape} "$@" 2>>"$OUT/log.txt" \
     | grep '^RESULT ' | sed 's/^RESULT //' | tee -a "$OUT/results.jsonl"
+}
+torch_run() {  # torch_run SECONDS ARGS...: one run of benchmarks/torch_qlora.py, its JSON line to torch.jsonl
+  local limit=$1; shift
+  echo "== torch $*" | tee -a "$OUT/log.txt"
+  PYTHONPATH=/tmp/bnb_site timeout "$limit" python3 benchmarks/torch_qlora.py "$@" 2>>"$OUT/log.txt" \
+    | grep '^{' | tee -a "$OUT/torch.jsonl"
+}
+torch_flagship() {  # torch_flagship SECONDS: the anchor on the flagship experiment's settings
+  torch_run "$1" --base nf4 --batch 4 --seq 512 --rank 16 --dropout 0.05 --accum 4 --checkpointing --steps 3
 }
 save_kernel_cache() {  # bring MLX's compiled kernels back for the next machine (carry .ptx/ in later calls)
   tar czf "$OUT/mlx_ptx_cache.tgz" -C /root mlx_ptx 2>/dev/null

@@ -4,12 +4,6 @@
 # peft come with the machine's Python.
 OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
-torch_run() {  # torch_run SECONDS ARGS...
-  local limit=$1; shift
-  echo "== torch $*" | tee -a "$OUT/log.txt"
-  PYTHONPATH=/tmp/bnb_site timeout "$limit" python3 benchmarks/torch_qlora.py "$@" 2>>"$OUT/log.txt" \
-    | grep '^{' | tee -a "$OUT/torch.jsonl"
-}
 torch_run 150 --base nf4 --batch 8 --seq 512
 torch_run 150 --base nf4 --batch 4 --seq 512 --checkpointing
 torch_run 120 --base bf16 --batch 8 --seq 512

@@ -10,9 +10,7 @@ OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
 # Batch, sequence, accumulation, rank and dropout all come from the experiment's config.
 bench 330 --stack ours experiment=mistral7b_dolly_qlora --steps 4 --warmup 1
-echo "== torch flagship settings" | tee -a "$OUT/log.txt"
-PYTHONPATH=/tmp/bnb_site timeout 220 python3 benchmarks/torch_qlora.py --base nf4 --batch 4 --seq 512 --rank 16 \
-  --dropout 0.05 --accum 4 --checkpointing --steps 3 2>>"$OUT/log.txt" | grep '^{' | tee -a "$OUT/torch.jsonl"
+torch_flagship 220
 save_kernel_cache
 python3 - "$OUT" <<'PY' | tee "$OUT/flagship.md"
 import json, sys

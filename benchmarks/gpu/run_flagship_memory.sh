@@ -23,9 +23,7 @@ for variant in "${VARIANTS[@]}"; do
   bench ${LIMIT:-100} --stack ours experiment=mistral7b_dolly_qlora --steps 4 --warmup 1 $variant >/dev/null
   [ "$(wc -l <"$OUT/results.jsonl")" -gt "$before" ] && echo "$variant" >>"$OUT/variants.txt"
 done
-echo "== torch flagship settings" | tee -a "$OUT/log.txt"
-PYTHONPATH=/tmp/bnb_site timeout ${TORCH_LIMIT:-200} python3 benchmarks/torch_qlora.py --base nf4 --batch 4 --seq 512 \
-  --rank 16 --dropout 0.05 --accum 4 --checkpointing --steps 3 2>>"$OUT/log.txt" | grep '^{' | tee -a "$OUT/torch.jsonl"
+torch_flagship ${TORCH_LIMIT:-200}
 save_kernel_cache
 python3 - "$OUT" <<'PY' | tee "$OUT/flagship_memory.md"
 import json, sys

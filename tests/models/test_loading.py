@@ -3,6 +3,7 @@ its cache, and the errors bad checkpoints give."""
 
 import json
 import shutil
+from pathlib import Path
 
 import huggingface_hub.constants
 import mlx.core as mx
@@ -161,14 +162,35 @@ def test_cache_key_separates_specs_dtypes_and_checkpoints(small, make_mistral_ch
     np.testing.assert_array_equal(logits_of(reloaded, tokens), logits_of(fresh, tokens))
 
 
-def test_corrupt_cache_entry_is_rebuilt_with_a_warning(small, tmp_path):
+def _cut_short(weights: Path) -> str:
+    """A crash mid-write: the file ends early. Returns the warning expected."""
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return "quantizing again"
+
+
+def _non_finite_scales(weights: Path) -> str:
+    """Bytes overwritten under an intact safetensors header (a bad disk sector): the file still loads, with NaN in
+    a float32 tensor. Returns the warning expected."""
+    raw = bytearray(weights.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    name = next(k for k, v in header.items() if k.endswith("scales") and v["dtype"] == "F32")
+    start, end = header[name]["data_offsets"]
+    raw[8 + header_len + start : 8 + header_len + end] = np.full((end - start) // 4, np.nan, np.float32).tobytes()
+    weights.write_bytes(bytes(raw))
+    return rf"{name}.* NaN or inf.*quantizing again"
+
+
+@pytest.mark.parametrize(
+    "method, damage", [("nf4", _cut_short), ("rowwise", _non_finite_scales)], ids=["cut short", "non-finite values"]
+)
+def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(small, tmp_path, method, damage):
     cache = tmp_path / "cache"
-    spec = QuantSpec(method="nf4")
+    spec = QuantSpec(method=method)
     first = load_pretrained(small, quant=spec, cache_dir=cache, progress=False)
     (entry,) = cache.iterdir()
-    weights = entry / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="quantizing again"):
+    warning = damage(entry / "model.safetensors")
+    with pytest.warns(UserWarning, match=warning):
         again = load_pretrained(small, quant=spec, cache_dir=cache, progress=False)
     tokens = ids()
     np.testing.assert_array_equal(logits_of(again, tokens), logits_of(first, tokens))
@@ -351,25 +373,3 @@ def test_benchmark_checkpoint_writer_output_loads_in_transformers_and_here(tmp_p
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
     assert reference.config.sliding_window == 16 and reference.config.num_key_value_heads == 2
-
-
-def test_a_cache_entry_with_non_finite_values_is_rebuilt_with_a_warning(small, tmp_path):
-    """Bytes overwritten under an intact safetensors header (a bad disk sector): the file still loads."""
-    import json
-
-    cache = tmp_path / "cache"
-    spec = QuantSpec(method="rowwise")
-    first = load_pretrained(small, quant=spec, cache_dir=cache, progress=False)
-    (entry,) = cache.iterdir()
-    weights = entry / "model.safetensors"
-    raw = bytearray(weights.read_bytes())
-    header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + header_len])
-    name = next(k for k, v in header.items() if k.endswith("scales") and v["dtype"] == "F32")
-    start, end = header[name]["data_offsets"]
-    raw[8 + header_len + start : 8 + header_len + end] = np.full((end - start) // 4, np.nan, np.float32).tobytes()
-    weights.write_bytes(bytes(raw))
-    with pytest.warns(UserWarning, match=rf"{name}.* NaN or inf.*quantizing again"):
-        again = load_pretrained(small, quant=spec, cache_dir=cache, progress=False)
-    tokens = ids()
-    np.testing.assert_array_equal(logits_of(again, tokens), logits_of(first, tokens))

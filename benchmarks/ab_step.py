@@ -1,13 +1,16 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm] [--rows 4] [--seq 128] [--rounds 3]
-        [--steps 8] [overrides ...]
+    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|backward-weights] [--rows 4]
+        [--seq 128] [--rounds 3] [--steps 8] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
 quantized weights dequantized every step against once for the run (`models.dense_copies`). `--compare norm`: the
-update's squared norm of each gradient array as a dot product against a sum of squares. Further comparisons go in
-`COMPARISONS`: a name for each variant and what it changes (in the model or the process) before the step is built.
+update's squared norm of each gradient array as a dot product against a sum of squares. `--compare update`: the
+optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`).
+`--compare backward-weights` (with checkpointing): the recomputed layer keeps its dense weights for the backward
+pass against rebuilding them there. Further comparisons go in `COMPARISONS`: a name for each variant and what it
+changes (in the model or the process) before the step is built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
 the host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
@@ -35,8 +38,9 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
-from harness.step import accumulate  # noqa: E402
+from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import make_train_step  # noqa: E402
+from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
 from models.quant import dense_weights_shared  # noqa: E402
 
@@ -77,10 +81,31 @@ def squared_norm_by(how: str):
 
 _dot = accumulate.squared_norm
 
+
+def update_on(how: str):
+    def apply(model):
+        # read when the step's update is built (`harness.step.accumulate.make_update`)
+        stacked.AdapterStacks.supports = staticmethod(_element_wise if how == "stacks" else lambda optimizer: False)
+
+    return apply
+
+
+_element_wise = stacked.AdapterStacks.supports
+
+
+def backward_weights(kept: bool):
+    def apply(model):
+        # the checkpointed step's default (`harness.step.layerwise.LayerwiseTrainStep(keep_dense=...)`)
+        LayerwiseTrainStep.__init__.__kwdefaults__["keep_dense"] = kept
+
+    return apply
+
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum")},
+    "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
+    "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
 }
 
 

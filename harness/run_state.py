@@ -26,6 +26,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 from omegaconf import DictConfig, OmegaConf
 
+from harness.step.stacked import per_parameter_state
 from models.adapters import AdapterError, load_adapters
 from models.atomic_files import atomic_save_safetensors, atomic_write_text
 from models.json_files import read_json_object, read_utf8_text
@@ -86,9 +87,10 @@ def restore_rng(state: TrainState) -> None:
         )
 
 
-def save_optimizer(optimizer: optim.Optimizer, path: Path) -> None:
-    """Optimizer state (step, learning rate, AdamW moments) as safetensors, keyed by parameter path."""
-    atomic_save_safetensors(path, dict(tree_flatten(optimizer.state)))
+def save_optimizer(optimizer: optim.Optimizer, path: Path, model: nn.Module) -> None:
+    """Optimizer state (step, learning rate, AdamW moments) as safetensors, keyed by parameter path (state the
+    training step keeps stacked by shape is cut back into its parameters: `harness.step.stacked`)."""
+    atomic_save_safetensors(path, per_parameter_state(optimizer.state, model))
 
 
 def load_optimizer(optimizer: optim.Optimizer, path: Path, model: nn.Module) -> None:
@@ -117,7 +119,9 @@ def load_optimizer(optimizer: optim.Optimizer, path: Path, model: nn.Module) -> 
             )
         if mx.issubdtype(value.dtype, mx.inexact) and not mx.all(mx.isfinite(value)).item():
             raise RunStateError(f"{path}: {key} holds NaN or inf values; the checkpoint is damaged")
-    optimizer.state = tree_unflatten(list(flat.items()))
+    # in place: a training step built already holds this dict (and stacks it again: `harness.step.stacked`)
+    optimizer.state.clear()
+    optimizer.state.update(tree_unflatten(list(flat.items())))
     optimizer.init(model.trainable_parameters())
 
 
@@ -198,7 +202,7 @@ def save_checkpoint(
         tmp.mkdir()
         try:
             save_adapters_fn(model, tmp)
-            save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
+            save_optimizer(optimizer, tmp / OPTIMIZER_FILE, model)
             os.replace(tmp, final)
         except BaseException:  # a full disk, a second Ctrl-C: give the space back; state.json is unchanged
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from harness.distributed import world
 from harness.step.cpu_streams import split_rows
+from harness.step.stacked import AdapterStacks
 from models.dense_copies import kept_dense_weights, multiplying_by_kept_dense_weights
 
 Batch = dict[str, mx.array]
@@ -58,7 +59,9 @@ def rows_on_streams(
     return split_fn
 
 
-def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True):
+def make_update(
+    model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True, *, stacked: bool = False
+):
     """`update(grads, n_tokens) -> grad_norm`: scale the summed gradients to the mean over the loss tokens, clip
     their global norm to `grad_clip` (0 = off; as `optim.clip_grad_norm` does), apply the optimizer to `model`.
     Compiled with the model and optimizer state.
@@ -66,21 +69,40 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, 
     A step with few tokens is bound by the number of kernels, not by arithmetic (BENCHMARKS.md, "Where a small
     step's time goes"), so the update costs two kernels per parameter array: one dot product for its squared
     norm, and the optimizer's fused arithmetic, into which the division by the token count and the clipping
-    factor fold as one scalar."""
+    factor fold as one scalar. `stacked` (with an element-wise optimizer such as AdamW): the trainable arrays and
+    the optimizer's state are kept stacked by shape across steps (`harness.step.stacked`), the gradients copied
+    into their stacks, and the norm and the optimizer run once per stack. On an H200 that paid in the
+    checkpointed step and cost time in the whole-graph one (BENCHMARKS.md, "Session 8")."""
+    stacks = AdapterStacks(model, optimizer) if stacked and AdapterStacks.supports(optimizer) else None
 
     def update(grads: dict, n_tokens: mx.array) -> mx.array:
+        if stacks is not None:
+            grads = stacks.stack(grads)
         n_tokens = mx.maximum(n_tokens, 1).astype(mx.float32)
         norm = mx.sqrt(sum(squared_norm(g) for _, g in tree_flatten(grads))) / n_tokens
         scale = 1 / n_tokens
         if grad_clip > 0:
             scale = mx.where(norm < grad_clip, scale, scale * (grad_clip / (norm + 1e-6)))
-        optimizer.update(model, tree_map(lambda g: g * scale.astype(g.dtype), grads))
+        scaled = tree_map(lambda g: g * scale.astype(g.dtype), grads)
+        if stacks is not None:
+            stacks.apply(optimizer, scaled)
+        else:
+            optimizer.update(model, scaled)
         return norm
 
     if compile:
-        state = [model.state, optimizer.state, mx.random.state]
+        state = [model.state, optimizer.state, mx.random.state] + ([stacks.arrays] if stacks is not None else [])
         update = partial(mx.compile, inputs=state, outputs=state)(update)
-    return update
+    if stacks is None:
+        return update
+
+    def stacked_update(grads: dict, n_tokens: mx.array) -> mx.array:
+        stacks.ensure_current(optimizer)
+        norm = update(grads, n_tokens)
+        stacks.remember_views()
+        return norm
+
+    return stacked_update
 
 
 def squared_norm(array: mx.array) -> mx.array:

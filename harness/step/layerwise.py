@@ -76,7 +76,7 @@ class LayerwiseTrainStep:
         self.layers = model.layers
         self._in_flight, self._keep_dense = in_flight, keep_dense
         self._compile = compile
-        self._update = make_update(model, optimizer, grad_clip, compile)
+        self._update = make_update(model, optimizer, grad_clip, compile, stacked=True)
         # Layers of one structure (the same parameter names: adapters or none) share one compiled forward and
         # backward: the first such layer is the template whose arrays are swapped for the given layer's.
         self._templates: dict[tuple[str, ...], nn.Module] = {}

@@ -63,8 +63,10 @@ def test_layerwise_step_matches_train_step(case):
         assert loss == pytest.approx(loss_ref, rel=1e-5)
         assert norm == pytest.approx(norm_ref, rel=1e-4)
     assert got_params.keys() == expected_params.keys()
+    # atol: the layerwise step updates stacked arrays (`harness.step.stacked`), the norm summed in another order;
+    # Adam's steps of lr 1e-2 turn that last-bit difference into about 1e-6 on entries of about 0.1
     for name, value in expected_params.items():
-        np.testing.assert_allclose(np.array(got_params[name]), np.array(value), rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(np.array(got_params[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_make_train_step_picks_layerwise_only_where_it_applies():

@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|backward-weights] [--rows 4]
-        [--seq 128] [--rounds 3] [--steps 8] [overrides ...]
+    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|backward-weights|train-step]
+        [--rows 4] [--seq 128] [--rounds 3] [--steps 8] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
@@ -9,7 +9,8 @@ quantized weights dequantized every step against once for the run (`models.dense
 update's squared norm of each gradient array as a dot product against a sum of squares. `--compare update`: the
 optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`).
 `--compare backward-weights` (with checkpointing): the recomputed layer keeps its dense weights for the backward
-pass against rebuilding them there. Further comparisons go in `COMPARISONS`: a name for each variant and what it
+pass against rebuilding them there. `--compare train-step`: the whole-graph step against the layer-by-layer one
+(`harness.step.factory`). Further comparisons go in `COMPARISONS`: a name for each variant and what it
 changes (in the model or the process) before the step is built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
@@ -93,6 +94,16 @@ def update_on(how: str):
 _element_wise = stacked.AdapterStacks.supports
 
 
+STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config's trainer.train_step
+
+
+def train_step_kind(kind: str):
+    def apply(model):
+        STEP_KIND["kind"] = kind
+
+    return apply
+
+
 def backward_weights(kept: bool):
     def apply(model):
         # the checkpointed step's default (`harness.step.layerwise.LayerwiseTrainStep(keep_dense=...)`)
@@ -106,6 +117,7 @@ COMPARISONS = {
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
+    "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
 }
 
 
@@ -135,7 +147,8 @@ def main() -> None:
             apply(model)
             optimizer = build_optimizer(cfg.optim, model, total_steps=1000)
             step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
-                                   streams=streams)
+                                   streams=streams, kind=STEP_KIND.get("kind", cfg.trainer.train_step),
+                                   micro_batch_tokens=options.rows * options.seq)
 
             def run():
                 mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)

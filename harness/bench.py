@@ -177,7 +177,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     model = build_model(cfg, progress=False)
     optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
     step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
-                           streams=streams)
+                           streams=streams, kind=cfg.trainer.train_step, micro_batch_tokens=batch * seq)
     ranks = world()  # several under a distributed launcher: the step takes this rank's rows of each global batch
     if dolly_lengths:
         accum = 1

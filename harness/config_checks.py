@@ -22,6 +22,7 @@ GROUP_SIZES = (32, 64, 128)  # the group-wise kernels' sizes (models.quant.Quant
 MAX_SEED = 2**32 - 1
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # models.backend.compute_dtype
 WANDB_MODES = ("offline", "online", "disabled")
+TRAIN_STEPS = ("auto", "standard", "layerwise")  # harness.step.factory.TRAIN_STEPS
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,7 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.log_every": (at_least(1), "an integer >= 1"),
     "trainer.save_every": (at_least(0), "an integer >= 0 (0: at validation only)"),
     "trainer.cpu_streams": (optional(at_least(1)), "null or an integer >= 1"),
+    "trainer.train_step": (one_of(TRAIN_STEPS), " | ".join(TRAIN_STEPS)),
     "trainer.memory_limit_gb": (optional(above(0)), "null or a number > 0"),
     "trainer.stop_after_steps": (optional(at_least(1)), "null or an integer >= 1"),
     "trainer.num_sample_prompts": (at_least(0), "an integer >= 0"),

@@ -121,6 +121,10 @@ class TrainerConfig:
     save_every: int = 0  # optimizer steps between checkpoints of the latest state (0: at validation only)
     seed: int = 0  # data order, dropout, numpy
     gradient_checkpointing: bool = False
+    # The training step (harness/step/factory.py): auto | standard (the whole step as compiled graphs) | layerwise
+    # (layer by layer, each layer's forward recomputed: checkpointing's memory). auto: layerwise with
+    # checkpointing on, or on CUDA for micro-batches of at most 2048 tokens, where it is the faster; else standard.
+    train_step: str = "auto"
     compile: bool = True
     # CPU streams that share each micro-batch's rows, one core each (null: one per core on the CPU backend when
     # the BLAS's threads can be set; 1: off). GPUs use one. See harness/step/cpu_streams.py.

@@ -147,7 +147,8 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
         facts = report.log_run_facts(tracker, model, data, batches.validation, total_steps, state)
         before = report.answers_before(model, tokenizer, batches.validation, cfg, tracker, run_dir, state)
         train_step = make_train_step(
-            model, optimizer, grad_clip=cfg.optim.grad_clip, compile=trainer.compile, streams=cpu_streams
+            model, optimizer, grad_clip=cfg.optim.grad_clip, compile=trainer.compile, streams=cpu_streams,
+            kind=trainer.train_step, micro_batch_tokens=trainer.batch_size * cfg.data.max_seq_len,
         )
         eval_step = make_eval_step(model, compile=trainer.compile, streams=cpu_streams)
         stop.armed = True

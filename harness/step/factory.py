@@ -14,15 +14,42 @@ from harness.step.cpu_streams import new_streams
 from harness.step.layerwise import LayerwiseTrainStep
 from harness.step.loss import causal_lm_loss
 from harness.step.standard import TrainStep
+from models.backend import backend_name
+from models.recompute import gradient_checkpointing_enabled
+
+
+TRAIN_STEPS = ("auto", "standard", "layerwise")
+# "auto" takes the layer-by-layer step without checkpointing too, on these backends, for micro-batches of at most
+# this many tokens (rows x longest row): there a step is bound by the host building and submitting kernels, and the
+# layer-by-layer step's small per-layer graphs keep the GPU busy while the next layer is built, which pays more
+# than its recomputed forward passes cost (BENCHMARKS.md, "Session 8"). Not measured on Metal: the whole-graph step.
+LAYERWISE_MAX_TOKENS = {"cuda": 2048}
 
 
 def make_train_step(
-    model: nn.Module, optimizer: optim.Optimizer, *, grad_clip: float, compile: bool = True, streams: int = 1
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    *,
+    grad_clip: float,
+    compile: bool = True,
+    streams: int = 1,
+    kind: str = "auto",
+    micro_batch_tokens: int | None = None,
 ):
-    """The training step for `model`: `LayerwiseTrainStep` (memory-bounded: layer by layer, micro-batch by
-    micro-batch) when it has gradient checkpointing on, else `TrainStep` with each micro-batch's rows split over
-    `streams` streams (`harness.step.cpu_streams.plan_cpu_streams` chooses how many)."""
-    if LayerwiseTrainStep.supports(model):
+    """The training step for `model`, by `kind` (`trainer.train_step`): "layerwise" is `LayerwiseTrainStep`
+    (layer by layer, micro-batch by micro-batch, each layer's forward pass recomputed for its backward pass: the
+    memory of gradient checkpointing), "standard" `TrainStep` with each micro-batch's rows split over `streams`
+    streams (`harness.step.cpu_streams.plan_cpu_streams` chooses how many). "auto": layerwise when the model has
+    gradient checkpointing on, or when `micro_batch_tokens` (the largest micro-batch's tokens) is at most
+    `LAYERWISE_MAX_TOKENS` on this backend; else standard. Layerwise needs every adapter inside a decoder layer
+    (`LayerwiseTrainStep.supports`); "auto" falls back to standard where it does not."""
+    if kind not in TRAIN_STEPS:
+        raise ValueError(f"trainer.train_step={kind!r}; expected one of {', '.join(TRAIN_STEPS)}")
+    if kind == "auto":
+        small = micro_batch_tokens is not None and micro_batch_tokens <= LAYERWISE_MAX_TOKENS.get(backend_name(), 0)
+        layerwise = LayerwiseTrainStep.supports(model) and (gradient_checkpointing_enabled(model) or small)
+        kind = "layerwise" if layerwise else "standard"
+    if kind == "layerwise":
         return LayerwiseTrainStep(model, optimizer, grad_clip=grad_clip, compile=compile)
     return TrainStep(model, optimizer, grad_clip=grad_clip, compile=compile, streams=streams)
 

@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from harness.distributed import world
 from harness.step.loss import loss_from_hidden
 from harness.step.accumulate import make_update, sum_outputs
-from models.recompute import gradient_checkpointing_enabled, uncheckpointed_call
+from models.recompute import uncheckpointed_call
 from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
 
@@ -52,9 +52,8 @@ class LayerwiseTrainStep:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Checkpointed models whose trainable parameters all sit in decoder layers (adapter dropout included)."""
-        if not gradient_checkpointing_enabled(model):
-            return False
+        """Models whose trainable parameters all sit in decoder layers (adapter dropout included). Checkpointing
+        need not be on: this step recomputes each layer's forward pass itself."""
         trainable = [name for name, _ in tree_flatten(model.trainable_parameters())]
         return bool(trainable) and all(n.startswith("model.layers.") for n in trainable)
 
@@ -71,7 +70,7 @@ class LayerwiseTrainStep:
         """`in_flight`: layers queued on the device at once (more: fewer idle gaps, more memory).
         `keep_dense`: the recomputation keeps dense weights for the backward pass ("dequantize_saved")."""
         if not self.supports(model):
-            raise ValueError("LayerwiseTrainStep needs gradient checkpointing on and adapters only in decoder layers")
+            raise ValueError("LayerwiseTrainStep needs every trainable parameter inside a decoder layer")
         self.model = model
         self.layers = model.layers
         self._in_flight, self._keep_dense = in_flight, keep_dense

@@ -34,6 +34,7 @@ BAD_VALUES = [
     ("distributed.ranks_per_host=0", "distributed.ranks_per_host=0", ">= 1"),
     ("quant.group_size=48", "quant.group_size=48", "32, 64 or 128"),
     ("model.dtype=fp8", "model.dtype=fp8", "auto | float32 | bfloat16 | float16"),
+    ("trainer.train_step=fast", "trainer.train_step=fast", "auto | standard | layerwise"),
 ]
 
 

@@ -14,6 +14,7 @@ from mlx import nn
 from harness.step.layerwise import LayerwiseTrainStep, layer_dropout_keys, micro_batch_dropout_keys
 from harness.step.loss import loss_from_hidden
 from harness.step.accumulate import make_update, sum_outputs
+from harness.step import factory
 from harness.step.factory import make_train_step
 from harness.step.standard import TrainStep
 from models.recompute import uncheckpointed_call
@@ -69,11 +70,38 @@ def test_layerwise_step_matches_train_step(case):
         np.testing.assert_allclose(np.array(got_params[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_make_train_step_picks_layerwise_only_where_it_applies():
-    optimizer = optim.AdamW(learning_rate=1e-3)
-    assert isinstance(make_train_step(_model(), optimizer, grad_clip=1.0), LayerwiseTrainStep)
-    assert isinstance(make_train_step(_model(dropout=0.1), optimizer, grad_clip=1.0), LayerwiseTrainStep)
-    assert type(make_train_step(_model(checkpointing=False), optimizer, grad_clip=1.0)) is TrainStep
+def test_make_train_step_picks_layerwise_only_where_it_applies(monkeypatch):
+    def kind(model, backend="cpu", **options):
+        monkeypatch.setattr(factory, "backend_name", lambda: backend)
+        return type(make_train_step(model, optim.AdamW(learning_rate=1e-3), grad_clip=1.0, **options))
+
+    assert kind(_model()) is LayerwiseTrainStep  # checkpointing on
+    assert kind(_model(dropout=0.1)) is LayerwiseTrainStep
+    assert kind(_model(checkpointing=False)) is TrainStep
+    assert kind(_model(), kind="standard") is TrainStep
+    assert kind(_model(checkpointing=False), kind="layerwise") is LayerwiseTrainStep
+    # without checkpointing, "auto" goes layer by layer only for small micro-batches on a backend measured so
+    small = factory.LAYERWISE_MAX_TOKENS["cuda"]
+    assert kind(_model(checkpointing=False), "cuda", micro_batch_tokens=small) is LayerwiseTrainStep
+    assert kind(_model(checkpointing=False), "cuda", micro_batch_tokens=small + 1) is TrainStep
+    assert kind(_model(checkpointing=False), "metal", micro_batch_tokens=128) is TrainStep
+    assert kind(_model(checkpointing=False), "cpu", micro_batch_tokens=128) is TrainStep
+    with pytest.raises(ValueError, match="trainer.train_step='fast'"):
+        kind(_model(), kind="fast")
+
+
+def test_layerwise_step_without_checkpointing_matches_train_step():
+    """The layer-by-layer step recomputes layers itself: on a model without checkpointing (as "auto" runs it for
+    small micro-batches on CUDA) it gives TrainStep's numbers."""
+    schedule = [[_batch(1)], [_batch(2)]]
+    reference_model = _model(checkpointing=False)
+    layerwise_model = copy.deepcopy(reference_model)
+    expected, expected_params = _run(TrainStep, reference_model, schedule, compile=True)
+    got, got_params = _run(LayerwiseTrainStep, layerwise_model, schedule, compile=True)
+    for (loss, n, norm), (loss_ref, n_ref, norm_ref) in zip(got, expected):
+        assert (n, loss, norm) == (n_ref, pytest.approx(loss_ref, rel=1e-5), pytest.approx(norm_ref, rel=1e-4))
+    for name, value in expected_params.items():
+        np.testing.assert_allclose(np.array(got_params[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def _reference_step(model, optimizer, batches, step_key):
@@ -132,3 +160,9 @@ def test_dropout_masks_follow_the_key():
     assert loss_with(mx.random.key(1)) == loss_with(mx.random.key(1))
     assert loss_with(mx.random.key(1)) != loss_with(mx.random.key(2))
     assert loss_with(mx.random.key(1), dropout=0.0) != loss_with(mx.random.key(1))
+
+
+def test_train_step_choices_are_the_config_checks():
+    from harness.config_checks import TRAIN_STEPS
+
+    assert TRAIN_STEPS == factory.TRAIN_STEPS

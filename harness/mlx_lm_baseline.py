@@ -10,6 +10,7 @@ Only `harness.bench` imports this module (mlx-lm is an optional dependency: `pip
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 
@@ -45,6 +46,17 @@ def build_mlx_lm_model(arch: dict, quant_bits: int, group_size: int, lora: dict)
     return model
 
 
+def model_arch(cfg) -> dict:
+    """The model's shape as Hugging Face config keys: `model.arch` for a random shape, else read from the
+    checkpoint at `model.path` (its `config.json` or GGUF metadata), whose weights mlx-lm's stack does not load:
+    it trains random weights of the same shape, as for a shape."""
+    if cfg.model.arch is not None:
+        return plain(cfg.model.arch)
+    from models.loading import checkpoint_args
+
+    return dataclasses.asdict(checkpoint_args(cfg.model.path))
+
+
 def dolly_batches_mlx_lm(cfg, batch: int, count: int, vocab_size: int) -> list[tuple[mx.array, mx.array]]:
     """The records `harness.bench.dolly_batches` trains ours on, batched by mlx-lm's own `iterate_batches`
     (sorted by length, padded to a multiple of 32 plus one): `(tokens, (offset, length) rows)` per batch, the
@@ -64,7 +76,7 @@ def bench_mlx_lm(cfg, batch: int, seq: int, steps: int, warmup: int, *, process_
     `dolly_lengths`: `steps` batches of Dolly-profile records instead (`harness.bench`'s module docstring)."""
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 
-    arch = plain(cfg.model.arch)
+    arch = model_arch(cfg)
     model = build_mlx_lm_model(arch, cfg.quant.bits, 64, plain(cfg.lora))
     if cfg.trainer.gradient_checkpointing:
         grad_checkpoint(model.layers[0])

@@ -153,6 +153,15 @@ def _snapshot(repo_id: str, *, revision: str | None, local_dir, progress: bool) 
 # Reading a checkpoint directory
 
 
+def checkpoint_args(model_path: str | Path) -> ModelArgs:
+    """`ModelArgs` of a local checkpoint: a directory's `config.json`, or a `.gguf` file's metadata (its header
+    only, no tensor read). Errors name the file."""
+    model_path = Path(model_path)
+    if is_gguf(model_path):
+        return _gguf_call(gguf.model_args, _gguf_call(gguf.read_header, model_path))
+    return read_model_args(model_path)
+
+
 def read_model_args(model_dir: Path) -> ModelArgs:
     """`ModelArgs` from `model_dir/config.json`; errors name the file (and the line for broken JSON)."""
     config_path = model_dir / "config.json"
@@ -305,11 +314,10 @@ def load_pretrained(
     model_dir = resolve_model_dir(path_or_repo_id, revision=revision, progress=progress)
     if is_gguf(model_dir):
         header = _gguf_call(gguf.read_header, model_dir)
-        args = _gguf_call(gguf.model_args, header)
         files = {name: model_dir for name in header.tensors}
     else:
-        args = read_model_args(model_dir)
         files = weight_map(model_dir)
+    args = checkpoint_args(model_dir)
 
     cache_path = None
     if quant is not None and cache_dir is not None:

@@ -113,22 +113,15 @@ class AdapterStacks:
         self.remember_views()
 
     def _give_model_views(self) -> None:
-        for (stack, names), start in zip(self.layout, _starts(self.layout)):
+        places = iter(self._places)  # in layout order
+        for stack, names in self.layout:
             stacked = self.arrays[stack]
             for i in range(len(names)):
-                container, key = self._places[start + i]
+                container, key = next(places)
                 container[key] = stacked[i]
 
 
-def _starts(layout: list[tuple[str, list[str]]]) -> list[int]:
-    starts, total = [], 0
-    for _, names in layout:
-        starts.append(total)
-        total += len(names)
-    return starts
-
-
-def _place(model: nn.Module, name: str) -> tuple[Any, str | int]:
+def _place(model: nn.Module, name: str) -> tuple[Any, str]:
     """`(container, key)` holding parameter `name` ("model.layers.3.mlp.down_proj.lora_A") inside `model`."""
     *path, key = name.split(".")
     container: Any = model

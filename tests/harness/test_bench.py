@@ -60,3 +60,21 @@ def test_bench_on_dolly_lengths_counts_only_real_tokens(tmp_path, hermetic_env):
     padded_tokens_per_second = 2 * result["seq"] / result["step_seconds"]
     assert result["tokens_per_second"] == pytest.approx(padded_tokens_per_second * (1 - result["padding_fraction"]),
                                                         rel=0.05)
+
+
+def test_mlx_lm_anchor_takes_a_checkpoints_shape_from_the_file(tmp_path):
+    """The default model is a GGUF file (`model.arch: null`): mlx-lm's stack builds the file's shape, read from
+    its metadata (it crashed on the missing arch before)."""
+    from omegaconf import OmegaConf
+
+    from harness.mlx_lm_baseline import model_arch
+    from tests.models.test_gguf import make_gguf
+
+    path, reference = make_gguf(tmp_path / "tiny.gguf", tied=True, num_hidden_layers=3)
+    arch = model_arch(OmegaConf.create({"model": {"arch": None, "path": str(path)}}))
+    config = reference.config
+    assert (arch["hidden_size"], arch["num_hidden_layers"], arch["num_attention_heads"], arch["vocab_size"]) == (
+        config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size)
+    assert arch["tie_word_embeddings"] is True and arch["model_type"] == "llama"
+    shape = OmegaConf.create({"model": {"arch": {"hidden_size": 8}, "path": None}})
+    assert model_arch(shape) == {"hidden_size": 8}  # a shape's own arch, as before

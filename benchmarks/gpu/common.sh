@@ -18,6 +18,13 @@ torch_run() {  # torch_run SECONDS ARGS...: one run of benchmarks/torch_qlora.py
 torch_flagship() {  # torch_flagship SECONDS: the anchor on the flagship experiment's settings
   torch_run "$1" --base nf4 --batch 4 --seq 512 --rank 16 --dropout 0.05 --accum 4 --checkpointing --steps 3
 }
+results_table() {  # the harness.bench table of $OUT/results.jsonl, printed and written to $OUT/table.txt
+  python3 - "$OUT/results.jsonl" <<'PY' | tee "$OUT/table.txt"
+import json, sys
+from harness.bench import print_table
+print_table([json.loads(line) for line in open(sys.argv[1]) if line.strip()])
+PY
+}
 save_kernel_cache() {  # bring MLX's compiled kernels back for the next machine (carry .ptx/ in later calls)
   tar czf "$OUT/mlx_ptx_cache.tgz" -C /root mlx_ptx 2>/dev/null
 }

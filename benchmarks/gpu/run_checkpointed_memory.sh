@@ -7,8 +7,4 @@ source "$(dirname "$0")/common.sh"
 bench 45 --stack ours --batch 4 --seq 128 --checkpointing --steps 10
 bench 45 --stack ours --batch 4 --seq 128 --checkpointing --steps 10 quant=rowwise4
 bench 45 --stack ours --batch 4 --seq 128 --checkpointing --steps 10 quant=rowwise4 trainer.memory_limit_gb=6.0
-python3 - "$OUT/results.jsonl" <<'PY' | tee "$OUT/table.txt"
-import json, sys
-from harness.bench import print_table
-print_table([json.loads(line) for line in open(sys.argv[1]) if line.strip()])
-PY
+results_table

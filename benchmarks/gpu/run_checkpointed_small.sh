@@ -12,8 +12,4 @@ bench 90 --stack ours --batch 4 --checkpointing "${DOLLY[@]}"
 bench 45 --stack ours --batch 8 --seq 512 --checkpointing --steps 10
 bench 45 --stack ours --batch 4 --seq 128 --steps 10
 bench 45 --stack ours --batch 4 --seq 128 --checkpointing --steps 10
-python3 - "$OUT/results.jsonl" <<'PY' | tee "$OUT/table.txt"
-import json, sys
-from harness.bench import print_table
-print_table([json.loads(line) for line in open(sys.argv[1]) if line.strip()])
-PY
+results_table

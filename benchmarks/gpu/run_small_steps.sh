@@ -16,9 +16,5 @@ bench 60 --stack ours --batch 8 "${DOLLY[@]}"
 bench 75 --stack mlx-lm --batch 8 "${DOLLY[@]}"
 bench 45 --stack ours --batch 8 --seq 512 --steps 10
 bench 45 --stack ours --batch 4 --seq 512 --checkpointing --steps 10 trainer.memory_limit_gb=8.0  # as the flagship
-python3 - "$OUT/results.jsonl" <<'PY' | tee "$OUT/table.txt"
-import json, sys
-from harness.bench import print_table
-print_table([json.loads(line) for line in open(sys.argv[1]) if line.strip()])
-PY
+results_table
 save_kernel_cache

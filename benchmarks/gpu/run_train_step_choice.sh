@@ -15,8 +15,4 @@ bench 45 --stack ours --batch 4 --seq 128 --steps 10
 bench 60 --stack mlx-lm --batch 4 --seq 128 --steps 5
 bench 80 --stack ours --batch 4 "${DOLLY[@]}"
 bench 75 --stack mlx-lm --batch 4 "${DOLLY[@]}"
-python3 - "$OUT/results.jsonl" <<'PY' | tee "$OUT/table.txt"
-import json, sys
-from harness.bench import print_table
-print_table([json.loads(line) for line in open(sys.argv[1]) if line.strip()])
-PY
+results_table

@@ -13,14 +13,13 @@ bench 330 --stack ours experiment=mistral7b_dolly_qlora --steps 4 --warmup 1
 torch_flagship 220
 save_kernel_cache
 python3 - "$OUT" <<'PY' | tee "$OUT/flagship.md"
-import json, sys
+import sys
 from pathlib import Path
+sys.path.insert(0, "benchmarks/gpu")
+from run_records import rows
 out = Path(sys.argv[1])
-def rows(name):
-    path = out / name
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-ours = [r for r in rows("results.jsonl") if r.get("stack") == "ours" and r.get("grad_accum_steps") == 4]
-torch = [r for r in rows("torch.jsonl") if r.get("grad_accum_steps") == 4]
+ours = [r for r in rows(out, "results.jsonl") if r.get("stack") == "ours" and r.get("grad_accum_steps") == 4]
+torch = [r for r in rows(out, "torch.jsonl") if r.get("grad_accum_steps") == 4]
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "?"
 print(f"GPU: {gpu}\n")
 print("| stack | step | batch x seq x accum | rank | dropout | ckpt | tok/s | s/optimizer step | peak GiB |")

@@ -26,13 +26,12 @@ done
 torch_flagship ${TORCH_LIMIT:-200}
 save_kernel_cache
 python3 - "$OUT" <<'PY' | tee "$OUT/flagship_memory.md"
-import json, sys
+import sys
 from pathlib import Path
+sys.path.insert(0, "benchmarks/gpu")
+from run_records import rows
 out = Path(sys.argv[1])
-def rows(name):
-    path = out / name
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-ours, torch = rows("results.jsonl"), rows("torch.jsonl")
+ours, torch = rows(out, "results.jsonl"), rows(out, "torch.jsonl")
 names = (out / "variants.txt").read_text().splitlines() if (out / "variants.txt").exists() else []
 anchor = torch[-1]["tokens_per_s"] if torch else float("nan")
 print("| variant | tok/s | x bitsandbytes | peak GB | peak GiB |\n|---|---|---|---|---|")

@@ -86,7 +86,7 @@ _dot = accumulate.squared_norm
 def update_on(how: str):
     def apply(model):
         # read when the step's update is built (`harness.step.accumulate.make_update`)
-        stacked.AdapterStacks.supports = staticmethod(_element_wise if how == "stacks" else lambda optimizer: False)
+        stacked.AdapterStacks.supports = staticmethod(_element_wise if how == "stacks" else lambda *args: False)
 
     return apply
 

@@ -73,7 +73,7 @@ def make_update(
     the optimizer's state are kept stacked by shape across steps (`harness.step.stacked`), the gradients copied
     into their stacks, and the norm and the optimizer run once per stack. On an H200 that paid in the
     checkpointed step and cost time in the whole-graph one (BENCHMARKS.md, "Session 8")."""
-    stacks = AdapterStacks(model, optimizer) if stacked and AdapterStacks.supports(optimizer) else None
+    stacks = AdapterStacks(model, optimizer) if stacked and AdapterStacks.supports(optimizer, model) else None
 
     def update(grads: dict, n_tokens: mx.array) -> mx.array:
         if stacks is not None:

@@ -3,9 +3,11 @@
 A 7B model with LoRA on seven projections has 448 adapter arrays but only five shapes. Updated one by one, each
 array costs a kernel for its norm and one for the optimizer's arithmetic, and a small step is bound by the number
 of kernels, not by arithmetic (BENCHMARKS.md, "Where a small step's time goes"). `AdapterStacks` keeps one
-stacked array per shape (and dtype) between steps and gives the model views of it; the optimizer's per-parameter
-state (Adam's moments) is stacked the same way, under `optimizer.state[STACKED]`. An update then copies the
-gradients into their stacks once (one copy per array) and runs the norm and the optimizer once per stack.
+stacked array per shape (and dtype) between steps, the arrays concatenated along their first axis, and gives the
+model views of it (slices of rows: no copy; `a[i]` on a stacked axis would gather a copy); the optimizer's
+per-parameter state (Adam's moments) is stacked the same way, under `optimizer.state[STACKED]`. An update then
+copies the gradients into their stacks once (one copy per array) and runs the norm and the optimizer once per
+stack.
 
 Only element-wise optimizers (`ELEMENT_WISE`: each element's update depends on that element alone) give the same
 numbers on a stack as on its pieces; others (Adafactor's factored moments, Muon's orthogonalization) keep the
@@ -35,14 +37,25 @@ def stack_layout(model: nn.Module) -> list[tuple[str, list[str]]]:
     return [(str(i), names) for i, names in enumerate(groups.values())]
 
 
+def joined(arrays: list[mx.array]) -> mx.array:
+    """Equally shaped arrays concatenated along their first axis: `piece(result, i)` is the i-th again."""
+    return mx.concatenate(arrays, axis=0)
+
+
+def piece(stack: mx.array, i: int, count: int) -> mx.array:
+    """The i-th of the `count` arrays `joined` made `stack` of, as a view (a slice of rows, no copy)."""
+    rows = stack.shape[0] // count
+    return stack[i * rows : (i + 1) * rows]
+
+
 def per_parameter_state(state: dict, model: nn.Module) -> dict[str, mx.array]:
     """`optimizer.state` flattened with one entry per parameter and field (`"<parameter>.m"`, `"step"`, ...), as an
     unstacked optimizer keeps it: stacked state is cut back into its parameters' pieces (views)."""
     flat = dict(tree_flatten({key: value for key, value in state.items() if key != STACKED}))
     if STACKED in state:
         for stack, names in stack_layout(model):
-            for field, stacked in state[STACKED][stack].items():
-                flat.update((f"{name}.{field}", stacked[i]) for i, name in enumerate(names))
+            for field, whole in state[STACKED][stack].items():
+                flat.update((f"{name}.{field}", piece(whole, i, len(names))) for i, name in enumerate(names))
     return flat
 
 
@@ -60,13 +73,15 @@ class AdapterStacks:
         self.restack(optimizer)
 
     @staticmethod
-    def supports(optimizer: optim.Optimizer) -> bool:
-        return isinstance(optimizer, ELEMENT_WISE)
+    def supports(optimizer: optim.Optimizer, model: nn.Module | None = None) -> bool:
+        """An element-wise optimizer, and (given `model`) trainable arrays that have a first axis to join on."""
+        arrays = [] if model is None else tree_flatten(model.trainable_parameters())
+        return isinstance(optimizer, ELEMENT_WISE) and all(array.ndim >= 1 for _, array in arrays)
 
     def stack(self, tree: dict) -> dict[str, dict[str, mx.array]]:
         """A tree keyed like the model's trainable parameters (e.g. gradients) as `{STACKED: {stack: array}}`."""
         flat = dict(tree_flatten(tree))
-        return {STACKED: {stack: mx.stack([flat[name] for name in names]) for stack, names in self.layout}}
+        return {STACKED: {stack: joined([flat[name] for name in names]) for stack, names in self.layout}}
 
     def apply(self, optimizer: optim.Optimizer, stacked_grads: dict) -> None:
         """One optimizer step on the stacks (`stacked_grads` from `stack`); the model gets views of the result."""
@@ -94,12 +109,12 @@ class AdapterStacks:
         flat_state = per_parameter_state(state, self.model)
         parameters = dict(tree_flatten(self.model.trainable_parameters()))
         self.arrays.clear()
-        self.arrays.update((stack, mx.stack([parameters[n] for n in names])) for stack, names in self.layout)
+        self.arrays.update((stack, joined([parameters[n] for n in names])) for stack, names in self.layout)
         stacked_state: dict[str, dict[str, mx.array]] = {}
         for stack, names in self.layout:
             fields = sorted(key[len(names[0]) + 1:] for key in flat_state if key.startswith(names[0] + "."))
             if all(f"{name}.{field}" in flat_state for name in names for field in fields) and fields:
-                stacked_state[stack] = {f: mx.stack([flat_state[f"{n}.{f}"] for n in names]) for f in fields}
+                stacked_state[stack] = {f: joined([flat_state[f"{n}.{f}"] for n in names]) for f in fields}
         for key in {name.split(".", 1)[0] for _, names in self.layout for name in names}:
             state.pop(key, None)  # the per-parameter entries: their values are in the stacks now
         state[STACKED] = stacked_state
@@ -115,10 +130,9 @@ class AdapterStacks:
     def _give_model_views(self) -> None:
         places = iter(self._places)  # in layout order
         for stack, names in self.layout:
-            stacked = self.arrays[stack]
             for i in range(len(names)):
                 container, key = next(places)
-                container[key] = stacked[i]
+                container[key] = piece(self.arrays[stack], i, len(names))
 
 
 def _place(model: nn.Module, name: str) -> tuple[Any, str]:

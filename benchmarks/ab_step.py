@@ -7,7 +7,8 @@
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
 quantized weights dequantized every step against once for the run (`models.dense_copies`). `--compare norm`: the
 update's squared norm of each gradient array as a dot product against a sum of squares. `--compare update`: the
-optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`).
+optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`), in whichever
+step the config gives.
 `--compare backward-weights` (with checkpointing): the recomputed layer keeps its dense weights for the backward
 pass against rebuilding them there. `--compare train-step`: the whole-graph step against the layer-by-layer one
 (`harness.step.factory`). Further comparisons go in `COMPARISONS`: a name for each variant and what it
@@ -28,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -39,7 +41,7 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
-from harness.step import accumulate, stacked  # noqa: E402
+from harness.step import accumulate, stacked, standard  # noqa: E402
 from harness.step.factory import make_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
@@ -85,8 +87,10 @@ _dot = accumulate.squared_norm
 
 def update_on(how: str):
     def apply(model):
-        # read when the step's update is built (`harness.step.accumulate.make_update`)
+        # read when the step's update is built (`harness.step.accumulate.make_update`); the whole-graph step asks
+        # for stacks here too, so both steps compare the two updates
         stacked.AdapterStacks.supports = staticmethod(_element_wise if how == "stacks" else lambda *args: False)
+        standard.make_update = partial(accumulate.make_update, stacked=how == "stacks")
 
     return apply
 

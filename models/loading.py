@@ -314,10 +314,11 @@ def load_pretrained(
     model_dir = resolve_model_dir(path_or_repo_id, revision=revision, progress=progress)
     if is_gguf(model_dir):
         header = _gguf_call(gguf.read_header, model_dir)
+        args = _gguf_call(gguf.model_args, header)
         files = {name: model_dir for name in header.tensors}
     else:
+        args = read_model_args(model_dir)
         files = weight_map(model_dir)
-    args = checkpoint_args(model_dir)
 
     cache_path = None
     if quant is not None and cache_dir is not None:

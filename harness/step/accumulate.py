@@ -72,7 +72,8 @@ def make_update(
     factor fold as one scalar. `stacked` (with an element-wise optimizer such as AdamW): the trainable arrays and
     the optimizer's state are kept stacked by shape across steps (`harness.step.stacked`), the gradients copied
     into their stacks, and the norm and the optimizer run once per stack. On an H200 that paid in the
-    checkpointed step and cost time in the whole-graph one (BENCHMARKS.md, "Session 8")."""
+    layer-by-layer step; in the whole-graph one it cost time in a version whose views were copies (BENCHMARKS.md,
+    "Session 8")."""
     stacks = AdapterStacks(model, optimizer) if stacked and AdapterStacks.supports(optimizer, model) else None
 
     def update(grads: dict, n_tokens: mx.array) -> mx.array:

@@ -8,9 +8,9 @@
 
 Overrides are Hydra overrides of the training config (`conf/train.yaml`), so the benchmark builds the model,
 quantization, LoRA (rank, dropout) and optimizer exactly as `harness.train` does, and times the trainer's own
-step (`harness.step.factory.make_train_step`) over whole optimizer steps: `--accum` micro-batches of `--batch` x
-`--seq` each, by default the config's `optim.grad_accum_steps`, `trainer.batch_size` and `data.max_seq_len`, so
-`experiment=...` times what that experiment runs. Each stack runs in a fresh process so its peak memory and time
+step (`harness.step.factory.configured_train_step`) over whole optimizer steps: `--accum` micro-batches of
+`--batch` x `--seq` each, by default the config's `optim.grad_accum_steps`, `trainer.batch_size` and
+`data.max_seq_len`, so `experiment=...` times what that experiment runs. Each stack runs in a fresh process so its peak memory and time
 to first step are its own. Reported per stack: median seconds per optimizer step after warm-up (every step
 synchronized), tokens/s, model FLOP utilisation against a matmul rate measured in the same run, the peak memory
 over the whole optimizer steps (all micro-batches), time to first step.
@@ -163,21 +163,20 @@ def dolly_batches(cfg, batch: int, count: int, vocab_size: int) -> list[dict]:
 
 def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 1,
                dolly_lengths: bool = False) -> Result:
-    """Time the trainer's step (`harness.step.factory.make_train_step`) on the model `harness.build` makes from
-    `cfg`: optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`; with
+    """Time the trainer's step (`harness.step.factory.configured_train_step`) on the model `harness.build`
+    makes from `cfg`: optimizer steps of `accum` micro-batches (different tokens each) of `batch` x `seq`; with
     `dolly_lengths`, `steps` steps of one length-sorted Dolly-profile batch each (module docstring)."""
     from harness.build import build_model, build_optimizer
     from harness.distributed import world
     from harness.process import set_up_process
-    from harness.step.factory import make_train_step
+    from harness.step.factory import configured_train_step
     from models.lora import trainable_parameter_count
 
     # Before the model is built: memory policy; the streams' plan may set MLX's evaluation order (read once).
     streams, _ = set_up_process(cfg.trainer, batch_size=batch)
     model = build_model(cfg, progress=False)
     optimizer = build_optimizer(cfg.optim, model, total_steps=steps + warmup)
-    step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
-                           streams=streams, kind=cfg.trainer.train_step, micro_batch_tokens=batch * seq)
+    step = configured_train_step(model, optimizer, cfg, streams=streams, micro_batch_tokens=batch * seq)
     ranks = world()  # several under a distributed launcher: the step takes this rank's rows of each global batch
     if dolly_lengths:
         accum = 1

@@ -34,7 +34,7 @@ from harness.process import set_up_process
 from harness.pruning import reporter_for_job
 from harness.resume import RunDirLock, plan_run, resume_target
 from harness.signals import RunInterrupted, StopSignals, signal_name
-from harness.step.factory import make_eval_step, make_train_step
+from harness.step.factory import configured_train_step, make_eval_step
 from harness.tracking import Tracker
 from harness.loop import LoopSettings, TrainResult, train_loop
 from harness.worker_devices import claim_worker_device
@@ -146,10 +146,7 @@ def run_training(cfg: DictConfig, run_dir: Path, job: dict, *, continuing: bool,
     try:
         facts = report.log_run_facts(tracker, model, data, batches.validation, total_steps, state)
         before = report.answers_before(model, tokenizer, batches.validation, cfg, tracker, run_dir, state)
-        train_step = make_train_step(
-            model, optimizer, grad_clip=cfg.optim.grad_clip, compile=trainer.compile, streams=cpu_streams,
-            kind=trainer.train_step, micro_batch_tokens=trainer.batch_size * cfg.data.max_seq_len,
-        )
+        train_step = configured_train_step(model, optimizer, cfg, streams=cpu_streams)
         eval_step = make_eval_step(model, compile=trainer.compile, streams=cpu_streams)
         stop.armed = True
         result = train_loop(

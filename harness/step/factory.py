@@ -54,6 +54,16 @@ def make_train_step(
     return TrainStep(model, optimizer, grad_clip=grad_clip, compile=compile, streams=streams)
 
 
+def configured_train_step(model: nn.Module, optimizer: optim.Optimizer, cfg, *, streams: int = 1,
+                          micro_batch_tokens: int | None = None):
+    """`make_train_step` as a run's config asks: `optim.grad_clip`, `trainer.compile`, `trainer.train_step`, and
+    micro-batches of `micro_batch_tokens` tokens, by default `trainer.batch_size` x `data.max_seq_len`."""
+    if micro_batch_tokens is None:
+        micro_batch_tokens = cfg.trainer.batch_size * cfg.data.max_seq_len
+    return make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
+                           streams=streams, kind=cfg.trainer.train_step, micro_batch_tokens=micro_batch_tokens)
+
+
 def make_eval_step(
     model: nn.Module, compile: bool = True, streams: int = 1
 ) -> Callable[[Batch], tuple[mx.array, mx.array]]:

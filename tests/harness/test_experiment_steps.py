@@ -14,7 +14,7 @@ from harness.step.standard import TrainStep
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 # On the CPU (and Metal) only checkpointing picks the layer-by-layer step; on CUDA "auto" also picks it for
-# micro-batches of up to 2,048 tokens (`harness.step.factory.LAYERWISE_MAX_TOKENS`): both sample experiments'.
+# micro-batches of up to 2,048 tokens (`harness.step.factory.LAYERWISE_MAX_TOKENS`), as both sample experiments' are.
 EXPECTED_STEP = {
     "cpu": {
         "mistral7b_dolly_qlora": LayerwiseTrainStep,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness import build
-from harness.run_state import RunStateError, checkpoint_dir, read_state
+from harness.run_state import OPTIMIZER_FILE, RunStateError, checkpoint_dir, read_state
 from harness.tracking import read_metrics
 from harness.train import prepare_data, train
 from harness.step.factory import make_eval_step
@@ -103,8 +103,11 @@ def test_best_adapters_reload_and_give_the_same_validation_loss(finished_run):
     assert loss == pytest.approx(value, rel=1e-5)
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train, tmp_path):
-    # Dropout on: resuming must also restore the RNG, not just weights, optimizer and data position.
+@pytest.mark.parametrize("train_step", ["standard", "layerwise"])
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train, tmp_path, train_step):
+    # Dropout on: resuming must also restore the RNG, not just weights, optimizer and data position. The
+    # layer-by-layer step keeps its adapters and AdamW's moments stacked (harness.step.stacked): its checkpoints
+    # must still hold them per parameter, and a resumed run stack them again.
     common = [
         *FAST,
         "logger=none",
@@ -112,6 +115,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train,
         "optim.lr=3e-3",
         "trainer.max_steps=7",
         "trainer.num_sample_prompts=0",
+        f"trainer.train_step={train_step}",
     ]
     whole = tmp_path / "whole"
     train(compose_train(*common), run_dir=whole)
@@ -127,6 +131,9 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_train,
         np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), rtol=1e-5, atol=1e-6)
     steps = [r["step"] for r in read_metrics(parts) if "val/loss" in r]
     assert steps == sorted(set(steps)), "records after the checkpoint must not be duplicated on resume"
+    saved = mx.load(str(checkpoint_dir(parts, "latest") / OPTIMIZER_FILE))
+    assert {key.rsplit(".", 1)[0] for key in saved if key not in ("step", "learning_rate")} == set(a), (
+        "optimizer state is saved per adapter parameter")
 
 
 def test_diverging_run_stops_early_returns_nan_and_keeps_its_state(compose_train, tmp_path):

@@ -97,7 +97,6 @@ def update_on(how: str):
 
 _element_wise = stacked.AdapterStacks.supports
 
-
 STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config's trainer.train_step
 
 
@@ -114,6 +113,7 @@ def backward_weights(kept: bool):
         LayerwiseTrainStep.__init__.__kwdefaults__["keep_dense"] = kept
 
     return apply
+
 
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},

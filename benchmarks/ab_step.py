@@ -14,12 +14,12 @@ pass against rebuilding them there. `--compare train-step`: the whole-graph step
 (`harness.step.factory`). Further comparisons go in `COMPARISONS`: a name for each variant and what it
 changes (in the model or the process) before the step is built.
 
-Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by
-the host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
-round builds the trainer's step afresh (`harness.step.factory.make_train_step`, compiled again) for each variant in
-turn, runs `--warmup` untimed steps and `--steps` timed ones, and records the median step time and the peak memory
-of that variant's steps. Prints one row per variant and round, then the medians over rounds; writes the table as
-JSON to $OUT/ab_<compare><tag>.json when OUT is set. Overrides as `harness.bench`'s (default 7B shape).
+Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by the
+host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
+round builds the trainer's step afresh (`harness.step.factory.configured_train_step`, compiled again) for each
+variant in turn, runs `--warmup` untimed steps and `--steps` timed ones, and records the median step time and the
+peak memory of that variant's steps. Prints one row per variant and round, then the medians over rounds; writes the
+table as JSON to $OUT/ab_<compare><tag>.json when OUT is set. Overrides as `harness.bench`'s (default 7B shape).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
 from harness.step import accumulate, stacked, standard  # noqa: E402
-from harness.step.factory import make_train_step  # noqa: E402
+from harness.step.factory import configured_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
 from models.quant import dense_weights_shared  # noqa: E402
@@ -150,9 +150,9 @@ def main() -> None:
         for name, apply in variants.items():
             apply(model)
             optimizer = build_optimizer(cfg.optim, model, total_steps=1000)
-            step = make_train_step(model, optimizer, grad_clip=cfg.optim.grad_clip, compile=cfg.trainer.compile,
-                                   streams=streams, kind=STEP_KIND.get("kind", cfg.trainer.train_step),
-                                   micro_batch_tokens=options.rows * options.seq)
+            cfg.trainer.train_step = STEP_KIND.get("kind", cfg.trainer.train_step)
+            step = configured_train_step(model, optimizer, cfg, streams=streams,
+                                         micro_batch_tokens=options.rows * options.seq)
 
             def run():
                 mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)

@@ -73,9 +73,9 @@ class AdapterStacks:
         self.restack(optimizer)
 
     @staticmethod
-    def supports(optimizer: optim.Optimizer, model: nn.Module | None = None) -> bool:
-        """An element-wise optimizer, and (given `model`) trainable arrays that have a first axis to join on."""
-        arrays = [] if model is None else tree_flatten(model.trainable_parameters())
+    def supports(optimizer: optim.Optimizer, model: nn.Module) -> bool:
+        """An element-wise optimizer, and trainable arrays that all have a first axis to join on."""
+        arrays = tree_flatten(model.trainable_parameters())
         return isinstance(optimizer, ELEMENT_WISE) and all(array.ndim >= 1 for _, array in arrays)
 
     def stack(self, tree: dict) -> dict[str, dict[str, mx.array]]:
@@ -92,7 +92,7 @@ class AdapterStacks:
     def ensure_current(self, optimizer: optim.Optimizer) -> None:
         """Stack again when something replaced the model's arrays (adapters loaded) or the optimizer's state
         (loaded per parameter) since the last update; checks identities only, no arithmetic."""
-        current = STACKED in optimizer.state and len(self._views) == len(self._places) and all(
+        current = STACKED in optimizer.state and all(
             container[key] is view for (container, key), view in zip(self._places, self._views)
         )
         if not current:
@@ -118,9 +118,8 @@ class AdapterStacks:
         for key in {name.split(".", 1)[0] for _, names in self.layout for name in names}:
             state.pop(key, None)  # the per-parameter entries: their values are in the stacks now
         state[STACKED] = stacked_state
-        if len(stacked_state) < len(self.layout):  # a fresh optimizer: its own initial state for the rest
-            missing = {stack: array for stack, array in self.arrays.items() if stack not in stacked_state}
-            for stack, array in missing.items():
+        for stack, array in self.arrays.items():
+            if stack not in stacked_state:  # a fresh optimizer: its own initial state
                 stacked_state[stack] = {}
                 optimizer.init_single(array, stacked_state[stack])
         mx.eval(self.arrays, state[STACKED])

@@ -24,6 +24,7 @@ case "${PART:-1}" in
   ab --compare update --tag _4x128_layerwise model=mistral-7b-shape trainer.train_step=layerwise
   ab --compare update --tag _8x512_whole --rows 8 --seq 512 --rounds 2 model=mistral-7b-shape trainer.train_step=standard
   ab --compare update --tag _4x512_ckpt_limit8 --seq 512 --rounds 2 model=mistral-7b-shape $CKPT trainer.memory_limit_gb=8.0
+  ab --compare train-step --tag _4x128_views model=mistral-7b-shape
   bench 150 --stack ours experiment=mistral7b_dolly_qlora --steps 4 --warmup 1
   results_table ;;
 esac

@@ -4,7 +4,8 @@
 # the copies since removed): 4x128, 4x128 checkpointed, 8x512, and the checkpointed step's dense weights kept for
 # the backward pass against rebuilt (4x128, 4x512 under the 8 GB limit). PART=2: the checkpointed step only
 # (4x128; 4x512 under the 8 GB limit). PART=3 (after the views fix): both steps at 4x128 and 8x512, the
-# checkpointed one at 4x512 under the limit, then the flagship as shipped. JSON under $OUT.
+# checkpointed one at 4x512 under the limit, the two steps against each other at 4x128, then the flagship as
+# shipped. JSON under $OUT.
 OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
 CKPT=trainer.gradient_checkpointing=true

@@ -1,17 +1,20 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|backward-weights|train-step]
-        [--rows 4] [--seq 128] [--rounds 3] [--steps 8] [overrides ...]
+    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|adapter-casts|backward-weights|
+        train-step]
+        [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
 quantized weights dequantized every step against once for the run (`models.dense_copies`). `--compare norm`: the
 update's squared norm of each gradient array as a dot product against a sum of squares. `--compare update`: the
 optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`), in whichever
-step the config gives.
+step the config gives. `--compare adapter-casts`: with stacks, each float32 adapter cast to the compute dtype
+where it is used against the stacks cast once a step.
 `--compare backward-weights` (with checkpointing): the recomputed layer keeps its dense weights for the backward
 pass against rebuilding them there. `--compare train-step`: the whole-graph step against the layer-by-layer one
-(`harness.step.factory`). Further comparisons go in `COMPARISONS`: a name for each variant and what it
+(`harness.step.factory`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
+`trainer.memory_limit_gb` replaced). Further comparisons go in `COMPARISONS`: a name for each variant and what it
 changes (in the model or the process) before the step is built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by the
@@ -29,7 +32,6 @@ import json
 import os
 import statistics
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -41,7 +43,7 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
-from harness.step import accumulate, stacked, standard  # noqa: E402
+from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
@@ -87,15 +89,28 @@ _dot = accumulate.squared_norm
 
 def update_on(how: str):
     def apply(model):
-        # read when the step's update is built (`harness.step.accumulate.make_update`); the whole-graph step asks
-        # for stacks here too, so both steps compare the two updates
+        # read when either step is built (`harness.step.stacked.AdapterStacks.build`)
         stacked.AdapterStacks.supports = staticmethod(_element_wise if how == "stacks" else lambda *args: False)
-        standard.make_update = partial(accumulate.make_update, stacked=how == "stacks")
 
     return apply
 
 
 _element_wise = stacked.AdapterStacks.supports
+
+
+def adapter_casts(how: str):
+    def apply(model):
+        # "per-use": the views keep the stacks' float32 and each adapter is cast where the model uses it
+        stacked.AdapterStacks.compute_views = _compute_views if how == "once" else _float32_views
+
+    return apply
+
+
+_compute_views = stacked.AdapterStacks.compute_views
+
+
+def _float32_views(self, dtype):
+    return _compute_views(self, mx.float32)
 
 STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config's trainer.train_step
 
@@ -115,13 +130,22 @@ def backward_weights(kept: bool):
     return apply
 
 
+def memory_limit(gb: float):
+    def apply(model):
+        mx.set_memory_limit(int(gb * 1e9))  # read as MLX allocates: it can change between variants of a process
+
+    return apply
+
+
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
+    "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
+    "memory-limit": {"8.0": memory_limit(8.0), "7.5": memory_limit(7.5), "7.0": memory_limit(7.0)},
 }
 
 
@@ -131,6 +155,7 @@ def main() -> None:
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="dequantize")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
@@ -139,8 +164,10 @@ def main() -> None:
     cfg = compose(options.overrides)
     streams, _ = set_up_process(cfg.trainer, batch_size=options.rows)
     model = build_model(cfg, progress=False)
-    tokens = synthetic_tokens(options.rows, options.seq, model.args.vocab_size, seed=0)
-    batch = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
+    batches = []
+    for index in range(options.accum):  # the micro-batches of one optimizer step, different tokens each
+        tokens = synthetic_tokens(options.rows, options.seq, model.args.vocab_size, seed=index)
+        batches.append({"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)})
     model.train()
     print(f"device {mx.default_device()}, {options.overrides}, {options.rows}x{options.seq}, "
           f"checkpointing {cfg.trainer.gradient_checkpointing}", flush=True)
@@ -155,12 +182,12 @@ def main() -> None:
                                          micro_batch_tokens=options.rows * options.seq)
 
             def run():
-                mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)
+                mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
 
             mx.reset_peak_memory()
             seconds = statistics.median(timed_runs(run, warmup=options.warmup, repeat=options.steps))
             row = {"round": round_ + 1, "variant": name, "ms": seconds * 1e3,
-                   "tokens_per_second": options.rows * options.seq / seconds,
+                   "tokens_per_second": options.accum * options.rows * options.seq / seconds,
                    "peak_gb": mx.get_peak_memory() / 1e9, "step": type(step).__name__}
             rows.append(row)
             print(f"round {row['round']} {name:<9} {row['ms']:8.1f} ms {row['tokens_per_second']:9,.0f} tok/s "

@@ -60,7 +60,12 @@ def rows_on_streams(
 
 
 def make_update(
-    model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, compile: bool = True, *, stacked: bool = False
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    grad_clip: float,
+    compile: bool = True,
+    *,
+    stacks: AdapterStacks | None = None,
 ):
     """`update(grads, n_tokens) -> grad_norm`: scale the summed gradients to the mean over the loss tokens, clip
     their global norm to `grad_clip` (0 = off; as `optim.clip_grad_norm` does), apply the optimizer to `model`.
@@ -69,12 +74,10 @@ def make_update(
     A step with few tokens is bound by the number of kernels, not by arithmetic (BENCHMARKS.md, "Where a small
     step's time goes"), so the update costs two kernels per parameter array: one dot product for its squared
     norm, and the optimizer's fused arithmetic, into which the division by the token count and the clipping
-    factor fold as one scalar. `stacked` (with an element-wise optimizer such as AdamW): the trainable arrays and
-    the optimizer's state are kept stacked by shape across steps (`harness.step.stacked`), the gradients copied
-    into their stacks, and the norm and the optimizer run once per stack. On an H200 that paid in the
-    layer-by-layer step; in the whole-graph one it cost time in a version whose views were copies (BENCHMARKS.md,
-    "Session 8")."""
-    stacks = AdapterStacks(model, optimizer) if stacked and AdapterStacks.supports(optimizer, model) else None
+    factor fold as one scalar. With `stacks` (`harness.step.stacked.AdapterStacks`, for element-wise optimizers
+    such as AdamW) the trainable arrays and the optimizer's state are kept stacked by shape across steps, the
+    gradients (per parameter, or stacked already by the step) copied into their stacks, and the norm and the
+    optimizer run once per stack (BENCHMARKS.md, "Session 8")."""
 
     def update(grads: dict, n_tokens: mx.array) -> mx.array:
         if stacks is not None:

@@ -37,6 +37,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from harness.distributed import world
 from harness.step.loss import loss_from_hidden
 from harness.step.accumulate import make_update, sum_outputs
+from harness.step.stacked import AdapterStacks, activation_dtype
 from models.recompute import uncheckpointed_call
 from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
@@ -75,7 +76,11 @@ class LayerwiseTrainStep:
         self.layers = model.layers
         self._in_flight, self._keep_dense = in_flight, keep_dense
         self._compile = compile
-        self._update = make_update(model, optimizer, grad_clip, compile, stacked=True)
+        self.optimizer = optimizer
+        # Adapters kept stacked, computed on as views cast once a step (`harness.step.stacked`); None for
+        # optimizers that are not element-wise: then each layer computes on the model's own arrays.
+        self.stacks = AdapterStacks.build(model, optimizer)
+        self._update = make_update(model, optimizer, grad_clip, compile, stacks=self.stacks)
         # Layers of one structure (the same parameter names: adapters or none) share one compiled forward and
         # backward: the first such layer is the template whose arrays are swapped for the given layer's.
         self._templates: dict[tuple[str, ...], nn.Module] = {}
@@ -97,6 +102,18 @@ class LayerwiseTrainStep:
         trainable = dict(tree_flatten(layer.trainable_parameters()))
         frozen = {k: v for k, v in tree_flatten(layer.parameters()) if k not in trainable}
         return frozen, trainable
+
+    def _parameters(self) -> list[tuple[dict[str, mx.array], dict[str, mx.array]]]:
+        """Each layer's `(frozen, trainable)` arrays for this step; with stacks the trainable ones are views of
+        the stacks cast to the compute dtype (their gradients come back in it)."""
+        parameters = [self._split(layer) for layer in self.layers]
+        if self.stacks is None:
+            return parameters
+        views = self.stacks.compute_views(activation_dtype(self.model))
+        return [
+            (frozen, {name: views[f"model.layers.{i}.{name}"] for name in trainable})
+            for i, (frozen, trainable) in enumerate(parameters)
+        ]
 
     def _run_template(self, frozen: dict, trainable: dict, x: mx.array, mask, key: mx.array) -> mx.array:
         template = self._templates[self._structure(frozen, trainable)]
@@ -163,15 +180,15 @@ class LayerwiseTrainStep:
         (loss_sum, n_tokens), (cotangent,) = mx.vjp(head, [last], [mx.array(1.0), mx.array(0.0)])
         return loss_sum, n_tokens, cotangent
 
-    def _gradients(self, batch: Batch, key: mx.array) -> tuple[mx.array, mx.array, dict]:
-        """`(loss_sum, n_tokens, grads)` of one micro-batch, evaluated; `key`: its dropout key."""
+    def _gradients(self, batch: Batch, key: mx.array, parameters: list) -> tuple[mx.array, mx.array, dict]:
+        """`(loss_sum, n_tokens, grads)` of one micro-batch, evaluated; `key`: its dropout key; `parameters`:
+        `_parameters()`. The gradients are stacked when the adapters are."""
         ids = batch["input_ids"]
         mask = self.model.mask(ids.shape[1], 0, batch.get("segment_ids"))
         mask_array = mask if isinstance(mask, mx.array) else None
         layer_keys = layer_dropout_keys(key, len(self.layers))
         queue = _Queue(self._in_flight)
         inputs = [self.model.embed(ids)]
-        parameters = [self._split(layer) for layer in self.layers]
         structures = [self._structure(frozen, trainable) for frozen, trainable in parameters]
         for (frozen, trainable), structure, layer_key in zip(parameters, structures, layer_keys):
             forward = self._layer_functions(mask, structure)[0]
@@ -193,6 +210,8 @@ class LayerwiseTrainStep:
                 grads = {}
             flat_grads.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
         queue.drain()
+        if self.stacks is not None:
+            return loss_sum, n_tokens, self.stacks.stack(flat_grads)
         return loss_sum, n_tokens, tree_unflatten(list(flat_grads.items()))
 
     def __call__(self, batches: list[Batch], key: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
@@ -200,13 +219,15 @@ class LayerwiseTrainStep:
         (`mx.random.key`); by default drawn from MLX's global random state."""
         keys = micro_batch_dropout_keys(step_dropout_key() if key is None else key, len(batches))
         ranks = world()  # under a distributed launcher: this rank's rows of each batch, sums over ranks
+        if self.stacks is not None:
+            self.stacks.ensure_current(self.optimizer)  # adapters or state loaded since the last step
 
         def local_sums():
-            total = None
+            parameters, total = self._parameters(), None
             for batch, batch_key in zip(batches, keys):
                 # Each micro-batch is evaluated (inside `_gradients`) before the next is built; the running sum
                 # is evaluated too, so only it and one micro-batch's gradients are alive at a time.
-                output = self._gradients(ranks.rows(batch), batch_key)
+                output = self._gradients(ranks.rows(batch), batch_key, parameters)
                 total = output if total is None else sum_outputs([total, output])
                 mx.eval(total)
             return total

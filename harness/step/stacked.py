@@ -9,6 +9,13 @@ per-parameter state (Adam's moments) is stacked the same way, under `optimizer.s
 copies the gradients into their stacks once (one copy per array) and runs the norm and the optimizer once per
 stack.
 
+The forward and backward passes compute in the activations' dtype (bfloat16 on a GPU), and the adapters are kept
+in float32. Cast where they are used, each adapter costs a cast per pass and its gradient another back: about 40
+small kernels a decoder layer. `compute_views` casts each stack once a step instead and gives the step views of
+the cast stacks to run the model on (`model_holding`); their gradients come back in the compute dtype, and `stack`
+casts them to the stacks' dtype as it joins them. The numbers are the same: a cast of the same values, in
+another place.
+
 Only element-wise optimizers (`ELEMENT_WISE`: each element's update depends on that element alone) give the same
 numbers on a stack as on its pieces; others (Adafactor's factored moments, Muon's orthogonalization) keep the
 per-array update. Checkpoints keep the per-parameter layout: `per_parameter_state` unstacks the state for
@@ -17,6 +24,8 @@ saving, and state loaded per parameter is stacked again before the next update (
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -35,6 +44,11 @@ def stack_layout(model: nn.Module) -> list[tuple[str, list[str]]]:
     for name, array in tree_flatten(model.trainable_parameters()):
         groups.setdefault((tuple(array.shape), array.dtype), []).append(name)
     return [(str(i), names) for i, names in enumerate(groups.values())]
+
+
+def activation_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype `model` computes its activations in (its norms' weights'): bfloat16 on a GPU, float32 on the CPU."""
+    return model.model.norm.weight.dtype
 
 
 def joined(arrays: list[mx.array]) -> mx.array:
@@ -68,7 +82,8 @@ class AdapterStacks:
         self.model = model
         self.layout = stack_layout(model)
         self.arrays: dict[str, mx.array] = {}
-        self._places = [_place(model, name) for _, names in self.layout for name in names]
+        self._names = [name for _, names in self.layout for name in names]
+        self._places = [_place(model, name) for name in self._names]
         self._views: list[mx.array] = []
         self.restack(optimizer)
 
@@ -78,10 +93,40 @@ class AdapterStacks:
         arrays = tree_flatten(model.trainable_parameters())
         return isinstance(optimizer, ELEMENT_WISE) and all(array.ndim >= 1 for _, array in arrays)
 
+    @classmethod
+    def build(cls, model: nn.Module, optimizer: optim.Optimizer) -> AdapterStacks | None:
+        """The stacks for `model` and `optimizer`, or None where they do not apply (`supports`)."""
+        return cls(model, optimizer) if cls.supports(optimizer, model) else None
+
     def stack(self, tree: dict) -> dict[str, dict[str, mx.array]]:
-        """A tree keyed like the model's trainable parameters (e.g. gradients) as `{STACKED: {stack: array}}`."""
+        """A tree keyed like the model's trainable parameters (e.g. gradients) as `{STACKED: {stack: array}}`, in
+        the stacks' dtype; a tree stacked already is returned as it is."""
+        if STACKED in tree:
+            return tree
         flat = dict(tree_flatten(tree))
-        return {STACKED: {stack: joined([flat[name] for name in names]) for stack, names in self.layout}}
+        stacked = {}
+        for stack, names in self.layout:
+            whole = joined([flat[name] for name in names])
+            stacked[stack] = whole.astype(self.arrays[stack].dtype)  # no cast when the dtypes agree
+        return {STACKED: stacked}
+
+    def compute_views(self, dtype: mx.Dtype) -> dict[str, mx.array]:
+        """`{parameter name: array}`: views of the stacks cast to `dtype`, one cast per stack (none where the
+        stack has that dtype); the model computes on them inside `model_holding`."""
+        cast = {stack: array if array.dtype == dtype else array.astype(dtype) for stack, array in self.arrays.items()}
+        return {name: piece(cast[stack], i, len(names)) for stack, names in self.layout for i, name in enumerate(names)}
+
+    @contextmanager
+    def model_holding(self, arrays: dict[str, mx.array]) -> Iterator[None]:
+        """Inside the block the model's trainable parameters are `arrays` (`compute_views`); after it, its own."""
+        own = [container[key] for container, key in self._places]
+        try:
+            for (container, key), name in zip(self._places, self._names):
+                container[key] = arrays[name]
+            yield
+        finally:
+            for (container, key), array in zip(self._places, own):
+                container[key] = array
 
     def apply(self, optimizer: optim.Optimizer, stacked_grads: dict) -> None:
         """One optimizer step on the stacks (`stacked_grads` from `stack`); the model gets views of the result."""

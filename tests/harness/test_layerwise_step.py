@@ -2,12 +2,13 @@
 dropout those of plain autograd under the same masks."""
 
 import copy
+from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx import nn
 
@@ -166,3 +167,37 @@ def test_train_step_choices_are_the_config_checks():
     from harness.config_checks import TRAIN_STEPS
 
     assert TRAIN_STEPS == factory.TRAIN_STEPS
+
+
+def _bfloat16(model):
+    """`model` computing in bfloat16 as on a GPU: its dense weights, norms and quantization parameters in
+    bfloat16, its adapters float32."""
+    adapters = tree_flatten(model.trainable_parameters())
+    model.set_dtype(mx.bfloat16)
+    model.update(tree_unflatten(adapters))
+    return model
+
+
+@pytest.mark.parametrize("step_class", [TrainStep, LayerwiseTrainStep])
+def test_adapters_cast_once_a_step_give_the_numbers_of_casts_where_used(step_class):
+    """In bfloat16 with float32 adapters, both steps compute on the stacks cast once a step (gradients coming back
+    in bfloat16, joined and cast back); the reference casts each adapter where it is used and updates array by
+    array: the same losses, norms and adapters, over a step with accumulation too."""
+    schedule = [[_batch(1)], [_batch(2), _batch(3)], [_batch(4)]]
+    reference_model = _bfloat16(_model())
+    model = copy.deepcopy(reference_model)
+    expected, expected_params = _run(partial(TrainStep, stack_adapters=False), reference_model, schedule, True)
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    step = step_class(model, optimizer, grad_clip=0.5)
+    assert step.stacks is not None
+    got = []
+    for batches in schedule:
+        loss, n_tokens, norm = step(batches)
+        mx.eval(loss, n_tokens, norm, model.parameters(), optimizer.state)
+        got.append((loss.item(), n_tokens.item(), norm.item()))
+    for (loss, n, norm), (loss_ref, n_ref, norm_ref) in zip(got, expected):
+        assert (n, loss, norm) == (n_ref, pytest.approx(loss_ref, rel=1e-5), pytest.approx(norm_ref, rel=1e-4))
+    params = dict(tree_flatten(model.trainable_parameters()))
+    assert {p.dtype for p in params.values()} == {mx.float32}
+    for name, value in expected_params.items():
+        np.testing.assert_allclose(np.array(params[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)

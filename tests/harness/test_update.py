@@ -12,7 +12,13 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from harness.step.accumulate import make_update
-from harness.step.stacked import STACKED, per_parameter_state
+from harness.step.stacked import STACKED, AdapterStacks, per_parameter_state
+
+
+def update_for(model, optimizer, grad_clip, compile=True, stacked=False):
+    """`make_update` with or without stacks (`AdapterStacks.build` leaves them out where they do not apply)."""
+    stacks = AdapterStacks.build(model, optimizer) if stacked else None
+    return make_update(model, optimizer, grad_clip, compile, stacks=stacks)
 
 
 class Adapter(nn.Module):
@@ -55,7 +61,7 @@ def test_update_is_the_token_mean_clipped_then_the_optimizer(optimizer, compile,
     n_tokens = 37
     ours, reference = Adapters(), Adapters()
     ours_opt, reference_opt = OPTIMIZERS[optimizer](), OPTIMIZERS[optimizer]()
-    update = make_update(ours, ours_opt, grad_clip, compile, stacked=stacked)
+    update = update_for(ours, ours_opt, grad_clip, compile, stacked=stacked)
     for step in range(3):  # Adam's moments and bias correction over several steps
         grads = tree_unflatten([
             (name, mx.random.normal(p.shape, key=mx.random.key(10 * step + i)) * grad_size * n_tokens)
@@ -86,7 +92,7 @@ def assert_same_state(ours: dict, reference: dict) -> None:
 def test_same_shaped_arrays_share_one_stack():
     model, optimizer = Adapters(), optim.AdamW(learning_rate=1e-2)
     optimizer.init(model.trainable_parameters())
-    make_update(model, optimizer, grad_clip=1.0, stacked=True)
+    update_for(model, optimizer, grad_clip=1.0, stacked=True)
     shapes = {stack: tuple(state["m"].shape) for stack, state in optimizer.state[STACKED].items()}
     assert sorted(shapes.values()) == sorted([(3 * 8, 64), (2 * 64, 8), (32, 8), (3,)])  # joined on axis 0
     assert "layers" not in optimizer.state  # one copy of the moments: the per-parameter entries went into the stacks
@@ -100,7 +106,7 @@ def test_adapters_and_state_loaded_after_the_update_was_built_are_used(compile):
     ours, reference = Adapters(), Adapters()
     ours_opt, reference_opt = OPTIMIZERS["adamw"](), OPTIMIZERS["adamw"]()
     ours_opt.init(ours.trainable_parameters())
-    update = make_update(ours, ours_opt, 1.0, compile, stacked=True)
+    update = update_for(ours, ours_opt, 1.0, compile, stacked=True)
 
     def grads(step):
         return tree_unflatten([(name, mx.random.normal(p.shape, key=mx.random.key(100 + 10 * step + i)) * n_tokens)
@@ -140,7 +146,7 @@ def test_stacked_update_keeps_one_copy_of_the_adapters():
         mx.eval(model.parameters(), optimizer.state)
         gc.collect()
         before = mx.get_active_memory()
-        update = make_update(model, optimizer, 1.0, stacked=stacked)
+        update = update_for(model, optimizer, 1.0, stacked=stacked)
         for step in range(3):
             grads = tree_map(lambda p: mx.ones_like(p) * (step + 1), model.trainable_parameters())
             mx.eval(update(grads, mx.array(4)), model.parameters(), optimizer.state)
@@ -162,7 +168,7 @@ def test_a_scalar_parameter_keeps_the_per_array_update():
     model.temperature = mx.array(1.0)
     optimizer = optim.AdamW(learning_rate=1e-2)
     optimizer.init(model.trainable_parameters())
-    update = make_update(model, optimizer, grad_clip=1.0, stacked=True)
+    update = update_for(model, optimizer, grad_clip=1.0, stacked=True)
     grads = tree_map(mx.ones_like, model.trainable_parameters())
     mx.eval(update(grads, mx.array(2)), model.parameters())
     assert STACKED not in optimizer.state and "temperature" in optimizer.state

@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step]
+        train-step|gc|memory-limit]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -13,7 +13,9 @@ step the config gives. `--compare adapter-casts`: with stacks, each float32 adap
 where it is used against the stacks cast once a step.
 `--compare backward-weights` (with checkpointing): the recomputed layer keeps its dense weights for the backward
 pass against rebuilding them there. `--compare train-step`: the whole-graph step against the layer-by-layer one
-(`harness.step.factory`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
+(`harness.step.factory`). `--compare gc`: Python's
+collector as it is against with the objects alive after the build frozen (`gc.freeze`). `--compare memory-limit`:
+MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
 `trainer.memory_limit_gb` replaced). Further comparisons go in `COMPARISONS`: a name for each variant and what it
 changes (in the model or the process) before the step is built.
 
@@ -28,6 +30,7 @@ table as JSON to $OUT/ab_<compare><tag>.json when OUT is set. Overrides as `harn
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -130,6 +133,15 @@ def backward_weights(kept: bool):
     return apply
 
 
+def python_gc(how: str):
+    def apply(model):
+        # "frozen": the objects alive now (the model's modules and arrays) leave Python's collected generations
+        gc.collect()
+        gc.freeze() if how == "frozen" else gc.unfreeze()
+
+    return apply
+
+
 def memory_limit(gb: float):
     def apply(model):
         mx.set_memory_limit(int(gb * 1e9))  # read as MLX allocates: it can change between variants of a process
@@ -145,6 +157,7 @@ COMPARISONS = {
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
+    "gc": {"default": python_gc("default"), "frozen": python_gc("frozen")},
     "memory-limit": {"8.0": memory_limit(8.0), "7.5": memory_limit(7.5), "7.0": memory_limit(7.0)},
 }
 

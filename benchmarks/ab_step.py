@@ -205,6 +205,11 @@ def main() -> None:
             rows.append(row)
             print(f"round {row['round']} {name:<9} {row['ms']:8.1f} ms {row['tokens_per_second']:9,.0f} tok/s "
                   f"peak {row['peak_gb']:.2f} GB ({row['step']})", flush=True)
+            # the variant's step and optimizer (its stacks, moments, compiled graphs) gone before the next is built:
+            # left for the collector, they stayed alive and each later variant's peak counted them
+            del step, optimizer, run
+            gc.collect()
+            mx.clear_cache()
     summary = {}
     for name in variants:
         mine = [r for r in rows if r["variant"] == name]

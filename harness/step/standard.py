@@ -11,7 +11,6 @@ from mlx import nn
 from harness.step.accumulate import Batch, accumulate_gradients, make_update, rows_on_streams
 from harness.step.cpu_streams import new_streams
 from harness.step.loss import causal_lm_loss
-from harness.step.stacked import AdapterStacks, activation_dtype
 
 
 class TrainStep:
@@ -23,11 +22,6 @@ class TrainStep:
     norm of all gradients), MLX kept part of every layer's backward pass alive until the end of the step; with
     checkpointing that grew the step's memory by a few activations per layer (tests/harness/test_train_step_memory.py).
     `streams > 1` splits each micro-batch's rows over that many streams (`harness.step.cpu_streams`).
-
-    `stack_adapters` (where the optimizer is element-wise, e.g. AdamW): the adapters are kept stacked by shape,
-    the model computes on views of the stacks cast to the compute dtype once a step, and the gradients come
-    back stacked (`harness.step.stacked`); else the adapters are cast where each is used and updated array by
-    array.
     """
 
     def __init__(
@@ -38,45 +32,25 @@ class TrainStep:
         grad_clip: float,
         compile: bool = True,
         streams: int = 1,
-        stack_adapters: bool = True,
     ):
         self.model = model
         self.optimizer = optimizer
-        self.stacks = stacks = AdapterStacks.build(model, optimizer) if stack_adapters else None
         loss_and_grad = nn.value_and_grad(model, causal_lm_loss)
-        self.streams = new_streams(streams)
-        # Views cast once a step, their gradients in the compute dtype; not with streams, whose pieces' gradients
-        # are summed (in float32 from the model's own arrays, as without stacks).
-        cast_once = stacks is not None and not self.streams
 
         def gradients(batch: Batch):
-            if not cast_once:
-                (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
-                return loss_sum, n_tokens, grads
-            with stacks.model_holding(stacks.compute_views(activation_dtype(model))):
-                (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
+            (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
             return loss_sum, n_tokens, grads
 
+        self.streams = new_streams(streams)
         gradients = rows_on_streams(gradients, self.streams, model)
         if compile:
-            state = [model.state, optimizer.state, mx.random.state] + ([stacks.arrays] if stacks else [])
+            state = [model.state, optimizer.state, mx.random.state]
             gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)
-        self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile, stacks=stacks)
-
-    def _micro_batch(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
-        """One micro-batch's `(loss_sum, n_tokens, grads)`, the gradients stacked (in the stacks' dtype, ready to
-        be summed) when the adapters are. The backward pass is scheduled before the stacks are joined: a join
-        inside the graph waits for every layer's gradients, and MLX then kept part of each layer's backward pass
-        alive until the end (tests/harness/test_train_step_memory.py)."""
-        loss_sum, n_tokens, grads = self._gradients(batch)
-        if self.stacks is None:
-            return loss_sum, n_tokens, grads
-        mx.async_eval(loss_sum, n_tokens, grads)
-        return loss_sum, n_tokens, self.stacks.stack(grads)
+        # The update array by array: kept stacked (`harness.step.stacked`, as the layer-by-layer step keeps them) the
+        # adapters measured no faster in this step on an H200, and cast once a step slower (BENCHMARKS.md, "Session 9").
+        self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile)
 
     def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        if self.stacks is not None:
-            self.stacks.ensure_current(self.optimizer)  # adapters or state loaded since the last step
-        loss_sum, n_tokens, grads = accumulate_gradients(self._micro_batch, batches)
+        loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
         mx.async_eval(loss_sum, n_tokens, grads)
         return loss_sum, n_tokens, self._update(grads, n_tokens)

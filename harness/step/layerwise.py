@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from harness.distributed import world
 from harness.step.loss import loss_from_hidden
 from harness.step.accumulate import make_update, sum_outputs
-from harness.step.stacked import AdapterStacks, activation_dtype
+from harness.step.stacked import AdapterStacks, activation_dtype, parameter_place
 from models.recompute import uncheckpointed_call
 from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
@@ -84,8 +84,15 @@ class LayerwiseTrainStep:
         # Layers of one structure (the same parameter names: adapters or none) share one compiled forward and
         # backward: the first such layer is the template whose arrays are swapped for the given layer's.
         self._templates: dict[tuple[str, ...], nn.Module] = {}
+        # Where each layer's frozen and trainable arrays live, found once: a step reads the arrays held there now
+        # (flattening 32 layers' parameter trees took milliseconds a step, while the GPU waited).
+        self._places: list[tuple[list, list]] = []
+        self._structures: list[tuple[str, ...]] = []
         for layer in self.layers:
-            self._templates.setdefault(self._structure(*self._split(layer)), layer)
+            frozen, trainable = self._split(layer)
+            self._structures.append(self._structure(frozen, trainable))
+            self._templates.setdefault(self._structures[-1], layer)
+            self._places.append(tuple([(n, *parameter_place(layer, n)) for n in arrays] for arrays in (frozen, trainable)))
         self._layer_call = uncheckpointed_call(self.layers[0])
         self._functions: dict[tuple, tuple[Callable, Callable, Callable]] = {}
         self._head = self._maybe_compile(self._head_loss_and_cotangent)
@@ -106,7 +113,10 @@ class LayerwiseTrainStep:
     def _parameters(self) -> list[tuple[dict[str, mx.array], dict[str, mx.array]]]:
         """Each layer's `(frozen, trainable)` arrays for this step; with stacks the trainable ones are views of
         the stacks cast to the compute dtype (their gradients come back in it)."""
-        parameters = [self._split(layer) for layer in self.layers]
+        parameters = [
+            tuple({name: container[key] for name, container, key in places} for places in layer_places)
+            for layer_places in self._places
+        ]
         if self.stacks is None:
             return parameters
         views = self.stacks.compute_views(activation_dtype(self.model))
@@ -181,16 +191,16 @@ class LayerwiseTrainStep:
         return loss_sum, n_tokens, cotangent
 
     def _gradients(self, batch: Batch, key: mx.array, parameters: list) -> tuple[mx.array, mx.array, dict]:
-        """`(loss_sum, n_tokens, grads)` of one micro-batch, evaluated; `key`: its dropout key; `parameters`:
-        `_parameters()`. The gradients are stacked when the adapters are."""
+        """`(loss_sum, n_tokens, grads)` of one micro-batch, its layers queued on the device (the caller waits
+        for them); `key`: its dropout key; `parameters`: `_parameters()`. The gradients are stacked when the
+        adapters are."""
         ids = batch["input_ids"]
         mask = self.model.mask(ids.shape[1], 0, batch.get("segment_ids"))
         mask_array = mask if isinstance(mask, mx.array) else None
         layer_keys = layer_dropout_keys(key, len(self.layers))
         queue = _Queue(self._in_flight)
         inputs = [self.model.embed(ids)]
-        structures = [self._structure(frozen, trainable) for frozen, trainable in parameters]
-        for (frozen, trainable), structure, layer_key in zip(parameters, structures, layer_keys):
+        for (frozen, trainable), structure, layer_key in zip(parameters, self._structures, layer_keys):
             forward = self._layer_functions(mask, structure)[0]
             inputs.append(forward(frozen, trainable, inputs[-1], layer_key, mask_array))
             queue.push(inputs[-1])
@@ -199,7 +209,7 @@ class LayerwiseTrainStep:
         flat_grads = {}
         for i in reversed(range(len(self.layers))):
             frozen, trainable = parameters[i]
-            _, backward, backward_first = self._layer_functions(mask, structures[i])
+            _, backward, backward_first = self._layer_functions(mask, self._structures[i])
             if i > 0:
                 grads, cotangent = backward(frozen, trainable, inputs.pop(), cotangent, layer_keys[i], mask_array)
                 queue.push(cotangent, *grads.values())
@@ -209,7 +219,6 @@ class LayerwiseTrainStep:
             else:
                 grads = {}
             flat_grads.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
-        queue.drain()
         if self.stacks is not None:
             return loss_sum, n_tokens, self.stacks.stack(flat_grads)
         return loss_sum, n_tokens, tree_unflatten(list(flat_grads.items()))
@@ -224,12 +233,15 @@ class LayerwiseTrainStep:
 
         def local_sums():
             parameters, total = self._parameters(), None
-            for batch, batch_key in zip(batches, keys):
-                # Each micro-batch is evaluated (inside `_gradients`) before the next is built; the running sum
-                # is evaluated too, so only it and one micro-batch's gradients are alive at a time.
+            for index, (batch, batch_key) in enumerate(zip(batches, keys)):
                 output = self._gradients(ranks.rows(batch), batch_key, parameters)
                 total = output if total is None else sum_outputs([total, output])
-                mx.eval(total)
+                if index < len(batches) - 1:
+                    # evaluated before the next micro-batch is built: only the running sum and one micro-batch's
+                    # gradients are alive at a time
+                    mx.eval(total)
+                else:  # the update is built while the device finishes the last layers
+                    mx.async_eval(total)
             return total
 
         loss_sum, n_tokens, grads = ranks.sum_outputs(local_sums)
@@ -264,6 +276,3 @@ class _Queue:
         if len(self._pending) > self._limit:
             mx.eval(self._pending.pop(0))
 
-    def drain(self) -> None:
-        while self._pending:
-            mx.eval(self._pending.pop(0))

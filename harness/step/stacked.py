@@ -83,7 +83,7 @@ class AdapterStacks:
         self.layout = stack_layout(model)
         self.arrays: dict[str, mx.array] = {}
         self._names = [name for _, names in self.layout for name in names]
-        self._places = [_place(model, name) for name in self._names]
+        self._places = [parameter_place(model, name) for name in self._names]
         self._views: list[mx.array] = []
         self.restack(optimizer)
 
@@ -179,8 +179,9 @@ class AdapterStacks:
                 container[key] = piece(self.arrays[stack], i, len(names))
 
 
-def _place(model: nn.Module, name: str) -> tuple[Any, str]:
-    """`(container, key)` holding parameter `name` ("model.layers.3.mlp.down_proj.lora_A") inside `model`."""
+def parameter_place(model: nn.Module, name: str) -> tuple[Any, str]:
+    """`(container, key)` holding parameter `name` ("model.layers.3.mlp.down_proj.lora_A") inside `model`:
+    `container[key]` is the array `model` holds now."""
     *path, key = name.split(".")
     container: Any = model
     for part in path:

@@ -199,3 +199,20 @@ def test_adapters_cast_once_a_step_give_the_numbers_of_casts_where_used():
     assert {p.dtype for p in params.values()} == {mx.float32}
     for name, value in expected_params.items():
         np.testing.assert_allclose(np.array(params[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_arrays_replaced_after_the_step_was_built_are_used():
+    """The step finds where each layer's arrays live once, when it is built, and reads them from there every
+    step: a frozen weight and an adapter replaced afterwards (a checkpoint loaded, say) are what it trains on."""
+    model = _model()
+    step = LayerwiseTrainStep(model, optim.AdamW(learning_rate=1e-2), grad_clip=0.5)
+    mx.eval(step([_batch(1)]))  # built, compiled and run once with the old arrays
+    attention = model.layers[1].self_attn
+    model.layers[1].input_layernorm.weight = model.layers[1].input_layernorm.weight * 1.5
+    attention.q_proj.lora_B = attention.q_proj.lora_B + 0.1
+    reference_model = copy.deepcopy(model)
+    loss, n_tokens, norm = step([_batch(2)])
+    (expected_loss, expected_tokens, expected_norm), = _run(TrainStep, reference_model, [[_batch(2)]], True)[0]
+    # the loss and gradients of the arrays the model holds now (the optimizers' states differ, so not the update)
+    assert (n_tokens.item(), loss.item(), norm.item()) == (
+        expected_tokens, pytest.approx(expected_loss, rel=1e-5), pytest.approx(expected_norm, rel=1e-4))

@@ -10,14 +10,15 @@ quantized weights dequantized every step against once for the run (`models.dense
 update's squared norm of each gradient array as a dot product against a sum of squares. `--compare update`: the
 optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`), in whichever
 step the config gives. `--compare adapter-casts`: with stacks, each float32 adapter cast to the compute dtype
-where it is used against the stacks cast once a step.
+where it is used against the stacks cast once a step (the layer-by-layer step; the whole-graph step casts where
+used).
 `--compare backward-weights` (with checkpointing): the recomputed layer keeps its dense weights for the backward
 pass against rebuilding them there. `--compare train-step`: the whole-graph step against the layer-by-layer one
-(`harness.step.factory`). `--compare gc`: Python's
-collector as it is against with the objects alive after the build frozen (`gc.freeze`). `--compare memory-limit`:
-MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
-`trainer.memory_limit_gb` replaced). Further comparisons go in `COMPARISONS`: a name for each variant and what it
-changes (in the model or the process) before the step is built.
+(`harness.step.factory`). `--compare gc`: Python's collector as it is against with the objects alive after the
+build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
+`trainer.memory_limit_gb` replaced). `--accum N`: optimizer steps of N micro-batches. Further comparisons go in
+`COMPARISONS`: a name for each variant and what it changes (in the model or the process) before the step is
+built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by the
 host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each
@@ -115,6 +116,7 @@ _compute_views = stacked.AdapterStacks.compute_views
 def _float32_views(self, dtype):
     return _compute_views(self, mx.float32)
 
+
 STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config's trainer.train_step
 
 
@@ -207,7 +209,7 @@ def main() -> None:
                   f"peak {row['peak_gb']:.2f} GB ({row['step']})", flush=True)
             # the variant's step and optimizer (its stacks, moments, compiled graphs) gone before the next is built:
             # left for the collector, they stayed alive and each later variant's peak counted them
-            del step, optimizer, run
+            step = optimizer = run = None
             gc.collect()
             mx.clear_cache()
     summary = {}

@@ -92,7 +92,9 @@ class LayerwiseTrainStep:
             frozen, trainable = self._split(layer)
             self._structures.append(self._structure(frozen, trainable))
             self._templates.setdefault(self._structures[-1], layer)
-            self._places.append(tuple([(n, *parameter_place(layer, n)) for n in arrays] for arrays in (frozen, trainable)))
+            self._places.append(
+                tuple([(name, *parameter_place(layer, name)) for name in arrays] for arrays in (frozen, trainable))
+            )
         self._layer_call = uncheckpointed_call(self.layers[0])
         self._functions: dict[tuple, tuple[Callable, Callable, Callable]] = {}
         self._head = self._maybe_compile(self._head_loss_and_cotangent)
@@ -275,4 +277,3 @@ class _Queue:
         self._pending.append(list(arrays))
         if len(self._pending) > self._limit:
             mx.eval(self._pending.pop(0))
-

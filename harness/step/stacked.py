@@ -12,9 +12,9 @@ stack.
 The forward and backward passes compute in the activations' dtype (bfloat16 on a GPU), and the adapters are kept
 in float32. Cast where they are used, each adapter costs a cast per pass and its gradient another back: about 40
 small kernels a decoder layer. `compute_views` casts each stack once a step instead and gives the step views of
-the cast stacks to run the model on (`model_holding`); their gradients come back in the compute dtype, and `stack`
-casts them to the stacks' dtype as it joins them. The numbers are the same: a cast of the same values, in
-another place.
+the cast stacks to run the layers on (`harness.step.layerwise`); their gradients come back in the compute dtype,
+and `stack` casts them to the stacks' dtype as it joins them. The numbers are the same: a cast of the same values,
+in another place.
 
 Only element-wise optimizers (`ELEMENT_WISE`: each element's update depends on that element alone) give the same
 numbers on a stack as on its pieces; others (Adafactor's factored moments, Muon's orthogonalization) keep the
@@ -24,8 +24,6 @@ saving, and state loaded per parameter is stacked again before the next update (
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -82,8 +80,7 @@ class AdapterStacks:
         self.model = model
         self.layout = stack_layout(model)
         self.arrays: dict[str, mx.array] = {}
-        self._names = [name for _, names in self.layout for name in names]
-        self._places = [parameter_place(model, name) for name in self._names]
+        self._places = [parameter_place(model, name) for _, names in self.layout for name in names]
         self._views: list[mx.array] = []
         self.restack(optimizer)
 
@@ -112,21 +109,9 @@ class AdapterStacks:
 
     def compute_views(self, dtype: mx.Dtype) -> dict[str, mx.array]:
         """`{parameter name: array}`: views of the stacks cast to `dtype`, one cast per stack (none where the
-        stack has that dtype); the model computes on them inside `model_holding`."""
+        stack has that dtype), for a step to compute on in place of the model's arrays."""
         cast = {stack: array if array.dtype == dtype else array.astype(dtype) for stack, array in self.arrays.items()}
         return {name: piece(cast[stack], i, len(names)) for stack, names in self.layout for i, name in enumerate(names)}
-
-    @contextmanager
-    def model_holding(self, arrays: dict[str, mx.array]) -> Iterator[None]:
-        """Inside the block the model's trainable parameters are `arrays` (`compute_views`); after it, its own."""
-        own = [container[key] for container, key in self._places]
-        try:
-            for (container, key), name in zip(self._places, self._names):
-                container[key] = arrays[name]
-            yield
-        finally:
-            for (container, key), array in zip(self._places, own):
-                container[key] = array
 
     def apply(self, optimizer: optim.Optimizer, stacked_grads: dict) -> None:
         """One optimizer step on the stacks (`stacked_grads` from `stack`); the model gets views of the result."""

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,18 +30,14 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
+from benchmarks.gpu.profile_table import ProfileTable, median_ms  # noqa: E402
 from harness.bench import compose, matmul_tflops  # noqa: E402
-from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
+from harness.bench_timing import synthetic_tokens  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.step.loss import loss_from_hidden  # noqa: E402
 from harness.step.standard import TrainStep  # noqa: E402
 from models.lora import LoRALinear  # noqa: E402
 from models.quant import QuantizedLinear  # noqa: E402
-
-
-def median_ms(fn, warmup: int = 2, repeat: int = 5) -> float:
-    """Median wall milliseconds of `fn()` (which must synchronize)."""
-    return statistics.median(timed_runs(fn, warmup=warmup, repeat=repeat)) * 1e3
 
 
 def layer_backward(layer: nn.Module, x: mx.array, cotangent: mx.array):
@@ -98,11 +91,8 @@ def main() -> None:
     options = parser.parse_args()
     cfg = compose([*options.overrides, "trainer.cpu_streams=1"])
     rows, seq = options.rows, options.seq
-    table: dict[str, float] = {}
-
-    def record(name: str, value: float) -> None:
-        table[name] = value
-        print(f"{name:<62} {value:12.3f}", flush=True)
+    table = ProfileTable(width=62)
+    record = table.record
 
     print(f"device {mx.default_device()}, overrides {options.overrides}, {rows}x{seq}", flush=True)
     model = build_model(cfg, progress=False)
@@ -165,11 +155,7 @@ def main() -> None:
     mx.eval(n_tokens, grads)
     record("optimizer update (ms)", median_ms(
         lambda: mx.eval(step._update(grads, n_tokens), model.trainable_parameters(), optimizer.state)))
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, f"large_step_profile{options.tag}.json").write_text(json.dumps(
-            {"device": str(mx.default_device()), "overrides": options.overrides, "rows": rows, "seq": seq,
-             "ms": table}, indent=1))
+    table.write(f"large_step_profile{options.tag}", overrides=options.overrides, rows=rows, seq=seq)
 
 
 if __name__ == "__main__":

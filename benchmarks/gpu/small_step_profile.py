@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 import re
 import statistics
 import sys
@@ -34,17 +32,13 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from benchmarks.gpu.profile_table import ProfileTable, median_ms  # noqa: E402
 from harness.bench import compose  # noqa: E402
-from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
+from harness.bench_timing import synthetic_tokens  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.step.loss import causal_lm_loss  # noqa: E402
 from harness.step.standard import TrainStep  # noqa: E402
 from models.quant import QuantizedLinear  # noqa: E402
-
-
-def median_ms(fn, warmup: int = 2, repeat: int = 5) -> float:
-    """Median wall milliseconds of `fn()` (which must synchronize)."""
-    return statistics.median(timed_runs(fn, warmup=warmup, repeat=repeat)) * 1e3
 
 
 def batch_of(rows: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -84,11 +78,8 @@ def main() -> None:
     options = parser.parse_args()
     cfg = compose([*options.overrides, "trainer.cpu_streams=1"])
     rows, seq = options.rows, options.seq
-    table: dict[str, float] = {}
-
-    def record(name: str, value: float) -> None:
-        table[name] = value
-        print(f"{name:<58} {value:12.3f}", flush=True)
+    table = ProfileTable(width=58)
+    record = table.record
 
     print(f"device {mx.default_device()}, overrides {options.overrides}, {rows}x{seq}", flush=True)
     record("per small kernel, uncompiled chain (us)", kernel_chain_us())
@@ -159,11 +150,7 @@ def main() -> None:
             lambda: mx.eval(forced([batch]), model.trainable_parameters(), optimizer.state)))
     for m in every_quantized:
         m.forward_path = "auto"
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, f"small_step_profile{options.tag}.json").write_text(json.dumps(
-            {"device": str(mx.default_device()), "overrides": options.overrides, "rows": rows, "seq": seq,
-             "ms": table}, indent=1))
+    table.write(f"small_step_profile{options.tag}", overrides=options.overrides, rows=rows, seq=seq)
 
 
 if __name__ == "__main__":

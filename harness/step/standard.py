@@ -46,8 +46,9 @@ class TrainStep:
         if compile:
             state = [model.state, optimizer.state, mx.random.state]
             gradients = partial(mx.compile, inputs=state, outputs=state)(gradients)
-        # The update array by array: kept stacked (`harness.step.stacked`, as the layer-by-layer step keeps them) the
-        # adapters measured no faster in this step on an H200, and cast once a step slower (BENCHMARKS.md, "Session 9").
+        # The update array by array, adapters cast where used: on an H200 this step measured no faster with the
+        # adapters stacked (`harness.step.stacked`, as the layer-by-layer step keeps them), and slower with them
+        # cast once a step (BENCHMARKS.md, "Session 9").
         self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile)
 
     def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:

@@ -216,3 +216,23 @@ def test_arrays_replaced_after_the_step_was_built_are_used():
     # the loss and gradients of the arrays the model holds now (the optimizers' states differ, so not the update)
     assert (n_tokens.item(), loss.item(), norm.item()) == (
         expected_tokens, pytest.approx(expected_loss, rel=1e-5), pytest.approx(expected_norm, rel=1e-4))
+
+
+@pytest.mark.parametrize("make_optimizer, stacked", [
+    (lambda: optim.SGD(learning_rate=1e-2, momentum=0.9), True),  # element-wise: adapters stacked, cast once
+    (lambda: optim.Adafactor(learning_rate=1e-2), False),  # factored moments: the model's own arrays, per array
+], ids=["sgd", "adafactor"])
+def test_layerwise_step_matches_train_step_with_other_optimizers(make_optimizer, stacked):
+    reference_model = _bfloat16(_model())
+    model = copy.deepcopy(reference_model)
+    results = []
+    for step_class, m in ((TrainStep, reference_model), (LayerwiseTrainStep, model)):
+        optimizer = make_optimizer()
+        step = step_class(m, optimizer, grad_clip=0.5)
+        for batches in [[_batch(1)], [_batch(2), _batch(3)]]:
+            mx.eval(step(batches), m.parameters(), optimizer.state)
+        results.append(dict(tree_flatten(m.trainable_parameters())))
+    assert (step.stacks is not None) == stacked
+    expected, got = results
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.array(got[name]), np.array(value), rtol=1e-4, atol=1e-5, err_msg=name)

@@ -21,8 +21,11 @@ masks of the forward pass. The step's key is drawn from MLX's global random stat
 Gradient accumulation: micro-batches run one after another, each evaluated before the next starts, and their
 gradients are summed as they come: the peak does not grow with the number of micro-batches.
 
-The optimizer update is `harness.step.accumulate.make_update`, as in `TrainStep`; without dropout the numbers are
-`TrainStep`'s, with dropout those of plain autograd under the same masks (tests/harness/test_layerwise_step.py).
+Adapters: with an element-wise optimizer (AdamW) they and its moments are kept stacked by shape, and each step
+casts the stacks to the compute dtype once and runs the layers on views of them (`harness.step.stacked`), rather
+than casting every adapter in every pass. The optimizer update is `harness.step.accumulate.make_update`, as in
+`TrainStep`; without dropout the numbers are `TrainStep`'s, with dropout those of plain autograd under the same
+masks (tests/harness/test_layerwise_step.py).
 """
 
 from __future__ import annotations

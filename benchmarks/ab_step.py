@@ -74,7 +74,7 @@ _build_kept, _kept = accumulate.kept_dense_weights, accumulate.multiplying_by_ke
 
 
 def _per_step(model):
-    return dense_weights_shared(weight_modules(model), model.model.norm.weight.dtype)
+    return dense_weights_shared(weight_modules(model), model.dtype)
 
 
 def squared_norm_by(how: str):

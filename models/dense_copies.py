@@ -36,7 +36,7 @@ def kept_dense_weights(model: nn.Module, dtype: mx.Dtype | None = None) -> dict[
     """The dense weights of `model`'s quantized layers (`models.quant.dense_weights` over `weight_modules`) in
     `dtype` (the model's compute dtype by default), built and evaluated on the first call and kept until the model
     is freed."""
-    dtype = dtype or model.model.norm.weight.dtype
+    dtype = dtype or model.dtype
     modules = weight_modules(model)
     built_for = (dtype, tuple(id(m) for m in modules))
     entry = _KEPT.get(id(model))
@@ -52,7 +52,7 @@ def kept_dense_weights(model: nn.Module, dtype: mx.Dtype | None = None) -> dict[
 @contextlib.contextmanager
 def multiplying_by_kept_dense_weights(model: nn.Module) -> Iterator[None]:
     """Within this block `model`'s quantized layers multiply by their kept dense copies (`kept_dense_weights`)."""
-    dtype = model.model.norm.weight.dtype
+    dtype = model.dtype
     with dense_weights_shared(weight_modules(model), dtype, kept_dense_weights(model, dtype)):
         yield
 

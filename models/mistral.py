@@ -323,6 +323,12 @@ class MistralForCausalLM(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype activations and dequantized weights compute in: its norms' weights' (bfloat16 on a GPU,
+        float32 on the CPU, as loaded)."""
+        return self.model.norm.weight.dtype
+
     def logits(self, hidden: mx.array) -> mx.array:
         """Project hidden states `(…, hidden_size)` to vocabulary logits `(…, vocab_size)`."""
         if self.args.tie_word_embeddings:

@@ -98,7 +98,7 @@ def main() -> None:
     model = build_model(cfg, progress=False)
     optimizer = build_optimizer(cfg.optim, model, total_steps=1000)
     args, layers = model.args, len(model.model.layers)
-    dtype = model.model.norm.weight.dtype
+    dtype = model.dtype
     mx.eval(model.parameters())
     model.train()
     tokens = synthetic_tokens(rows, seq, args.vocab_size)

@@ -130,7 +130,7 @@ def main() -> None:
     del grads_uncompiled
     # One decoder layer at this batch's shape.
     layer = model.model.layers[0]
-    h = mx.random.normal((rows, seq, args.hidden_size)).astype(model.model.norm.weight.dtype)
+    h = mx.random.normal((rows, seq, args.hidden_size)).astype(model.dtype)
     probe = mx.random.normal(h.shape).astype(h.dtype)
     forward = mx.compile(lambda x: layer(x, "causal"))
     record(f"one layer forward x{layers} (ms)", median_ms(lambda: mx.eval(forward(h))) * layers)

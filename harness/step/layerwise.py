@@ -40,7 +40,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from harness.distributed import world
 from harness.step.loss import loss_from_hidden
 from harness.step.accumulate import make_update, sum_outputs
-from harness.step.stacked import AdapterStacks, activation_dtype, parameter_place
+from harness.step.stacked import AdapterStacks, parameter_place
 from models.recompute import uncheckpointed_call
 from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
@@ -124,7 +124,7 @@ class LayerwiseTrainStep:
         ]
         if self.stacks is None:
             return parameters
-        views = self.stacks.compute_views(activation_dtype(self.model))
+        views = self.stacks.compute_views(self.model.dtype)
         return [
             (frozen, {name: views[f"model.layers.{i}.{name}"] for name in trainable})
             for i, (frozen, trainable) in enumerate(parameters)

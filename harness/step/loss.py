@@ -13,7 +13,7 @@ def lm_head_weight(model: nn.Module) -> mx.array:
     the head is a plain linear, a quantized one, or tied to the (possibly quantized) embedding."""
     head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
     if hasattr(head, "dequantize"):
-        return head.dequantize(model.model.norm.weight.dtype)
+        return head.dequantize(model.dtype)
     return head.weight
 
 

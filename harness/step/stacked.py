@@ -44,11 +44,6 @@ def stack_layout(model: nn.Module) -> list[tuple[str, list[str]]]:
     return [(str(i), names) for i, names in enumerate(groups.values())]
 
 
-def activation_dtype(model: nn.Module) -> mx.Dtype:
-    """The dtype `model` computes its activations in (its norms' weights'): bfloat16 on a GPU, float32 on the CPU."""
-    return model.model.norm.weight.dtype
-
-
 def joined(arrays: list[mx.array]) -> mx.array:
     """Equally shaped arrays concatenated along their first axis: `piece(result, i)` is the i-th again."""
     return mx.concatenate(arrays, axis=0)

@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -144,6 +145,74 @@ def python_gc(how: str):
     return apply
 
 
+def _threads() -> dict[int, str]:
+    """This process's threads (Linux): id -> name."""
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            found[int(tid)] = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except FileNotFoundError:  # the thread ended
+            pass
+    return found
+
+
+def _siblings(cpu: int) -> set[int]:
+    """`cpu` and the logical CPUs that share its core, as the (possibly virtual) machine reports them."""
+    text = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+    found = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
+
+
+# the CPUs the process started on (Linux), read before any variant narrows a thread's
+PROCESS_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+
+def thread_placement(how: str):
+    """Where the threads run: "free" on any of the process's CPUs; "apart" the main (kernel-encoding) thread alone
+    on one CPU and every other thread (MLX's completion worker, the CUDA driver's, BLAS's) on the rest but its
+    core's siblings; "shared" all of them on the main thread's one CPU, the worst contention."""
+    def apply(model):
+        cpus = sorted(PROCESS_CPUS)
+        main_cpu = cpus[len(cpus) // 2]
+        main = threading.get_native_id()
+        for tid in _threads():
+            if how == "free":
+                cpu_set = set(cpus)
+            elif how == "shared":
+                cpu_set = {main_cpu}
+            else:
+                cpu_set = {main_cpu} if tid == main else (set(cpus) - _siblings(main_cpu) or set(cpus) - {main_cpu})
+            try:
+                os.sched_setaffinity(tid, cpu_set or set(cpus))
+            except ProcessLookupError:  # the thread ended
+                pass
+
+    return apply
+
+
+def thread_cpu_seconds() -> dict[int, tuple[str, float, int]]:
+    """Each thread's CPU seconds so far (user + system), name and the CPU it last ran on (/proc, Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for tid, name in _threads().items():
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        found[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks, int(fields[36]))
+    return found
+
+
+def report_thread_cpu(before: dict, after: dict, steps: int) -> str:
+    """The busiest threads between two `thread_cpu_seconds` readings: ms of CPU a step, and where each ran."""
+    used = sorted(((after[tid][1] - before.get(tid, ("", 0.0, 0))[1]) / steps * 1e3, tid, after[tid][0],
+                   after[tid][2]) for tid in after)[::-1]
+    return "; ".join(f"{name}[{tid}] {ms:.1f} ms/step on cpu {cpu}" for ms, tid, name, cpu in used[:5] if ms > 0)
+
+
 def memory_limit(gb: float):
     def apply(model):
         mx.set_memory_limit(int(gb * 1e9))  # read as MLX allocates: it can change between variants of a process
@@ -161,6 +230,8 @@ COMPARISONS = {
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
     "gc": {"default": python_gc("default"), "frozen": python_gc("frozen")},
     "memory-limit": {"8.0": memory_limit(8.0), "7.5": memory_limit(7.5), "7.0": memory_limit(7.0)},
+    "threads": {"free": thread_placement("free"), "apart": thread_placement("apart"),
+                "shared": thread_placement("shared")},
 }
 
 
@@ -175,6 +246,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tag", default="", help="appended to the JSON file's name")
+    parser.add_argument("--thread-cpu", action="store_true",
+                        help="print the busiest threads' CPU time a step for each variant (Linux)")
     options = parser.parse_args()
     cfg = compose(options.overrides)
     streams, _ = set_up_process(cfg.trainer, batch_size=options.rows)
@@ -200,7 +273,11 @@ def main() -> None:
                 mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
 
             mx.reset_peak_memory()
+            before = thread_cpu_seconds() if options.thread_cpu else None
             seconds = statistics.median(timed_runs(run, warmup=options.warmup, repeat=options.steps))
+            if before is not None:
+                print(f"  threads, {name}: "
+                      f"{report_thread_cpu(before, thread_cpu_seconds(), options.warmup + options.steps)}", flush=True)
             row = {"round": round_ + 1, "variant": name, "ms": seconds * 1e3,
                    "tokens_per_second": options.accum * options.rows * options.seq / seconds,
                    "peak_gb": mx.get_peak_memory() / 1e9, "step": type(step).__name__}

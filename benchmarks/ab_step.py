@@ -193,8 +193,9 @@ def thread_placement(how: str):
     return apply
 
 
-def thread_cpu_seconds() -> dict[int, tuple[str, float, int]]:
-    """Each thread's CPU seconds so far (user + system), name and the CPU it last ran on (/proc, Linux)."""
+def thread_cpu_seconds() -> dict[int, tuple[str, float, float, int, int]]:
+    """Each thread's name, user and system CPU seconds so far, minor page faults so far and the CPU it last ran on
+    (/proc, Linux)."""
     ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for tid, name in _threads().items():
@@ -202,15 +203,21 @@ def thread_cpu_seconds() -> dict[int, tuple[str, float, int]]:
             fields = Path(f"/proc/self/task/{tid}/stat").read_text().rpartition(")")[2].split()
         except FileNotFoundError:  # the thread ended
             continue
-        found[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks, int(fields[36]))
+        found[tid] = (name, int(fields[11]) / ticks, int(fields[12]) / ticks, int(fields[7]), int(fields[36]))
     return found
 
 
 def report_thread_cpu(before: dict, after: dict, steps: int) -> str:
-    """The busiest threads between two `thread_cpu_seconds` readings: ms of CPU a step, and where each ran."""
-    used = sorted(((after[tid][1] - before.get(tid, ("", 0.0, 0))[1]) / steps * 1e3, tid, after[tid][0],
-                   after[tid][2]) for tid in after)[::-1]
-    return "; ".join(f"{name}[{tid}] {ms:.1f} ms/step on cpu {cpu}" for ms, tid, name, cpu in used[:5] if ms > 0)
+    """The busiest threads between two `thread_cpu_seconds` readings: ms of user and system CPU a step, minor page
+    faults a step, and where each ran last."""
+    rows = []
+    for tid, (name, user, system, faults, cpu) in after.items():
+        _, user0, system0, faults0, _ = before.get(tid, (name, 0.0, 0.0, 0, cpu))
+        rows.append(((user - user0) / steps * 1e3, (system - system0) / steps * 1e3, (faults - faults0) / steps,
+                     tid, name, cpu))
+    rows.sort(key=lambda row: -(row[0] + row[1]))
+    return "; ".join(f"{name}[{tid}] user {user:.1f} sys {system:.1f} ms/step, {faults:.0f} faults/step, cpu {cpu}"
+                     for user, system, faults, tid, name, cpu in rows[:4] if user + system > 0)
 
 
 def memory_limit(gb: float):

@@ -59,6 +59,19 @@ def busy_us(events: list[dict]) -> float:
     return busy
 
 
+def idle_before(events: list[dict]) -> dict[str, list[float]]:
+    """The GPU's idle gaps (no kernel running), by the name of the kernel that ended each: [count, microseconds]."""
+    gaps = collections.defaultdict(lambda: [0, 0.0])
+    end, last = None, None
+    for event in sorted(events, key=lambda e: e["ts"]):
+        if end is not None and event["ts"] > end:
+            gaps[last][0] += 1
+            gaps[last][1] += event["ts"] - end
+        if end is None or event["ts"] + event["dur"] >= end:
+            end, last = event["ts"] + event["dur"], event["name"]
+    return gaps
+
+
 def category(name: str, duration_us: float, short_us: float) -> str:
     if MATMUL.search(name):
         return "matmul, short" if duration_us < short_us else "matmul, long"
@@ -129,6 +142,10 @@ def main() -> None:
     print("\nby category (per step): count, ms")
     for key, (count, total) in sorted(by_category.items(), key=lambda item: -item[1][1]):
         print(f"  {key:<24} {count / steps:7.0f} {total / steps / 1e3:9.2f}")
+    gaps = idle_before(events)
+    print("\nGPU idle after a kernel (per step; the gaps between steps included): count, ms")
+    for key, (count, total) in sorted(gaps.items(), key=lambda item: -item[1][1])[:10]:
+        print(f"  {count / steps:6.0f} {total / steps / 1e3:8.2f}  {key[:110]}")
     print(f"\ntop {options.top} kernels (per step): count, ms, mean us")
     for key, (count, total) in sorted(by_name.items(), key=lambda item: -item[1][1])[:options.top]:
         print(f"  {count / steps:6.0f} {total / steps / 1e3:8.2f} {total / count:8.1f}  {key[:110]}")
@@ -139,6 +156,7 @@ def main() -> None:
              "seq": options.seq, "step": type(step).__name__, "wall_ms": wall_us / 1e3,
              "busy_ms": busy_us(events) / steps / 1e3, "kernel_ms": kernel_total / steps / 1e3,
              "categories": {k: [c / steps, t / steps / 1e3] for k, (c, t) in by_category.items()},
+             "idle_after": {k: [c / steps, t / steps / 1e3] for k, (c, t) in gaps.items()},
              "kernels": {k: [c / steps, t / steps / 1e3] for k, (c, t) in by_name.items()}}, indent=1))
 
 

@@ -41,6 +41,7 @@ import os
 import statistics
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -303,9 +304,8 @@ def main() -> None:
                     mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
                     return
                 # as the training loop runs steps (harness.loop): the next one built while the device runs this
-                outputs = (next_step or ahead.prepare(step, batches))()
-                mx.async_eval(outputs)
-                next_step = ahead.prepare(step, batches)
+                launch = next_step or ahead.prepare(step, batches)
+                outputs, next_step = ahead.start(launch, model, optimizer, partial(ahead.prepare, step, batches))
                 mx.eval(outputs, model.trainable_parameters(), optimizer.state)
 
             mx.reset_peak_memory()

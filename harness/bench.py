@@ -36,6 +36,7 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from functools import partial  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -199,10 +200,9 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     def run():
         # As the training loop runs steps (`harness.loop`): the next step built while the device runs this one.
         nonlocal steps_run, next_step
-        outputs = (next_step or draw(steps_run))()
-        mx.async_eval(outputs)
+        launch = next_step or draw(steps_run)
         steps_run += 1
-        next_step = draw(steps_run)
+        outputs, next_step = ahead.start(launch, model, optimizer, partial(draw, steps_run))
         mx.eval(outputs, model.trainable_parameters(), optimizer.state)
 
     run()

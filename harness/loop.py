@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -224,12 +225,10 @@ def train_loop(
             break
         # 1. One optimizer step over `grad_accum_steps` micro-batches; the next one built while the device works.
         step_start = time.perf_counter()
-        current, next_step = next_step or draw(state.step), None
+        current = next_step or draw(state.step)
         batches = current.batches
-        loss_sum, n_tokens, grad_norm = current.launch()
-        mx.async_eval(loss_sum, n_tokens, grad_norm)
-        if not ends_a_stretch(state.step + 1):
-            next_step = draw_ahead(state.step + 1)
+        following = None if ends_a_stretch(state.step + 1) else partial(draw_ahead, state.step + 1)
+        (loss_sum, n_tokens, grad_norm), next_step = ahead.start(current.launch, model, optimizer, following)
         mx.eval(loss_sum, n_tokens, grad_norm)
         step_seconds = time.perf_counter() - step_start
         window_seconds += step_seconds

@@ -24,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
@@ -109,9 +110,8 @@ def main() -> None:
 
     def run():  # as the training loop runs steps: the next one built while the device runs this one
         nonlocal next_step
-        outputs = (next_step or ahead.prepare(step, [batch]))()
-        mx.async_eval(outputs)
-        next_step = ahead.prepare(step, [batch])
+        launch = next_step or ahead.prepare(step, [batch])
+        outputs, next_step = ahead.start(launch, model, optimizer, partial(ahead.prepare, step, [batch]))
         mx.eval(outputs, model.trainable_parameters(), optimizer.state)
 
     for _ in range(options.warmup):

@@ -22,3 +22,17 @@ def prepare(train_step: Callable, batches: list) -> Launch:
     launched update leaves them (lazily, so nothing waits for the device)."""
     build_ahead = getattr(train_step, "prepare", None)
     return build_ahead(batches) if build_ahead is not None else partial(train_step, batches)
+
+
+def start(launch: Launch, model, optimizer, build_next: Callable[[], object] | None = None):
+    """Start a prepared step and build the next one while the device runs it: `(outputs, build_next())`.
+
+    The order matters on a GPU, where MLX lets the host run only a few command buffers ahead of the device: the
+    step's forward and backward passes are queued first (`launch`), the next step is built while the device works
+    through that queue, and only then is the update's work queued, the model's trainable arrays and the optimizer's
+    state (many small kernels, which keep the host busy while the device waits for it). The next step is None
+    when `build_next` is None."""
+    outputs = launch()
+    following = build_next() if build_next is not None else None
+    mx.async_eval(*outputs, model.trainable_parameters(), optimizer.state)
+    return outputs, following

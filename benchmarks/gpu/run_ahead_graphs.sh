@@ -9,7 +9,7 @@ source "$(dirname "$0")/common.sh"
 BIG=${BIG:-"MLX_MAX_OPS_PER_BUFFER=100 MLX_MAX_MB_PER_BUFFER=100000"}
 ab() { echo "== ab_step $*" | tee -a "$OUT/log.txt"; timeout 150 python3 benchmarks/ab_step.py "$@" 2>>"$OUT/log.txt" | grep -v Warning; }
 ab --compare ahead --tag _8x512 --rows 8 --seq 512 --rounds 2 model=mistral-7b-shape
-env $BIG bash -c "$(declare -f ab); OUT=$OUT; ab --compare ahead --tag _8x512_big --rows 8 --seq 512 --rounds 2 model=mistral-7b-shape"
+( export $BIG; ab --compare ahead --tag _8x512_big --rows 8 --seq 512 --rounds 2 model=mistral-7b-shape )
 echo "== kernel_trace big" | tee -a "$OUT/log.txt"
 env $BIG timeout 120 python3 benchmarks/gpu/kernel_trace.py --tag _8x512_big 2>>"$OUT/log.txt" | grep -v Warning | head -16
 for round in $(seq "${ROUNDS:-2}"); do

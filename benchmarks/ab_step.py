@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|ahead|threads] [--ahead] [--thread-cpu]
+        train-step|gc|memory-limit]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -16,11 +16,7 @@ used).
 pass against rebuilding them there. `--compare train-step`: the whole-graph step against the layer-by-layer one
 (`harness.step.factory`). `--compare gc`: Python's collector as it is against with the objects alive after the
 build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
-`trainer.memory_limit_gb` replaced). `--compare ahead`: each step evaluated before the next is built against the
-next step built while the device runs the current one (`harness.step.ahead`, as the training loop runs steps;
-`--ahead` does so for every variant). `--compare threads` (Linux): every thread free, the main thread alone on one
-CPU and the rest elsewhere, or all on one CPU; `--thread-cpu` prints the busiest threads' CPU time a step.
-`--accum N`: optimizer steps of N micro-batches. Further comparisons go in
+`trainer.memory_limit_gb` replaced). `--accum N`: optimizer steps of N micro-batches. Further comparisons go in
 `COMPARISONS`: a name for each variant and what it changes (in the model or the process) before the step is
 built.
 
@@ -41,7 +37,6 @@ import os
 import statistics
 import sys
 import threading
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -53,7 +48,7 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
-from harness.step import accumulate, ahead, stacked  # noqa: E402
+from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
@@ -129,16 +124,6 @@ STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config
 def train_step_kind(kind: str):
     def apply(model):
         STEP_KIND["kind"] = kind
-
-    return apply
-
-
-BUILT_AHEAD: dict[str, bool] = {}  # set by `--compare ahead`: the next step built while the device runs this one
-
-
-def steps_built(ahead_: bool):
-    def apply(model):
-        BUILT_AHEAD["on"] = ahead_
 
     return apply
 
@@ -252,7 +237,6 @@ COMPARISONS = {
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
     "gc": {"default": python_gc("default"), "frozen": python_gc("frozen")},
     "memory-limit": {"8.0": memory_limit(8.0), "7.5": memory_limit(7.5), "7.0": memory_limit(7.0)},
-    "ahead": {"in-turn": steps_built(False), "ahead": steps_built(True)},
     "threads": {"free": thread_placement("free"), "apart": thread_placement("apart"),
                 "shared": thread_placement("shared")},
 }
@@ -269,13 +253,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tag", default="", help="appended to the JSON file's name")
-    parser.add_argument("--ahead", action="store_true",
-                        help="every variant's next step built while the device runs the current one, as the "
-                             "training loop runs steps (`--compare ahead` sets it per variant)")
     parser.add_argument("--thread-cpu", action="store_true",
                         help="print the busiest threads' CPU time a step for each variant (Linux)")
     options = parser.parse_args()
-    BUILT_AHEAD["on"] = options.ahead
     cfg = compose(options.overrides)
     streams, _ = set_up_process(cfg.trainer, batch_size=options.rows)
     model = build_model(cfg, progress=False)
@@ -296,17 +276,8 @@ def main() -> None:
             step = configured_train_step(model, optimizer, cfg, streams=streams,
                                          micro_batch_tokens=options.rows * options.seq)
 
-            next_step = None
-
             def run():
-                nonlocal next_step
-                if not BUILT_AHEAD.get("on"):
-                    mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
-                    return
-                # as the training loop runs steps (harness.loop): the next one built while the device runs this
-                launch = next_step or ahead.prepare(step, batches)
-                outputs, next_step = ahead.start(launch, model, optimizer, partial(ahead.prepare, step, batches))
-                mx.eval(outputs, model.trainable_parameters(), optimizer.state)
+                mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
 
             mx.reset_peak_memory()
             before = thread_cpu_seconds() if options.thread_cpu else None
@@ -322,7 +293,7 @@ def main() -> None:
                   f"peak {row['peak_gb']:.2f} GB ({row['step']})", flush=True)
             # the variant's step and optimizer (its stacks, moments, compiled graphs) gone before the next is built:
             # left for the collector, they stayed alive and each later variant's peak counted them
-            step = optimizer = run = next_step = None
+            step = optimizer = run = None
             gc.collect()
             mx.clear_cache()
     summary = {}

@@ -36,7 +36,6 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from functools import partial  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -170,7 +169,6 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     from harness.build import build_model, build_optimizer
     from harness.distributed import world
     from harness.process import set_up_process
-    from harness.step import ahead
     from harness.step.factory import configured_train_step
     from models.lora import trainable_parameter_count
 
@@ -191,19 +189,14 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
         steps_batches = [micro_batches]
     model.train()
     build_peak = build_peak_then_reset(model.parameters(), optimizer.state, steps_batches)
-    steps_run, next_step = 0, None
-
-    def draw(index: int):
-        mx.random.seed(cfg.trainer.seed * 1_000_003 + index)  # dropout keyed by (seed, step), as in training
-        return ahead.prepare(step, steps_batches[index % len(steps_batches)])
+    steps_run = 0
 
     def run():
-        # As the training loop runs steps (`harness.loop`): the next step built while the device runs this one.
-        nonlocal steps_run, next_step
-        launch = next_step or draw(steps_run)
+        nonlocal steps_run
+        mx.random.seed(cfg.trainer.seed * 1_000_003 + steps_run)  # dropout keyed by (seed, step), as in training
+        micro_batches = steps_batches[steps_run % len(steps_batches)]
         steps_run += 1
-        outputs, next_step = ahead.start(launch, model, optimizer, partial(draw, steps_run))
-        mx.eval(outputs, model.trainable_parameters(), optimizer.state)
+        mx.eval(step(micro_batches), model.trainable_parameters(), optimizer.state)
 
     run()
     first_step = time.perf_counter() - _PROCESS_START

@@ -5,8 +5,6 @@ batch sources, tracker, run directory) and a few plain numbers, never the Hydra 
 without Hydra.
 One optimizer step = `grad_accum_steps` micro-batches; their gradients are summed over loss tokens and divided by
 the total number of loss tokens, so every token weighs the same however the batches are padded.
-While the device runs a step, the loop draws the next one and builds its graph (`harness.step.ahead`), except
-where a validation, checkpoint or stop follows: a checkpoint keeps the data position of the steps done.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +23,6 @@ from tqdm.auto import tqdm
 from harness import run_state
 from harness.run_state import TrainState
 from harness.distributed import save_on_main_rank, world
-from harness.step import ahead
 from harness.tracking import Tracker
 from models.memory import release_cache
 
@@ -106,13 +102,6 @@ def micro_batches(train_batches: Callable[[int, int], Iterable[Batch]], state: T
         state.batch_in_epoch = 0
 
 
-@dataclass
-class _DrawnStep:
-    batches: list[Batch]
-    launch: ahead.Launch  # starts the step (`harness.step.ahead.prepare`)
-    position: tuple[int, int]  # (epoch, batch_in_epoch) before its batches were drawn
-
-
 def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
@@ -180,55 +169,16 @@ def train_loop(
     )
     wall_start = time.perf_counter()
 
-    def draw(step_index: int) -> _DrawnStep:
-        """Step `step_index`'s micro-batches from the stream, its dropout seeded by (seed, step), its graph built."""
-        position = (state.epoch, state.batch_in_epoch)
-        batches = [next(stream) for _ in range(settings.grad_accum_steps)]
-        mx.random.seed(settings.seed * 1_000_003 + step_index)
-        return _DrawnStep(batches, ahead.prepare(train_step, batches), position)
-
-    def rewind(position: tuple[int, int]) -> None:
-        """The data position as before a step was drawn that will not run now: for a checkpoint, or to draw it
-        again in its turn."""
-        nonlocal stream
-        state.epoch, state.batch_in_epoch = position
-        stream = micro_batches(train_batches, state)
-
-    def draw_ahead(step_index: int) -> _DrawnStep | None:
-        """`draw`, while the step before runs; a failure (bad data) is raised again when the step is drawn in its
-        turn, after the running step's results are kept."""
-        position = (state.epoch, state.batch_in_epoch)
-        try:
-            return draw(step_index)
-        except Exception:
-            rewind(position)
-            return None
-
-    def put_back(drawn: _DrawnStep | None) -> None:
-        if drawn is not None:
-            rewind(drawn.position)
-
-    def ends_a_stretch(steps_done: int) -> bool:
-        """Whether the loop validates, checkpoints or stops once `steps_done` steps are done (then the next step
-        is not drawn ahead: a checkpoint keeps the data position of the steps done)."""
-        return (steps_done >= settings.max_steps
-                or (settings.eval_every > 0 and steps_done % settings.eval_every == 0)
-                or (settings.save_every > 0 and steps_done % settings.save_every == 0)
-                or (settings.stop_after_steps is not None and steps_this_process + 1 >= settings.stop_after_steps))
-
-    next_step = None  # the step after the running one, drawn and built while the device runs it
     while state.step < settings.max_steps:
         if should_stop is not None and should_stop():  # a stop asked for between steps: keep the work done
-            put_back(next_step)
             save_checkpoint(run_dir, model, optimizer, state, save_adapters, is_best=False)
             stopped_early = True
             break
-        # 1. One optimizer step over `grad_accum_steps` micro-batches; the next one built while the device works.
+        # 1. One optimizer step over `grad_accum_steps` micro-batches.
         step_start = time.perf_counter()
-        current = next_step or draw(state.step)
-        batches = current.batches
-        following = None if ends_a_stretch(state.step + 1) else partial(draw_ahead, state.step + 1)
-        (loss_sum, n_tokens, grad_norm), next_step = ahead.start(current.launch, model, optimizer, following)
+        batches = [next(stream) for _ in range(settings.grad_accum_steps)]
+        mx.random.seed(settings.seed * 1_000_003 + state.step)
+        loss_sum, n_tokens, grad_norm = train_step(batches)
         mx.eval(loss_sum, n_tokens, grad_norm)
         step_seconds = time.perf_counter() - step_start
         window_seconds += step_seconds
@@ -245,7 +195,6 @@ def train_loop(
 
         # 2. A diverging run stops here, with its state saved and the failure logged.
         if not math.isfinite(loss):
-            put_back(next_step)
             diverged = state.diverged = True
             tracker.log({"train/loss": loss, "train/diverged": 1}, step=state.step)
             save_checkpoint(run_dir, model, optimizer, state, save_adapters, is_best=False)

@@ -10,8 +10,7 @@ runs ahead of the GPU hides the latter; one bound by the host shows it). The tra
 of the traced steps, the time the GPU was busy (the union of kernel intervals, so idle gaps show a host-bound
 step), and the kernels grouped by name, with their count and total time per step. Matrix products are split by
 duration at `--short-us` (the adapters' thin products are short, the frozen weights' long). Prints the table and
-writes $OUT/kernel_trace<tag>.json when OUT is set. Steps run as the training loop runs them (`harness.loop`): the
-next one built while the device runs the current one.
+writes $OUT/kernel_trace<tag>.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import re
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
@@ -35,7 +33,6 @@ import mlx.core as mx  # noqa: E402
 from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
-from harness.step import ahead  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|cublas", re.IGNORECASE)
@@ -106,13 +103,8 @@ def main() -> None:
     tokens = synthetic_tokens(options.rows, options.seq, model.args.vocab_size)
     batch = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
 
-    next_step = None
-
-    def run():  # as the training loop runs steps: the next one built while the device runs this one
-        nonlocal next_step
-        launch = next_step or ahead.prepare(step, [batch])
-        outputs, next_step = ahead.start(launch, model, optimizer, partial(ahead.prepare, step, [batch]))
-        mx.eval(outputs, model.trainable_parameters(), optimizer.state)
+    def run():
+        mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)
 
     for _ in range(options.warmup):
         run()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
@@ -53,17 +52,6 @@ class TrainStep:
         self._gradients, self._update = gradients, make_update(model, optimizer, grad_clip, compile)
 
     def __call__(self, batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        return self.prepare(batches)()
-
-    def prepare(self, batches: list[Batch]) -> Callable[[], tuple[mx.array, mx.array, mx.array]]:
-        """The step on `batches` in two parts: now, the gradients' graph built (the compiled graph replayed, nothing
-        evaluated); on the returned call, its work started and the update built on it. Called after the update of
-        the step before was built (it reads the model's and optimizer's state as that update leaves them), so the
-        host can build this step while the device still runs the one before (`harness.step.ahead`)."""
         loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
-
-        def launch() -> tuple[mx.array, mx.array, mx.array]:
-            mx.async_eval(loss_sum, n_tokens, grads)
-            return loss_sum, n_tokens, self._update(grads, n_tokens)
-
-        return launch
+        mx.async_eval(loss_sum, n_tokens, grads)
+        return loss_sum, n_tokens, self._update(grads, n_tokens)

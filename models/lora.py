@@ -254,7 +254,15 @@ class LoRALinear(nn.Module):
             down = x @ a.T  # (…, rank)
         if y.dtype == x.dtype:
             # y + scale * down @ B^T in one GEMM (BLAS beta = 1): no separate pass over the (…, out) update.
-            return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)
+            b = self.lora_B
+            if b.dtype != x.dtype:
+                # The cast B takes anyway carries the scale. As the GEMM's alpha, the scale would multiply the whole
+                # (…, out) output gradient in the backward pass (MLX's AddMM vjp): at 8 x 512 tokens on an H200,
+                # 224 passes and 8.8 ms a step (BENCHMARKS.md, "Session 10").
+                return mx.addmm(y, down, (self.scale * b).astype(x.dtype).T)
+            # B already in the compute dtype (the layer-by-layer step's views cast once a step): scaling it here
+            # would add a kernel per call, where that step is bound by the host launching kernels.
+            return mx.addmm(y, down, b.T, alpha=self.scale)
         update = down @ self.lora_B.astype(x.dtype).T
         return y + (self.scale * update).astype(y.dtype)
 

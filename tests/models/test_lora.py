@@ -80,6 +80,33 @@ def test_lora_gradients_match_float32_reference():
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("alpha", [8.0, 6.0])  # scales 2 and 1.5 (not a power of two: rounded once in bfloat16)
+def test_lora_gradients_in_bfloat16_match_float32_reference(alpha):
+    # Float32 adapters in a bfloat16 computation: the scale rides on B's cast to bfloat16, not on the GEMM's alpha;
+    # it must still scale the output, and the gradients of A and B, exactly once.
+    base = nn.Linear(64, 48, bias=False)
+    base.set_dtype(mx.bfloat16)
+    layer = LoRALinear(base, rank=4, alpha=alpha)
+    layer.lora_B = mx.random.normal((48, 4))
+    x = mx.random.normal((3, 5, 64)).astype(mx.bfloat16)
+    cotangent = mx.random.normal((3, 5, 48))
+    x32, w32 = x.astype(mx.float32), base.weight.astype(mx.float32)
+
+    def reference(a, b):
+        return ((x32 @ w32.T + (alpha / 4) * (x32 @ a.T) @ b.T) * cotangent).sum()
+
+    def ours(a, b):
+        layer.lora_A, layer.lora_B = a, b
+        return (layer(x).astype(mx.float32) * cotangent).sum()
+
+    a, b = layer.lora_A, layer.lora_B
+    assert abs(ours(a, b).item() - reference(a, b).item()) < 0.02 * abs(reference(a, b).item()) + 0.5
+    for got, want in zip(mx.grad(ours, argnums=(0, 1))(a, b), mx.grad(reference, argnums=(0, 1))(a, b)):
+        assert got.dtype == mx.float32
+        scale = np.abs(np.array(want)).max()
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=0.03 * scale)
+
+
 def test_dropout_only_acts_on_the_adapter_branch_in_training():
     layer = LoRALinear(nn.Linear(64, 16, bias=False), rank=4, alpha=4, dropout=0.5)
     layer.lora_B = mx.random.normal((16, 4))

@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit]
+        train-step|gc|memory-limit|lora-scale|threads] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -16,7 +16,10 @@ used).
 pass against rebuilding them there. `--compare train-step`: the whole-graph step against the layer-by-layer one
 (`harness.step.factory`). `--compare gc`: Python's collector as it is against with the objects alive after the
 build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
-`trainer.memory_limit_gb` replaced). `--accum N`: optimizer steps of N micro-batches. Further comparisons go in
+`trainer.memory_limit_gb` replaced). `--compare lora-scale` (no dropout): the adapters' scale as the GEMM's alpha
+against on B's cast (`models.lora.LoRALinear`). `--compare threads` (Linux): every thread free, the main thread
+alone on one CPU and the rest elsewhere, or all on one CPU; `--thread-cpu` prints the busiest threads' CPU time a
+step. `--accum N`: optimizer steps of N micro-batches. Further comparisons go in
 `COMPARISONS`: a name for each variant and what it changes (in the model or the process) before the step is
 built.
 
@@ -52,6 +55,7 @@ from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
+from models.lora import LoRALinear  # noqa: E402
 from models.quant import dense_weights_shared  # noqa: E402
 
 
@@ -124,6 +128,23 @@ STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config
 def train_step_kind(kind: str):
     def apply(model):
         STEP_KIND["kind"] = kind
+
+    return apply
+
+
+_LORA_CALL = LoRALinear.__call__
+
+
+def _lora_scale_as_alpha(self, x):
+    """`LoRALinear.__call__` without dropout as before session 10: the scale as the GEMM's alpha."""
+    y = self.base_layer(x)
+    down = x @ self.lora_A.astype(x.dtype).T
+    return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)
+
+
+def lora_scale(how: str):
+    def apply(model):
+        LoRALinear.__call__ = _lora_scale_as_alpha if how == "alpha" else _LORA_CALL
 
     return apply
 
@@ -237,6 +258,7 @@ COMPARISONS = {
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
     "gc": {"default": python_gc("default"), "frozen": python_gc("frozen")},
     "memory-limit": {"8.0": memory_limit(8.0), "7.5": memory_limit(7.5), "7.0": memory_limit(7.0)},
+    "lora-scale": {"alpha": lora_scale("alpha"), "on-cast": lora_scale("on-cast")},
     "threads": {"free": thread_placement("free"), "apart": thread_placement("apart"),
                 "shared": thread_placement("shared")},
 }

@@ -7,7 +7,8 @@
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
 quantized weights dequantized every step against once for the run (`models.dense_copies`). `--compare norm`: the
-update's squared norm of each gradient array as a dot product against a sum of squares. `--compare update`: the
+update's squared norm of each gradient array as a dot product of it flattened, against a sum of squares of it
+flattened, a sum of squares in its own layout, and a dot product of its transpose flattened. `--compare update`: the
 optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`), in whichever
 step the config gives. `--compare adapter-casts`: with stacks, each float32 adapter cast to the compute dtype
 where it is used against the stacks cast once a step (the layer-by-layer step; the whole-graph step casts where
@@ -87,8 +88,16 @@ def squared_norm_by(how: str):
         flat = array.reshape(-1).astype(mx.float32)
         return (flat * flat).sum()
 
+    def in_place(array):  # no reshape: a gradient laid out by columns is not copied to rows first
+        return mx.square(array.astype(mx.float32)).sum()
+
+    def dot_of_transpose(array):  # a transposed gradient's transpose is laid out by rows: flat without a copy
+        flat = (array.T if array.ndim == 2 else array).reshape(-1).astype(mx.float32)
+        return flat @ flat
+
     def apply(model):
-        accumulate.squared_norm = _dot if how == "dot" else sum_of_squares
+        accumulate.squared_norm = {"dot": _dot, "sum": sum_of_squares, "in-place": in_place,
+                                   "dot-of-transpose": dot_of_transpose}[how]
 
     return apply
 
@@ -251,7 +260,8 @@ def memory_limit(gb: float):
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
-    "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum")},
+    "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
+             "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},

@@ -18,7 +18,7 @@ pass against rebuilding them there. `--compare train-step`: the whole-graph step
 (`harness.step.factory`). `--compare gc`: Python's collector as it is against with the objects alive after the
 build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
 `trainer.memory_limit_gb` replaced). `--compare lora-scale` (no dropout): the adapters' scale as the GEMM's alpha
-against on B's cast (`models.lora.LoRALinear`). `--compare threads` (Linux): every thread free, the main thread
+against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and always multiplied into B. `--compare threads` (Linux): every thread free, the main thread
 alone on one CPU and the rest elsewhere, or all on one CPU; `--thread-cpu` prints the busiest threads' CPU time a
 step. `--accum N`: optimizer steps of N micro-batches. Further comparisons go in
 `COMPARISONS`: a name for each variant and what it changes (in the model or the process) before the step is
@@ -151,9 +151,16 @@ def _lora_scale_as_alpha(self, x):
     return mx.addmm(y, down, self.lora_B.astype(x.dtype).T, alpha=self.scale)
 
 
+def _lora_scale_on_b(self, x):
+    """`LoRALinear.__call__` without dropout, the scale always multiplied into B (also where no cast is needed)."""
+    y = self.base_layer(x)
+    down = x @ self.lora_A.astype(x.dtype).T
+    return mx.addmm(y, down, (self.scale * self.lora_B).astype(x.dtype).T)
+
+
 def lora_scale(how: str):
     def apply(model):
-        LoRALinear.__call__ = _lora_scale_as_alpha if how == "alpha" else _LORA_CALL
+        LoRALinear.__call__ = {"alpha": _lora_scale_as_alpha, "on-b": _lora_scale_on_b}.get(how, _LORA_CALL)
 
     return apply
 
@@ -268,7 +275,7 @@ COMPARISONS = {
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
     "gc": {"default": python_gc("default"), "frozen": python_gc("frozen")},
     "memory-limit": {"8.0": memory_limit(8.0), "7.5": memory_limit(7.5), "7.0": memory_limit(7.0)},
-    "lora-scale": {"alpha": lora_scale("alpha"), "on-cast": lora_scale("on-cast")},
+    "lora-scale": {"alpha": lora_scale("alpha"), "on-cast": lora_scale("on-cast"), "on-b": lora_scale("on-b")},
     "threads": {"free": thread_placement("free"), "apart": thread_placement("apart"),
                 "shared": thread_placement("shared")},
 }

@@ -8,7 +8,8 @@ read through PyTorch's profiler in the same process as MLX (CUDA only; PyTorch w
 Host-side timers cannot tell a small kernel's device time from the host's cost of issuing it (a step whose host
 runs ahead of the GPU hides the latter; one bound by the host shows it). The trace can: it gives the wall time
 of the traced steps, the time the GPU was busy (the union of kernel intervals, so idle gaps show a host-bound
-step), and the kernels grouped by name, with their count and total time per step. Matrix products are split by
+step), the idle gaps grouped by the kernel that ran before each (where the GPU waited for the host), and the
+kernels grouped by name, with their count and total time per step. Matrix products are split by
 duration at `--short-us` (the adapters' thin products are short, the frozen weights' long). Prints the table and
 writes $OUT/kernel_trace<tag>.json when OUT is set.
 """
@@ -57,7 +58,7 @@ def busy_us(events: list[dict]) -> float:
     return busy
 
 
-def idle_before(events: list[dict]) -> dict[str, list[float]]:
+def idle_after(events: list[dict]) -> dict[str, list[float]]:
     """The GPU's idle gaps (no kernel running), by the name of the kernel that ended each: [count, microseconds]."""
     gaps = collections.defaultdict(lambda: [0, 0.0])
     end, last = None, None
@@ -134,7 +135,7 @@ def main() -> None:
     print("\nby category (per step): count, ms")
     for key, (count, total) in sorted(by_category.items(), key=lambda item: -item[1][1]):
         print(f"  {key:<24} {count / steps:7.0f} {total / steps / 1e3:9.2f}")
-    gaps = idle_before(events)
+    gaps = idle_after(events)
     print("\nGPU idle after a kernel (per step; the gaps between steps included): count, ms")
     for key, (count, total) in sorted(gaps.items(), key=lambda item: -item[1][1])[:10]:
         print(f"  {count / steps:6.0f} {total / steps / 1e3:8.2f}  {key[:110]}")

@@ -7,8 +7,10 @@ seven rank-8 adapters than without; their products are tiny next to the frozen w
 so the question is which of the branch's kernels (two thin products forward, four backward, the casts, the sums
 into the frozen path's output and input gradient) take the time, and whether another form of the same
 arithmetic takes less. For each of the seven projections of the shape (in, out), on bfloat16 operands of
-`--tokens` rows: each piece alone, repeated `--reps` times in one evaluation so that the device's time, not one
-synchronization, is what is measured; then the frozen path's two products for scale. Prints microseconds per
+`--tokens` rows: each piece alone, repeated `--reps` times in one evaluation (one synchronization for all); then
+the frozen path's two products for scale. Timed from the host: where a kernel is shorter than the host's cost of
+issuing it, that cost is what this measures (on an H200, 30-60 us a piece whatever its size: BENCHMARKS.md,
+"Session 10"); `kernel_trace.py` gives the GPU's own times. Prints microseconds per
 piece and projection, then their sum over a layer times 32 layers (ms), and writes $OUT/lora_probe.json.
 
 Pieces (x (T, in) the input, dy (T, out) the output's gradient, A (r, in), B (out, r), z = x A^T, g = dy B):

@@ -18,11 +18,11 @@ pass against rebuilding them there. `--compare train-step`: the whole-graph step
 (`harness.step.factory`). `--compare gc`: Python's collector as it is against with the objects alive after the
 build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
 `trainer.memory_limit_gb` replaced). `--compare lora-scale` (no dropout): the adapters' scale as the GEMM's alpha
-against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and always multiplied into B. `--compare threads` (Linux): every thread free, the main thread
-alone on one CPU and the rest elsewhere, or all on one CPU; `--thread-cpu` prints the busiest threads' CPU time a
-step. `--accum N`: optimizer steps of N micro-batches. Further comparisons go in
-`COMPARISONS`: a name for each variant and what it changes (in the model or the process) before the step is
-built.
+against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and always multiplied into B.
+`--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
+one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
+micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
+or the process) before the step is built.
 
 Between processes the host's speed varies by as much as the effect being measured (a small GPU step is bound by the
 host: BENCHMARKS.md, "Where a small step's time goes"), so both variants share one process and one model: each

@@ -9,6 +9,16 @@ bench() {  # bench SECONDS ARGS...: one stack in its own process, its RESULT lin
   timeout "$limit" python3 -m harness.bench model=${MODEL:-mistral-7b-shape} "$@" 2>>"$OUT/log.txt" \
     | grep '^RESULT ' | sed 's/^RESULT //' | tee -a "$OUT/results.jsonl"
 }
+ab() {  # ab ARGS...: one benchmarks/ab_step.py comparison in its own process (at most AB_TIMEOUT seconds, 150)
+  echo "== ab_step $*" | tee -a "$OUT/log.txt"
+  timeout "${AB_TIMEOUT:-150}" python3 benchmarks/ab_step.py "$@" 2>>"$OUT/log.txt" | grep -v Warning
+}
+setting_env() {  # setting_env SETTING: "default" -> nothing; "A=1,B=2" -> "A=1 B=2", for `env $(setting_env ...)`
+  [ "$1" = default ] || echo "$1" | tr , ' '
+}
+tagged() {  # tagged SETTING ROUND: RESULT lines in, their JSON out with the setting and round added
+  grep '^RESULT ' | sed 's/^RESULT //' | python3 -c "import json,sys; [print(json.dumps({**json.loads(l), 'setting': '$1', 'round': $2})) for l in sys.stdin]"
+}
 torch_run() {  # torch_run SECONDS ARGS...: one run of benchmarks/torch_qlora.py, its JSON line to torch.jsonl
   local limit=$1; shift
   echo "== torch $*" | tee -a "$OUT/log.txt"

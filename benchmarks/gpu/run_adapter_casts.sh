@@ -8,7 +8,6 @@ OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
 CKPT=trainer.gradient_checkpointing=true
 FLAGSHIP="--seq 512 --accum 4 --steps 3 --warmup 1 model=mistral-7b-shape experiment=mistral7b_dolly_qlora"
-ab() { echo "== ab_step $*" | tee -a "$OUT/log.txt"; timeout 150 python3 benchmarks/ab_step.py "$@" 2>>"$OUT/log.txt" | grep -v Warning; }
 ab --compare adapter-casts --tag _4x128_whole model=mistral-7b-shape trainer.train_step=standard
 ab --compare adapter-casts --tag _4x128_layerwise model=mistral-7b-shape trainer.train_step=layerwise
 ab --compare adapter-casts --tag _4x512_ckpt_limit8 --seq 512 --rounds 2 model=mistral-7b-shape $CKPT trainer.memory_limit_gb=8.0

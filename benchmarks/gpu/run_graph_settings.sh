@@ -13,11 +13,9 @@ for round in $(seq "$ROUNDS"); do
   for setting in $SETTINGS; do
     for args in "--batch 4 --seq 128" "--batch 4 --seq 128 --checkpointing"; do
       echo "== round $round $setting $args" | tee -a "$OUT/log.txt"
-      env $( [ "$setting" = default ] || echo "$setting" ) timeout 60 python3 -m harness.bench \
+      env $(setting_env "$setting") timeout 60 python3 -m harness.bench \
         model=${MODEL:-mistral-7b-shape} --stack ours $args --steps 10 2>>"$OUT/log.txt" \
-        | grep '^RESULT ' | sed 's/^RESULT //' \
-        | python3 -c "import json,sys; [print(json.dumps({**json.loads(l), 'setting': '$setting', 'round': $round})) for l in sys.stdin]" \
-        | tee -a "$OUT/graph_settings.jsonl"
+        | tagged "$setting" "$round" | tee -a "$OUT/graph_settings.jsonl"
     done
   done
 done

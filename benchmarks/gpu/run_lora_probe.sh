@@ -6,8 +6,7 @@ OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
 echo "== lora_probe" | tee -a "$OUT/log.txt"
 timeout 200 python3 benchmarks/gpu/lora_probe.py 2>>"$OUT/log.txt" | grep -v Warning
+AB_TIMEOUT=100
 for i in $(seq "${PROCESSES:-4}"); do
-  echo "== ab_step threads, process $i" | tee -a "$OUT/log.txt"
-  timeout 100 python3 benchmarks/ab_step.py --compare threads --thread-cpu --rounds 1 --tag "_$i" \
-    model=mistral-7b-shape 2>>"$OUT/log.txt" | grep -v Warning
+  ab --compare threads --thread-cpu --rounds 1 --tag "_$i" model=mistral-7b-shape
 done

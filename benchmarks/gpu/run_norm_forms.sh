@@ -5,6 +5,6 @@
 # `ab_step.py --compare norm`, one process per setting, ROUNDS rounds: 8 x 512 and 4 x 128 (whole-graph step).
 OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
-ab() { echo "== ab_step $*" | tee -a "$OUT/log.txt"; timeout 240 python3 benchmarks/ab_step.py "$@" 2>>"$OUT/log.txt" | grep -v Warning; }
+AB_TIMEOUT=240
 ab --compare norm --tag _8x512 --rows 8 --seq 512 --rounds "${ROUNDS:-3}" model=mistral-7b-shape
 ab --compare norm --tag _4x128_standard --rounds "${ROUNDS:-3}" model=mistral-7b-shape trainer.train_step=standard

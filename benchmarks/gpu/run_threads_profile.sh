@@ -10,8 +10,7 @@ source "$(dirname "$0")/common.sh"
   which nsys ncu 2>&1; } | tee "$OUT/host.txt"
 echo "== large_step_profile" | tee -a "$OUT/log.txt"
 timeout 240 python3 benchmarks/gpu/large_step_profile.py 2>>"$OUT/log.txt" | grep -v Warning
+AB_TIMEOUT=120
 for i in $(seq "${PROCESSES:-3}"); do
-  echo "== ab_step threads, process $i" | tee -a "$OUT/log.txt"
-  timeout 120 python3 benchmarks/ab_step.py --compare threads --thread-cpu --rounds 2 --tag "_$i" \
-    model=mistral-7b-shape 2>>"$OUT/log.txt" | grep -v Warning
+  ab --compare threads --thread-cpu --rounds 2 --tag "_$i" model=mistral-7b-shape
 done

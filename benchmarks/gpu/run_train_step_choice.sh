@@ -5,7 +5,7 @@
 # 4x128 and on Dolly-length batches of 4. Writes $OUT/ab_*.json, $OUT/results.jsonl and $OUT/table.txt.
 OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
-ab() { echo "== ab_step $*" | tee -a "$OUT/log.txt"; timeout 120 python3 benchmarks/ab_step.py "$@" 2>>"$OUT/log.txt" | grep -v Warning; }
+AB_TIMEOUT=120
 ab --compare train-step --tag _4x128 model=mistral-7b-shape
 ab --compare train-step --tag _4x256 --seq 256 --rounds 2 model=mistral-7b-shape
 ab --compare train-step --tag _4x512 --seq 512 --rounds 2 model=mistral-7b-shape

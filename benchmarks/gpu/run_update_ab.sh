@@ -9,7 +9,6 @@
 OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
 CKPT=trainer.gradient_checkpointing=true
-ab() { echo "== ab_step $*" | tee -a "$OUT/log.txt"; timeout 150 python3 benchmarks/ab_step.py "$@" 2>>"$OUT/log.txt" | grep -v Warning; }
 case "${PART:-1}" in
 1)
   ab --compare update --tag _4x128 model=mistral-7b-shape

@@ -4,7 +4,6 @@
 # process each); the kernel trace of 8 x 512 as shipped; then harness.bench for issue 12's settings. JSON under $OUT.
 OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
-ab() { echo "== ab_step $*" | tee -a "$OUT/log.txt"; timeout 150 python3 benchmarks/ab_step.py "$@" 2>>"$OUT/log.txt" | grep -v Warning; }
 ab --compare lora-scale --tag _8x512 --rows 8 --seq 512 --rounds 2 model=mistral-7b-shape
 ab --compare norm --tag _8x512 --rows 8 --seq 512 --rounds 2 model=mistral-7b-shape
 echo "== kernel_trace 8x512" | tee -a "$OUT/log.txt"

@@ -128,30 +128,29 @@ def main() -> None:
                                                                              options.short_us))):
             table[key][0] += 1
             table[key][1] += event["dur"]
-    kernel_total = sum(e["dur"] for e in events)
+    def per_step(table):  # {key: (count, ms)} a step, the largest time first
+        return {k: (c / steps, t / steps / 1e3) for k, (c, t) in sorted(table.items(), key=lambda kv: -kv[1][1])}
+
+    categories, gaps, kernels = per_step(by_category), per_step(idle_after(events)), per_step(by_name)
+    busy_ms, kernel_ms = busy_us(events) / steps / 1e3, sum(e["dur"] for e in events) / steps / 1e3
     print(f"device {mx.default_device()}, {options.overrides}, {options.rows}x{options.seq}, {type(step).__name__}")
-    print(f"per step: wall {wall_us / 1e3:.1f} ms, GPU busy {busy_us(events) / steps / 1e3:.1f} ms, "
-          f"kernel time {kernel_total / steps / 1e3:.1f} ms, kernels {len(events) / steps:.0f}")
+    print(f"per step: wall {wall_us / 1e3:.1f} ms, GPU busy {busy_ms:.1f} ms, kernel time {kernel_ms:.1f} ms, "
+          f"kernels {len(events) / steps:.0f}")
     print("\nby category (per step): count, ms")
-    for key, (count, total) in sorted(by_category.items(), key=lambda item: -item[1][1]):
-        print(f"  {key:<24} {count / steps:7.0f} {total / steps / 1e3:9.2f}")
-    gaps = idle_after(events)
+    for key, (count, ms) in categories.items():
+        print(f"  {key:<24} {count:7.0f} {ms:9.2f}")
     print("\nGPU idle after a kernel (per step; the gaps between steps included): count, ms")
-    for key, (count, total) in sorted(gaps.items(), key=lambda item: -item[1][1])[:10]:
-        print(f"  {count / steps:6.0f} {total / steps / 1e3:8.2f}  {key[:110]}")
+    for key, (count, ms) in list(gaps.items())[:10]:
+        print(f"  {count:6.0f} {ms:8.2f}  {key[:110]}")
     print(f"\ntop {options.top} kernels (per step): count, ms, mean us")
-    for key, (count, total) in sorted(by_name.items(), key=lambda item: -item[1][1])[:options.top]:
-        print(f"  {count / steps:6.0f} {total / steps / 1e3:8.2f} {total / count:8.1f}  {key[:110]}")
+    for key, (count, ms) in list(kernels.items())[:options.top]:
+        print(f"  {count:6.0f} {ms:8.2f} {ms / count * 1e3:8.1f}  {key[:110]}")
     out = os.environ.get("OUT")
     if out:
         Path(out, f"kernel_trace{options.tag}.json").write_text(json.dumps(
             {"device": str(mx.default_device()), "overrides": options.overrides, "rows": options.rows,
-             "seq": options.seq, "step": type(step).__name__, "wall_ms": wall_us / 1e3,
-             "busy_ms": busy_us(events) / steps / 1e3, "kernel_ms": kernel_total / steps / 1e3,
-             "categories": {k: [c / steps, t / steps / 1e3] for k, (c, t) in by_category.items()},
-             "idle_after": {k: [c / steps, t / steps / 1e3] for k, (c, t) in gaps.items()},
-             "kernels": {k: [c / steps, t / steps / 1e3] for k, (c, t) in by_name.items()}}, indent=1))
-
+             "seq": options.seq, "step": type(step).__name__, "wall_ms": wall_us / 1e3, "busy_ms": busy_ms,
+             "kernel_ms": kernel_ms, "categories": categories, "idle_after": gaps, "kernels": kernels}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
@@ -34,17 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 import models  # noqa: F401,E402  (fast BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
+from benchmarks.gpu.profile_table import median_ms  # noqa: E402
 
-def device_us(make, reps: int, rounds: int = 5) -> float:
-    """Microseconds per call of `make()` (which builds fresh, unevaluated arrays): `reps` calls evaluated together,
-    median over `rounds` synchronized evaluations after one untimed."""
-    times = []
-    for index in range(rounds + 1):
-        start = time.perf_counter()
-        mx.eval([make() for _ in range(reps)])
-        if index:
-            times.append((time.perf_counter() - start) / reps * 1e6)
-    return sorted(times)[len(times) // 2]
+
+def microseconds_per_call(make, reps: int) -> float:
+    """`make()` (which builds fresh, unevaluated arrays) called `reps` times and evaluated together: microseconds a
+    call, median of 5 synchronized evaluations after one untimed (`profile_table.median_ms`)."""
+    return median_ms(lambda: mx.eval([make() for _ in range(reps)]), warmup=1) * 1e3 / reps
 
 
 def split_rows(left: mx.array, right: mx.array, blocks: int) -> mx.array:
@@ -101,7 +96,7 @@ def main() -> None:
             "frozen fwd": lambda: x @ w.T,
             "frozen bwd": lambda: dy @ w,
         }
-        table[name] = {piece: device_us(make, reps) for piece, make in pieces.items()}
+        table[name] = {piece: microseconds_per_call(make, reps) for piece, make in pieces.items()}
         print(f"{name:>5} " + "  ".join(f"{piece} {us:7.1f}" for piece, us in table[name].items()), flush=True)
     print(f"\nper layer x{options.layers} (ms):")
     totals = {piece: sum(row[piece] for row in table.values()) * options.layers / 1e3 for piece in table["q"]}

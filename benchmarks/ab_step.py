@@ -55,6 +55,7 @@ from harness.process import set_up_process  # noqa: E402
 from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
+from harness.step.standard import TrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
 from models.lora import LoRALinear  # noqa: E402
 from models.quant import dense_weights_shared  # noqa: E402
@@ -107,8 +108,10 @@ _dot = accumulate.squared_norm
 
 def update_on(how: str):
     def apply(model):
-        # read when either step is built (`harness.step.stacked.AdapterStacks.build`)
+        # read when either step is built (`harness.step.stacked.AdapterStacks.build`); the whole-graph step
+        # stacks only when asked (`TrainStep(stack_adapters=...)`)
         stacked.AdapterStacks.supports = staticmethod(_element_wise if how == "stacks" else lambda *args: False)
+        TrainStep.__init__.__kwdefaults__["stack_adapters"] = how == "stacks"
 
     return apply
 

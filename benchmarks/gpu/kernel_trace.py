@@ -1,9 +1,11 @@
 """The GPU's own account of a training step: every kernel's duration, from CUDA's profiling interface (CUPTI),
 read through PyTorch's profiler in the same process as MLX (CUDA only; PyTorch with CUDA must be importable).
 
-    python benchmarks/gpu/kernel_trace.py [--rows 8] [--seq 512] [--steps 2] [overrides ...]
+    python benchmarks/gpu/kernel_trace.py [--rows 8] [--seq 512] [--steps 2] [--compare NAME --variant V]
+        [overrides ...]
 
-(default: 7B shape, the trainer's step as `trainer.train_step` chooses it for the micro-batch).
+(default: 7B shape, the trainer's step as `trainer.train_step` chooses it for the micro-batch; `--compare` and
+`--variant` apply one variant of `benchmarks/ab_step.py`'s comparisons before the step is built).
 
 Host-side timers cannot tell a small kernel's device time from the host's cost of issuing it (a step whose host
 runs ahead of the GPU hides the latter; one bound by the host shows it). The trace can: it gives the wall time
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 import models  # noqa: F401,E402  (fast BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
+from benchmarks.ab_step import COMPARISONS, STEP_KIND  # noqa: E402
 from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
@@ -93,12 +96,18 @@ def main() -> None:
     parser.add_argument("--short-us", type=float, default=60.0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS))
+    parser.add_argument("--variant", help="one of the comparison's variants (default: its first)")
     options = parser.parse_args()
     import torch  # only here: the profiler (CUPTI), not PyTorch's arithmetic
 
     cfg = compose(options.overrides)
     model = build_model(cfg, progress=False)
     model.train()
+    if options.compare:
+        variants = COMPARISONS[options.compare]
+        variants[options.variant or next(iter(variants))](model)
+        cfg.trainer.train_step = STEP_KIND.get("kind", cfg.trainer.train_step)
     optimizer = build_optimizer(cfg.optim, model, total_steps=1000)
     step = configured_train_step(model, optimizer, cfg, micro_batch_tokens=options.rows * options.seq)
     tokens = synthetic_tokens(options.rows, options.seq, model.args.vocab_size)
@@ -149,7 +158,8 @@ def main() -> None:
     if out:
         Path(out, f"kernel_trace{options.tag}.json").write_text(json.dumps(
             {"device": str(mx.default_device()), "overrides": options.overrides, "rows": options.rows,
-             "seq": options.seq, "step": type(step).__name__, "wall_ms": wall_us / 1e3, "busy_ms": busy_ms,
+             "seq": options.seq, "compare": options.compare, "variant": options.variant,
+             "step": type(step).__name__, "wall_ms": wall_us / 1e3, "busy_ms": busy_ms,
              "kernel_ms": kernel_ms, "categories": categories, "idle_after": gaps, "kernels": kernels}, indent=1))
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|lora-scale|threads] [--thread-cpu]
-        [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [overrides ...]
+        train-step|gc|memory-limit|lora-scale|threads|norm-place|eval-set] [--thread-cpu]
+        [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
@@ -19,6 +19,11 @@ pass against rebuilding them there. `--compare train-step`: the whole-graph step
 build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
 `trainer.memory_limit_gb` replaced). `--compare lora-scale` (no dropout): the adapters' scale as the GEMM's alpha
 against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and always multiplied into B.
+`--compare norm-place`: the whole-graph step's squared norms in its update or computed with the gradients, in
+the backward pass's order, each as a dot product or a sum of squares in place. `--eval-set loop`: each timed step
+evaluates what the training loop evaluates (loss, tokens, norm; the update's new parameters are then computed as
+the next step needs them), `all` (default) the parameters and the optimizer's state as well; `--compare
+eval-set` runs both.
 `--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
 one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
 micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
@@ -106,6 +111,19 @@ def squared_norm_by(how: str):
 _dot = accumulate.squared_norm
 
 
+def norms_placed(where: str, how: str):
+    """The whole-graph step's squared norms computed in its update (`where="update"`, as shipped) or with the
+    gradients, in the backward pass's order (`"gradients"`: `TrainStep(norms_with_gradients=True)`), each as a dot
+    product (`how="dot"`) or a sum of squares in the gradient's own layout (`"in-place"`)."""
+    set_form = squared_norm_by(how)
+
+    def apply(model):
+        set_form(model)
+        TrainStep.__init__.__kwdefaults__["norms_with_gradients"] = where == "gradients"
+
+    return apply
+
+
 def update_on(how: str):
     def apply(model):
         # read when either step is built (`harness.step.stacked.AdapterStacks.build`); the whole-graph step
@@ -135,6 +153,14 @@ def _float32_views(self, dtype):
 
 
 STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config's trainer.train_step
+EVAL_SET: dict[str, str] = {}  # set by `--compare eval-set`, else `--eval-set`
+
+
+def eval_set(which: str):
+    def apply(model):
+        EVAL_SET["set"] = which
+
+    return apply
 
 
 def train_step_kind(kind: str):
@@ -273,6 +299,9 @@ COMPARISONS = {
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
+    "norm-place": {f"{where}/{how}": norms_placed(where, how) for where in ("update", "gradients")
+                   for how in ("dot", "in-place")},
+    "eval-set": {"all": eval_set("all"), "loop": eval_set("loop")},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},
@@ -295,6 +324,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tag", default="", help="appended to the JSON file's name")
+    parser.add_argument("--eval-set", choices=("loop", "all"), default="all",
+                        help="what each timed step evaluates: the training loop's (loss, tokens, norm), or also "
+                             "the parameters and the optimizer's state (the update then inside the step)")
     parser.add_argument("--thread-cpu", action="store_true",
                         help="print the busiest threads' CPU time a step for each variant (Linux)")
     options = parser.parse_args()
@@ -319,7 +351,10 @@ def main() -> None:
                                          micro_batch_tokens=options.rows * options.seq)
 
             def run():
-                mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
+                if EVAL_SET.get("set", options.eval_set) == "loop":
+                    mx.eval(step(batches))
+                else:
+                    mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
 
             mx.reset_peak_memory()
             before = thread_cpu_seconds() if options.thread_cpu else None

@@ -2,7 +2,7 @@
 read through PyTorch's profiler in the same process as MLX (CUDA only; PyTorch with CUDA must be importable).
 
     python benchmarks/gpu/kernel_trace.py [--rows 8] [--seq 512] [--steps 2] [--compare NAME --variant V]
-        [overrides ...]
+        [--eval-set all|loop] [overrides ...]
 
 (default: 7B shape, the trainer's step as `trainer.train_step` chooses it for the micro-batch; `--compare` and
 `--variant` apply one variant of `benchmarks/ab_step.py`'s comparisons before the step is built).
@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--compare", choices=sorted(COMPARISONS))
     parser.add_argument("--variant", help="one of the comparison's variants (default: its first)")
+    parser.add_argument("--eval-set", choices=("loop", "all"), default="all",
+                        help="what each step evaluates: the training loop's (loss, tokens, norm) or also the "
+                             "parameters and the optimizer's state")
     options = parser.parse_args()
     import torch  # only here: the profiler (CUPTI), not PyTorch's arithmetic
 
@@ -114,7 +117,10 @@ def main() -> None:
     batch = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
 
     def run():
-        mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)
+        if options.eval_set == "loop":
+            mx.eval(step([batch]))
+        else:
+            mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)
 
     for _ in range(options.warmup):
         run()
@@ -159,6 +165,7 @@ def main() -> None:
         Path(out, f"kernel_trace{options.tag}.json").write_text(json.dumps(
             {"device": str(mx.default_device()), "overrides": options.overrides, "rows": options.rows,
              "seq": options.seq, "compare": options.compare, "variant": options.variant,
+             "eval_set": options.eval_set,
              "step": type(step).__name__, "wall_ms": wall_us / 1e3, "busy_ms": busy_ms,
              "kernel_ms": kernel_ms, "categories": categories, "idle_after": gaps, "kernels": kernels}, indent=1))
 

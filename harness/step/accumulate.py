@@ -79,11 +79,13 @@ def make_update(
     gradients (per parameter, or stacked already by the step) copied into their stacks, and the norm and the
     optimizer run once per stack (BENCHMARKS.md, "Session 8")."""
 
-    def update(grads: dict, n_tokens: mx.array) -> mx.array:
+    def update(grads: dict, n_tokens: mx.array, squares: list[mx.array] | None = None) -> mx.array:
         if stacks is not None:
             grads = stacks.stack(grads)
         n_tokens = mx.maximum(n_tokens, 1).astype(mx.float32)
-        norm = mx.sqrt(sum(squared_norm(g) for _, g in tree_flatten(grads))) / n_tokens
+        if squares is None:
+            squares = [squared_norm(g) for _, g in tree_flatten(grads)]
+        norm = mx.sqrt(sum(squares)) / n_tokens
         scale = 1 / n_tokens
         if grad_clip > 0:
             scale = mx.where(norm < grad_clip, scale, scale * (grad_clip / (norm + 1e-6)))
@@ -100,9 +102,9 @@ def make_update(
     if stacks is None:
         return update
 
-    def stacked_update(grads: dict, n_tokens: mx.array) -> mx.array:
+    def stacked_update(grads: dict, n_tokens: mx.array, squares: list[mx.array] | None = None) -> mx.array:
         stacks.ensure_current(optimizer)
-        norm = update(grads, n_tokens)
+        norm = update(grads, n_tokens, squares)
         stacks.remember_views()
         return norm
 
@@ -113,3 +115,10 @@ def squared_norm(array: mx.array) -> mx.array:
     """Sum of the squares of `array`'s elements as a float32 scalar, in one kernel (a dot product)."""
     flat = array.reshape(-1).astype(mx.float32)
     return flat @ flat
+
+
+def squared_norms_in_backward_order(grads: dict) -> list[mx.array]:
+    """`squared_norm` of each gradient array, the last layer's first: the order in which the backward pass
+    produces them. Evaluated with the gradients, each norm's kernels then follow its layer's backward pass
+    (MLX's `eval` issues a graph depth first, output by output) instead of all coming after the last layer."""
+    return [squared_norm(g) for _, g in reversed(tree_flatten(grads))]

@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
 
-from harness.step.accumulate import Batch, accumulate_gradients, make_update, rows_on_streams
+from harness.step.accumulate import (Batch, accumulate_gradients, make_update, rows_on_streams,
+                                     squared_norms_in_backward_order)
 from harness.step.cpu_streams import new_streams
 from harness.step.loss import causal_lm_loss
 from harness.step.stacked import AdapterStacks
@@ -38,9 +39,11 @@ class TrainStep:
         compile: bool = True,
         streams: int = 1,
         stack_adapters: bool = False,
+        norms_with_gradients: bool = False,
     ):
         self.model = model
         self.optimizer = optimizer
+        self.norms_with_gradients = norms_with_gradients
         self.stacks = stacks = AdapterStacks.build(model, optimizer) if stack_adapters and streams <= 1 else None
         loss_and_grad = nn.value_and_grad(model, causal_lm_loss)
 
@@ -74,5 +77,9 @@ class TrainStep:
         if self.stacks is not None:
             self.stacks.ensure_current(self.optimizer)  # adapters or state loaded since the last step
         loss_sum, n_tokens, grads = accumulate_gradients(self._micro_batch, batches)
-        mx.async_eval(loss_sum, n_tokens, grads)
-        return loss_sum, n_tokens, self._update(grads, n_tokens)
+        if not self.norms_with_gradients or self.stacks is not None:
+            mx.async_eval(loss_sum, n_tokens, grads)
+            return loss_sum, n_tokens, self._update(grads, n_tokens)
+        squares = squared_norms_in_backward_order(grads)
+        mx.async_eval(loss_sum, n_tokens, squares, grads)
+        return loss_sum, n_tokens, self._update(grads, n_tokens, squares[::-1])

@@ -20,10 +20,10 @@ build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0,
 `trainer.memory_limit_gb` replaced). `--compare lora-scale` (no dropout): the adapters' scale as the GEMM's alpha
 against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and always multiplied into B.
 `--compare norm-place`: the whole-graph step's squared norms in its update or computed with the gradients, in
-the backward pass's order, each as a dot product or a sum of squares in place. `--eval-set loop`: each timed step
-evaluates what the training loop evaluates (loss, tokens, norm; the update's new parameters are then computed as
-the next step needs them), `all` (default) the parameters and the optimizer's state as well; `--compare
-eval-set` runs both.
+the backward pass's order, each as a dot product or a sum of squares in place. `--eval-set loop` (default): each timed
+step evaluates what the training loop evaluates (`harness.step.run.run_train_step`: loss, tokens, norm; the
+update's new parameters are then computed as the next step needs them), `all` the parameters and the optimizer's
+state as well (as before session 11); `--compare eval-set` runs both.
 `--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
 one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
 micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
@@ -59,6 +59,7 @@ from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
 from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
+from harness.step.run import run_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from harness.step.standard import TrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
@@ -324,7 +325,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tag", default="", help="appended to the JSON file's name")
-    parser.add_argument("--eval-set", choices=("loop", "all"), default="all",
+    parser.add_argument("--eval-set", choices=("loop", "all"), default="loop",
                         help="what each timed step evaluates: the training loop's (loss, tokens, norm), or also "
                              "the parameters and the optimizer's state (the update then inside the step)")
     parser.add_argument("--thread-cpu", action="store_true",
@@ -352,7 +353,7 @@ def main() -> None:
 
             def run():
                 if EVAL_SET.get("set", options.eval_set) == "loop":
-                    mx.eval(step(batches))
+                    run_train_step(step, batches)
                 else:
                     mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
 

@@ -12,7 +12,8 @@ step (`harness.step.factory.configured_train_step`) over whole optimizer steps: 
 `--batch` x `--seq` each, by default the config's `optim.grad_accum_steps`, `trainer.batch_size` and
 `data.max_seq_len`, so `experiment=...` times what that experiment runs. Each stack runs in a fresh process so its peak memory and time
 to first step are its own. Reported per stack: median seconds per optimizer step after warm-up (every step
-synchronized), tokens/s, model FLOP utilisation against a matmul rate measured in the same run, the peak memory
+synchronized as its trainer synchronizes it: ours on the loss, tokens and norm, as `harness.loop` does, the update
+then run as the next step reaches it; mlx-lm on its whole state, as its trainer does), tokens/s, model FLOP utilisation against a matmul rate measured in the same run, the peak memory
 over the whole optimizer steps (all micro-batches), time to first step.
 Under a distributed launcher (`harness.launch`) the step is the data-parallel one (`harness.distributed`): each
 rank takes `--batch` rows of every global micro-batch of `--batch` x ranks rows, tokens/s count all ranks' tokens,
@@ -170,6 +171,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
     from harness.distributed import world
     from harness.process import set_up_process
     from harness.step.factory import configured_train_step
+    from harness.step.run import run_train_step
     from models.lora import trainable_parameter_count
 
     # Before the model is built: memory policy; the streams' plan may set MLX's evaluation order (read once).
@@ -196,7 +198,7 @@ def bench_ours(cfg, batch: int, seq: int, steps: int, warmup: int, accum: int = 
         mx.random.seed(cfg.trainer.seed * 1_000_003 + steps_run)  # dropout keyed by (seed, step), as in training
         micro_batches = steps_batches[steps_run % len(steps_batches)]
         steps_run += 1
-        mx.eval(step(micro_batches), model.trainable_parameters(), optimizer.state)
+        run_train_step(step, micro_batches)  # evaluated as the training loop evaluates it
 
     run()
     first_step = time.perf_counter() - _PROCESS_START

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from harness import run_state
 from harness.run_state import TrainState
+from harness.step.run import run_train_step
 from harness.distributed import save_on_main_rank, world
 from harness.tracking import Tracker
 from models.memory import release_cache
@@ -178,8 +179,7 @@ def train_loop(
         step_start = time.perf_counter()
         batches = [next(stream) for _ in range(settings.grad_accum_steps)]
         mx.random.seed(settings.seed * 1_000_003 + state.step)
-        loss_sum, n_tokens, grad_norm = train_step(batches)
-        mx.eval(loss_sum, n_tokens, grad_norm)
+        loss_sum, n_tokens, grad_norm = run_train_step(train_step, batches)
         step_seconds = time.perf_counter() - step_start
         window_seconds += step_seconds
         state.step += 1

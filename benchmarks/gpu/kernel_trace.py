@@ -38,6 +38,7 @@ from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
+from harness.step.run import run_train_step  # noqa: E402
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|cublas", re.IGNORECASE)
 
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--compare", choices=sorted(COMPARISONS))
     parser.add_argument("--variant", help="one of the comparison's variants (default: its first)")
-    parser.add_argument("--eval-set", choices=("loop", "all"), default="all",
+    parser.add_argument("--eval-set", choices=("loop", "all"), default="loop",
                         help="what each step evaluates: the training loop's (loss, tokens, norm) or also the "
                              "parameters and the optimizer's state")
     options = parser.parse_args()
@@ -118,7 +119,7 @@ def main() -> None:
 
     def run():
         if options.eval_set == "loop":
-            mx.eval(step([batch]))
+            run_train_step(step, [batch])
         else:
             mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)
 

@@ -1,12 +1,14 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize|dense-copies|norm|update|adapter-casts|backward-weights|
+    python benchmarks/ab_step.py [--compare dequantize|rope|dense-copies|norm|update|adapter-casts|backward-weights|
         train-step|gc|memory-limit|lora-scale|threads|norm-place|eval-set] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
-(`models.dequantize_kernels`; both the same on other backends). `--compare dense-copies`: with CPU streams, the
-quantized weights dequantized every step against once for the run (`models.dense_copies`). `--compare norm`: the
+(`models.dequantize_kernels`; both the same on other backends). `--compare rope`: queries and keys rotated by
+MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates them as it moves the heads first
+(`models.rope_kernels`). `--compare dense-copies`: with CPU streams, the quantized weights dequantized every step
+against once for the run (`models.dense_copies`). `--compare norm`: the
 update's squared norm of each gradient array as a dot product of it flattened, against a sum of squares of it
 flattened, a sum of squares in its own layout, and a dot product of its transpose flattened. `--compare update`: the
 optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`), in whichever
@@ -70,6 +72,13 @@ from models.quant import dense_weights_shared  # noqa: E402
 def dequantize_with(how: str):
     def apply(model):
         os.environ["QLORA_DEQUANTIZE"] = how  # read when the step is traced (models.dequantize_kernels)
+
+    return apply
+
+
+def rope_with(how: str):
+    def apply(model):
+        os.environ["QLORA_ROPE"] = how  # read when the step is traced (models.rope_kernels)
 
     return apply
 
@@ -297,6 +306,7 @@ def memory_limit(gb: float):
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
+    "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel")},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},

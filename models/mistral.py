@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models.attention import fused_attention
+from models.rope_kernels import rope_heads_first
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 # The decoder layer's linear projections, by their HF names: what LoRA may adapt and quantization may quantize.
@@ -231,12 +232,13 @@ class MistralAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None = None) -> mx.array:
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, -1)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
+        # (batch, heads, length, head_dim), rotated; on CUDA by one kernel that also moves the heads to the front
+        q = rope_heads_first(q, self.rope, offset)
+        k = rope_heads_first(k, self.rope, offset)
         if cache is not None:
             k, v = cache.update(k, v)
         out = self.attention_fn(q, k, v, self.scale, mask)

@@ -50,8 +50,11 @@ def test_the_kernel_matches_float32_dequantization_within_one_rounding(dtype, mo
         ours = affine_dequantize_4bit(packed, scales, biases, dtype)
         assert ours is not None and ours.dtype == dtype and ours.shape == (96, 256)
         reference = _affine_dequantize(packed, scales, biases, 4, mx.float32, native=False)
-        # computed in float32 (perhaps fused multiply-adds) and rounded once to dtype
+        # computed in float32 (a fused multiply-add where the reference rounds the product first) and rounded
+        # once to dtype; where scale * q and the bias cancel, that float32 difference is relative to the terms,
+        # not to their sum: bounded by the row's largest value
         reference32 = np.array(reference)
         one_rounding = np.abs(np.array(reference.astype(dtype).astype(mx.float32)) - reference32)
         error = np.abs(np.array(ours.astype(mx.float32)) - reference32)
-        assert (error <= one_rounding + 2e-7 * np.abs(reference32) + 1e-9).all(), scheme
+        terms = np.abs(reference32).max(axis=1, keepdims=True)
+        assert (error <= one_rounding + 2e-7 * terms + 1e-9).all(), scheme

@@ -7,7 +7,7 @@
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare rope`: queries and keys rotated by
 MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates them as it moves the heads first
-(`models.rope_kernels`). `--compare dense-copies`: with CPU streams, the quantized weights dequantized every step
+(`models.rope_kernels`), and that kernel forward with MLX's rope for the gradient. `--compare dense-copies`: with CPU streams, the quantized weights dequantized every step
 against once for the run (`models.dense_copies`). `--compare norm`: the
 update's squared norm of each gradient array as a dot product of it flattened, against a sum of squares of it
 flattened, a sum of squares in its own layout, and a dot product of its transpose flattened. `--compare update`: the
@@ -42,6 +42,7 @@ table as JSON to $OUT/ab_<compare><tag>.json when OUT is set. Overrides as `harn
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -65,6 +66,7 @@ from harness.step.run import run_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from harness.step.standard import TrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
+from models import rope_kernels  # noqa: E402
 from models.lora import LoRALinear  # noqa: E402
 from models.quant import dense_weights_shared  # noqa: E402
 
@@ -77,10 +79,30 @@ def dequantize_with(how: str):
 
 
 def rope_with(how: str):
+    """"mlx" or "kernel" (`QLORA_ROPE`); "kernel-forward": our kernel forward, its gradient by MLX's rope (the
+    inverse rotation is a rotation at scale -1) on the cotangent as it comes, then moved back to rows."""
     def apply(model):
-        os.environ["QLORA_ROPE"] = how  # read when the step is traced (models.rope_kernels)
+        os.environ["QLORA_ROPE"] = "mlx" if how == "mlx" else "kernel"  # read when the step is traced
+        rope_kernels._rotation = _rotation_forward_only if how == "kernel-forward" else _ROTATION
 
     return apply
+
+
+_ROTATION = rope_kernels._rotation
+
+
+@functools.cache
+def _rotation_forward_only(base: float):
+    @mx.custom_function
+    def rotate(x):
+        return rope_kernels._rotate(x, base, forward=True)
+
+    @rotate.vjp
+    def rotate_vjp(x, cotangent, output):
+        inverse = mx.fast.rope(cotangent, x.shape[-1], traditional=False, base=base, scale=-1.0, offset=0)
+        return inverse.transpose(0, 2, 1, 3)
+
+    return rotate
 
 
 def dense_copies(kept: bool):
@@ -306,7 +328,7 @@ def memory_limit(gb: float):
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
-    "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel")},
+    "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel"), "kernel-forward": rope_with("kernel-forward")},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},

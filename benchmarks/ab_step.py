@@ -1,16 +1,17 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|rope|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|lora-scale|threads|norm-place|eval-set] [--thread-cpu]
+        train-step|gc|memory-limit|lora-scale|threads|eval-set] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare rope`: queries and keys rotated by
 MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates them as it moves the heads first
-(`models.rope_kernels`), and that kernel forward with MLX's rope for the gradient. `--compare dense-copies`: with CPU streams, the quantized weights dequantized every step
-against once for the run (`models.dense_copies`). `--compare norm`: the
-update's squared norm of each gradient array as a dot product of it flattened, against a sum of squares of it
-flattened, a sum of squares in its own layout, and a dot product of its transpose flattened. `--compare update`: the
+(`models.rope_kernels`), and that kernel forward with MLX's rope for the gradient. `--compare dense-copies`: with
+CPU streams, the quantized weights dequantized every step against once for the run (`models.dense_copies`).
+`--compare norm`: the update's squared norm of each gradient array as a dot product of it flattened (before
+session 11), a sum of squares of it flattened, a sum of squares in its own layout (as shipped), and a dot product
+of its transpose flattened. `--compare update`: the
 optimizer update array by array against on arrays kept stacked by shape (`harness.step.stacked`), in whichever
 step the config gives. `--compare adapter-casts`: with stacks, each float32 adapter cast to the compute dtype
 where it is used against the stacks cast once a step (the layer-by-layer step; the whole-graph step casts where
@@ -21,11 +22,10 @@ pass against rebuilding them there. `--compare train-step`: the whole-graph step
 build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
 `trainer.memory_limit_gb` replaced). `--compare lora-scale` (no dropout): the adapters' scale as the GEMM's alpha
 against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and always multiplied into B.
-`--compare norm-place`: the whole-graph step's squared norms in its update or computed with the gradients, in
-the backward pass's order, each as a dot product or a sum of squares in place. `--eval-set loop` (default): each timed
-step evaluates what the training loop evaluates (`harness.step.run.run_train_step`: loss, tokens, norm; the
-update's new parameters are then computed as the next step needs them), `all` the parameters and the optimizer's
-state as well (as before session 11); `--compare eval-set` runs both.
+`--eval-set loop` (default): each timed step evaluates what the training loop evaluates
+(`harness.step.run.run_train_step`: loss, tokens, norm; the update's new parameters are then computed as the next
+step needs them), `all` the parameters and the optimizer's state as well (as before session 11); `--compare
+eval-set` runs both.
 `--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
 one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
 micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
@@ -64,7 +64,6 @@ from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
 from harness.step.run import run_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
-from harness.step.standard import TrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
 from models import rope_kernels  # noqa: E402
 from models.lora import LoRALinear  # noqa: E402
@@ -122,46 +121,32 @@ def _per_step(model):
 
 
 def squared_norm_by(how: str):
+    def dot(array):  # before session 11: a gradient laid out by columns is copied to rows to be flattened
+        flat = array.reshape(-1).astype(mx.float32)
+        return flat @ flat
+
     def sum_of_squares(array):
         flat = array.reshape(-1).astype(mx.float32)
         return (flat * flat).sum()
-
-    def in_place(array):  # no reshape: a gradient laid out by columns is not copied to rows first
-        return mx.square(array.astype(mx.float32)).sum()
 
     def dot_of_transpose(array):  # a transposed gradient's transpose is laid out by rows: flat without a copy
         flat = (array.T if array.ndim == 2 else array).reshape(-1).astype(mx.float32)
         return flat @ flat
 
     def apply(model):
-        accumulate.squared_norm = {"dot": _dot, "sum": sum_of_squares, "in-place": in_place,
+        accumulate.squared_norm = {"dot": dot, "sum": sum_of_squares, "in-place": _IN_PLACE,
                                    "dot-of-transpose": dot_of_transpose}[how]
 
     return apply
 
 
-_dot = accumulate.squared_norm
-
-
-def norms_placed(where: str, how: str):
-    """The whole-graph step's squared norms computed in its update (`where="update"`, as shipped) or with the
-    gradients, in the backward pass's order (`"gradients"`: `TrainStep(norms_with_gradients=True)`), each as a dot
-    product (`how="dot"`) or a sum of squares in the gradient's own layout (`"in-place"`)."""
-    set_form = squared_norm_by(how)
-
-    def apply(model):
-        set_form(model)
-        TrainStep.__init__.__kwdefaults__["norms_with_gradients"] = where == "gradients"
-
-    return apply
+_IN_PLACE = accumulate.squared_norm  # as shipped: a square and a sum in the gradient's own layout
 
 
 def update_on(how: str):
     def apply(model):
-        # read when either step is built (`harness.step.stacked.AdapterStacks.build`); the whole-graph step
-        # stacks only when asked (`TrainStep(stack_adapters=...)`)
+        # read when the layer-by-layer step is built (`harness.step.stacked.AdapterStacks.build`)
         stacked.AdapterStacks.supports = staticmethod(_element_wise if how == "stacks" else lambda *args: False)
-        TrainStep.__init__.__kwdefaults__["stack_adapters"] = how == "stacks"
 
     return apply
 
@@ -332,8 +317,6 @@ COMPARISONS = {
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
-    "norm-place": {f"{where}/{how}": norms_placed(where, how) for where in ("update", "gradients")
-                   for how in ("dot", "in-place")},
     "eval-set": {"all": eval_set("all"), "loop": eval_set("loop")},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},

@@ -72,20 +72,18 @@ def make_update(
     Compiled with the model and optimizer state.
 
     A step with few tokens is bound by the number of kernels, not by arithmetic (BENCHMARKS.md, "Where a small
-    step's time goes"), so the update costs two kernels per parameter array: one dot product for its squared
-    norm, and the optimizer's fused arithmetic, into which the division by the token count and the clipping
+    step's time goes"), so the update costs few kernels per parameter array: two for its squared norm
+    (`squared_norm`), and the optimizer's fused arithmetic, into which the division by the token count and the clipping
     factor fold as one scalar. With `stacks` (`harness.step.stacked.AdapterStacks`, for element-wise optimizers
     such as AdamW) the trainable arrays and the optimizer's state are kept stacked by shape across steps, the
     gradients (per parameter, or stacked already by the step) copied into their stacks, and the norm and the
     optimizer run once per stack (BENCHMARKS.md, "Session 8")."""
 
-    def update(grads: dict, n_tokens: mx.array, squares: list[mx.array] | None = None) -> mx.array:
+    def update(grads: dict, n_tokens: mx.array) -> mx.array:
         if stacks is not None:
             grads = stacks.stack(grads)
         n_tokens = mx.maximum(n_tokens, 1).astype(mx.float32)
-        if squares is None:
-            squares = [squared_norm(g) for _, g in tree_flatten(grads)]
-        norm = mx.sqrt(sum(squares)) / n_tokens
+        norm = mx.sqrt(sum(squared_norm(g) for _, g in tree_flatten(grads))) / n_tokens
         scale = 1 / n_tokens
         if grad_clip > 0:
             scale = mx.where(norm < grad_clip, scale, scale * (grad_clip / (norm + 1e-6)))
@@ -102,9 +100,9 @@ def make_update(
     if stacks is None:
         return update
 
-    def stacked_update(grads: dict, n_tokens: mx.array, squares: list[mx.array] | None = None) -> mx.array:
+    def stacked_update(grads: dict, n_tokens: mx.array) -> mx.array:
         stacks.ensure_current(optimizer)
-        norm = update(grads, n_tokens, squares)
+        norm = update(grads, n_tokens)
         stacks.remember_views()
         return norm
 
@@ -112,13 +110,9 @@ def make_update(
 
 
 def squared_norm(array: mx.array) -> mx.array:
-    """Sum of the squares of `array`'s elements as a float32 scalar, in one kernel (a dot product)."""
-    flat = array.reshape(-1).astype(mx.float32)
-    return flat @ flat
+    """Sum of the squares of `array`'s elements as a float32 scalar, taken in the array's own layout.
 
-
-def squared_norms_in_backward_order(grads: dict) -> list[mx.array]:
-    """`squared_norm` of each gradient array, the last layer's first: the order in which the backward pass
-    produces them. Evaluated with the gradients, each norm's kernels then follow its layer's backward pass
-    (MLX's `eval` issues a graph depth first, output by output) instead of all coming after the last layer."""
-    return [squared_norm(g) for _, g in reversed(tree_flatten(grads))]
+    Autograd leaves the adapters' gradients laid out by columns; flattening one for a dot product copied it first,
+    and the dot product went through the matrix library in two kernels. A square and a sum are two small kernels
+    with neither (BENCHMARKS.md, "Session 11")."""
+    return mx.square(array.astype(mx.float32)).sum()

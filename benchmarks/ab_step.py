@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|rope|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|lora-scale|view-scale|threads|eval-set] [--thread-cpu]
+        train-step|gc|memory-limit|lora-scale|threads|eval-set] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -22,8 +22,6 @@ pass against rebuilding them there. `--compare train-step`: the whole-graph step
 build frozen (`gc.freeze`). `--compare memory-limit`: MLX's memory limit at 8.0, 7.5 and 7.0 GB (the config's
 `trainer.memory_limit_gb` replaced). `--compare lora-scale` (no dropout): the adapters' scale as the GEMM's alpha
 against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and always multiplied into B.
-`--compare view-scale`: the layer-by-layer step's bfloat16 B views with the scale as each GEMM's alpha against
-carrying it (folded into the stacks' cast once a step, as shipped).
 `--eval-set loop` (default): each timed step evaluates what the training loop evaluates
 (`harness.step.run.run_train_step`: loss, tokens, norm; the update's new parameters are then computed as the next
 step needs them), `all` the parameters and the optimizer's state as well (as before session 11); `--compare
@@ -143,14 +141,6 @@ def squared_norm_by(how: str):
 
 
 _IN_PLACE = accumulate.squared_norm  # as shipped: a square and a sum in the gradient's own layout
-
-
-def b_scale_on(how: str):
-    def apply(model):
-        # read when the layer-by-layer step casts its views (`harness.step.stacked.AdapterStacks.compute_views`)
-        stacked.AdapterStacks.FOLD_SCALE_INTO_VIEWS = how == "views"
-
-    return apply
 
 
 def update_on(how: str):
@@ -334,7 +324,6 @@ COMPARISONS = {
     "gc": {"default": python_gc("default"), "frozen": python_gc("frozen")},
     "memory-limit": {"8.0": memory_limit(8.0), "7.5": memory_limit(7.5), "7.0": memory_limit(7.0)},
     "lora-scale": {"alpha": lora_scale("alpha"), "on-cast": lora_scale("on-cast"), "on-b": lora_scale("on-b")},
-    "view-scale": {"alpha": b_scale_on("alpha"), "views": b_scale_on("views")},
     "threads": {"free": thread_placement("free"), "apart": thread_placement("apart"),
                 "shared": thread_placement("shared")},
 }

@@ -105,23 +105,6 @@ def dropout_keys(key: mx.array) -> Iterator[None]:
         _DROPOUT_KEY_CHAIN.reset(token)
 
 
-# Inside `b_carries_scale()`: every adapter's `lora_B` arrives multiplied by its scale already.
-_B_CARRIES_SCALE: contextvars.ContextVar[bool] = contextvars.ContextVar("lora_b_carries_scale", default=False)
-
-
-@contextlib.contextmanager
-def b_carries_scale() -> Iterator[None]:
-    """Inside this block each `LoRALinear` takes its `lora_B` as `scale * B` (a training step's views of the
-    adapters, cast to the compute dtype once a step with the scale folded into the cast) and adds `down @ B^T`
-    unscaled. The gradient the step gets for such a view is that of `scale * B`; the step multiplies it by the
-    scale for B's (`harness.step.stacked.AdapterStacks`)."""
-    token = _B_CARRIES_SCALE.set(True)
-    try:
-        yield
-    finally:
-        _B_CARRIES_SCALE.reset(token)
-
-
 def _next_dropout_key() -> mx.array | None:
     chain = _DROPOUT_KEY_CHAIN.get()
     if chain is None:
@@ -269,7 +252,6 @@ class LoRALinear(nn.Module):
                 down = (mx.where(keep, x, 0) @ a.T) * (_DRAW_LEVELS / self._keep_threshold)
         else:
             down = x @ a.T  # (…, rank)
-        scale = 1.0 if _B_CARRIES_SCALE.get() else self.scale
         if y.dtype == x.dtype:
             # y + scale * down @ B^T in one GEMM (BLAS beta = 1): no separate pass over the (…, out) update.
             b = self.lora_B
@@ -277,12 +259,12 @@ class LoRALinear(nn.Module):
                 # The cast B takes anyway carries the scale. As the GEMM's alpha, the scale would multiply the whole
                 # (…, out) output gradient in the backward pass (MLX's AddMM vjp): at 8 x 512 tokens on an H200,
                 # 224 passes and 8.8 ms a step (BENCHMARKS.md, "Session 10").
-                return mx.addmm(y, down, (scale * b).astype(x.dtype).T)
-            # B already in the compute dtype: the layer-by-layer step's views, cast once a step, carry the scale
-            # (`b_carries_scale`); elsewhere scaling B here would add a kernel per call.
-            return mx.addmm(y, down, b.T, alpha=scale)
+                return mx.addmm(y, down, (self.scale * b).astype(x.dtype).T)
+            # B already in the compute dtype (the layer-by-layer step's views cast once a step): scaling it here
+            # would add a kernel per call, where that step is bound by the host launching kernels.
+            return mx.addmm(y, down, b.T, alpha=self.scale)
         update = down @ self.lora_B.astype(x.dtype).T
-        return y + (scale * update).astype(y.dtype)
+        return y + (self.scale * update).astype(y.dtype)
 
     @property
     def drops(self) -> bool:

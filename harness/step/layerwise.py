@@ -30,7 +30,6 @@ masks (tests/harness/test_layerwise_step.py).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -43,7 +42,7 @@ from harness.step.loss import loss_from_hidden
 from harness.step.accumulate import make_update, sum_outputs
 from harness.step.stacked import AdapterStacks, parameter_place
 from models.recompute import uncheckpointed_call
-from models.lora import b_carries_scale, dropout_keys
+from models.lora import dropout_keys
 from models.quant import dense_weights_kept_for_backward
 
 Batch = dict[str, mx.array]
@@ -136,10 +135,7 @@ class LayerwiseTrainStep:
         original = template.parameters()
         try:
             template.update(tree_unflatten([*frozen.items(), *trainable.items()]))
-            # the layer's adapter dropout masks: the same in forward and recomputation; the B views carrying the
-            # adapters' scale where the stacks' cast folds it in (`AdapterStacks.compute_views`)
-            folded = self.stacks is not None and self.stacks.views_carry_scale
-            with dropout_keys(key), b_carries_scale() if folded else contextlib.nullcontext():
+            with dropout_keys(key):  # the layer's adapter dropout masks: the same in forward and recomputation
                 return self._layer_call(template, x, mask)
         finally:
             template.update(original)
@@ -229,7 +225,7 @@ class LayerwiseTrainStep:
                 grads = {}
             flat_grads.update({f"model.layers.{i}.{name}": g for name, g in grads.items()})
         if self.stacks is not None:
-            return loss_sum, n_tokens, self.stacks.stack(flat_grads, of_views=True)
+            return loss_sum, n_tokens, self.stacks.stack(flat_grads)
         return loss_sum, n_tokens, tree_unflatten(list(flat_grads.items()))
 
     def __call__(self, batches: list[Batch], key: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:

@@ -71,20 +71,12 @@ class AdapterStacks:
     of them, and the optimizer's per-parameter state stacked alike. `apply(optimizer, stacked_grads)` is the
     update; `arrays` must be an input and output of any compiled function that calls it."""
 
-    # `compute_views` folds the adapters' common scale into the cast of the `lora_B` stacks, so that each adapter
-    # adds `down @ B^T` unscaled (`models.lora.b_carries_scale`): with the scale as the GEMM's alpha, MLX's AddMM
-    # backward multiplies the whole output gradient by it, a kernel per adapter and micro-batch (BENCHMARKS.md,
-    # "Session 11").
-    FOLD_SCALE_INTO_VIEWS = True
-
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer):
         self.model = model
         self.layout = stack_layout(model)
         self.arrays: dict[str, mx.array] = {}
         self._places = [parameter_place(model, name) for _, names in self.layout for name in names]
         self._views: list[mx.array] = []
-        self.b_scale = _common_b_scale(model, self.layout)
-        self.views_carry_scale = False  # set by `compute_views`
         self.restack(optimizer)
 
     @staticmethod
@@ -98,36 +90,22 @@ class AdapterStacks:
         """The stacks for `model` and `optimizer`, or None where they do not apply (`supports`)."""
         return cls(model, optimizer) if cls.supports(optimizer, model) else None
 
-    def stack(self, tree: dict, of_views: bool = False) -> dict[str, dict[str, mx.array]]:
+    def stack(self, tree: dict) -> dict[str, dict[str, mx.array]]:
         """A tree keyed like the model's trainable parameters (e.g. gradients) as `{STACKED: {stack: array}}`, in
-        the stacks' dtype; a tree stacked already is returned as it is. `of_views`: gradients taken with respect to
-        `compute_views`' arrays, which are multiplied by the scale those views carry (none where they carry none)."""
+        the stacks' dtype; a tree stacked already is returned as it is."""
         if STACKED in tree:
             return tree
         flat = dict(tree_flatten(tree))
         stacked = {}
         for stack, names in self.layout:
-            whole = joined([flat[name] for name in names]).astype(self.arrays[stack].dtype)  # no cast if equal
-            if of_views and self.views_carry_scale and _holds_b(names):
-                whole = whole * self.b_scale
-            stacked[stack] = whole
+            whole = joined([flat[name] for name in names])
+            stacked[stack] = whole.astype(self.arrays[stack].dtype)  # no cast when the dtypes agree
         return {STACKED: stacked}
 
     def compute_views(self, dtype: mx.Dtype) -> dict[str, mx.array]:
         """`{parameter name: array}`: views of the stacks cast to `dtype`, one cast per stack (none where the
-        stack has that dtype), for a step to compute on in place of the model's arrays. Where the stacks are cast
-        and every adapter has the same scale (`b_scale`), the `lora_B` stacks' cast carries it:
-        `views_carry_scale` is then True, and the step computes under `models.lora.b_carries_scale`."""
-        self.views_carry_scale = fold = (
-            self.FOLD_SCALE_INTO_VIEWS and self.b_scale is not None
-            and all(array.dtype != dtype for array in self.arrays.values())
-        )
-        cast = {}
-        for stack, names in self.layout:
-            array = self.arrays[stack]
-            if fold and _holds_b(names):
-                array = self.b_scale * array  # fused into the cast in one kernel
-            cast[stack] = array if array.dtype == dtype else array.astype(dtype)
+        stack has that dtype), for a step to compute on in place of the model's arrays."""
+        cast = {stack: array if array.dtype == dtype else array.astype(dtype) for stack, array in self.arrays.items()}
         return {name: piece(cast[stack], i, len(names)) for stack, names in self.layout for i, name in enumerate(names)}
 
     def apply(self, optimizer: optim.Optimizer, stacked_grads: dict) -> None:
@@ -179,25 +157,6 @@ class AdapterStacks:
             for i in range(len(names)):
                 container, key = next(places)
                 container[key] = piece(self.arrays[stack], i, len(names))
-
-
-def _holds_b(names: list[str]) -> bool:
-    return names[0].endswith(".lora_B")
-
-
-def _common_b_scale(model: nn.Module, layout: list[tuple[str, list[str]]]) -> float | None:
-    """The scale every adapter shares, where each stack holds only `lora_B` arrays or none and the scale is not 1;
-    else None (`compute_views` then folds nothing)."""
-    scales = set()
-    for _, names in layout:
-        kinds = {name.endswith(".lora_B") for name in names}
-        if len(kinds) > 1:
-            return None  # a stack of B's with other arrays: no one scale for it
-        if kinds == {True}:
-            scales.update(getattr(parameter_place(model, name)[0], "scale", None) for name in names)
-    if len(scales) != 1 or None in scales or 1.0 in scales:
-        return None
-    return float(next(iter(scales)))
 
 
 def parameter_place(model: nn.Module, name: str) -> tuple[Any, str]:

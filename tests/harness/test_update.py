@@ -172,33 +172,3 @@ def test_a_scalar_parameter_keeps_the_per_array_update():
     grads = tree_map(mx.ones_like, model.trainable_parameters())
     mx.eval(update(grads, mx.array(2)), model.parameters())
     assert STACKED not in optimizer.state and "temperature" in optimizer.state
-
-
-def test_views_carry_the_adapters_common_scale_where_the_stacks_are_cast():
-    """The layer-by-layer step's bfloat16 views of the `lora_B` stacks carry the adapters' scale (so no adapter
-    scales its output gradient); float32 views, or adapters with different scales, carry none."""
-    from tests.harness.tiny_lora import tiny_lora_model
-
-    model = tiny_lora_model()
-    stacks = AdapterStacks(model, optim.AdamW(learning_rate=1e-2))
-    assert stacks.b_scale == 4.0  # alpha 16 / rank 4
-    name = "model.layers.1.mlp.down_proj.lora_B"
-    b = dict(tree_flatten(model.trainable_parameters()))[name]
-    views = stacks.compute_views(mx.bfloat16)
-    assert stacks.views_carry_scale
-    np.testing.assert_array_equal(np.array(views[name].astype(mx.float32)),
-                                  np.array((4.0 * b).astype(mx.bfloat16).astype(mx.float32)))
-    a_name = name.replace("lora_B", "lora_A")
-    a = dict(tree_flatten(model.trainable_parameters()))[a_name]
-    np.testing.assert_array_equal(np.array(views[a_name].astype(mx.float32)),
-                                  np.array(a.astype(mx.bfloat16).astype(mx.float32)))  # A's views: a plain cast
-    gradients = {n: mx.ones_like(v) for n, v in views.items()}
-    stacked = dict(tree_flatten(stacks.stack(tree_unflatten(list(gradients.items())), of_views=True)))
-    assert {float(a.max()) for key, a in stacked.items()} == {1.0, 4.0}  # the B stacks' gradients scaled back
-
-    float32_views = stacks.compute_views(mx.float32)
-    assert not stacks.views_carry_scale
-    np.testing.assert_array_equal(np.array(float32_views[name]), np.array(b))
-
-    model.layers[0].self_attn.q_proj.scale = 2.0  # one adapter scaled otherwise: no common scale to fold
-    assert AdapterStacks(model, optim.AdamW(learning_rate=1e-2)).b_scale is None

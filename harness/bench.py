@@ -13,8 +13,9 @@ step (`harness.step.factory.configured_train_step`) over whole optimizer steps: 
 `data.max_seq_len`, so `experiment=...` times what that experiment runs. Each stack runs in a fresh process so its peak memory and time
 to first step are its own. Reported per stack: median seconds per optimizer step after warm-up (every step
 synchronized as its trainer synchronizes it: ours on the loss, tokens and norm, as `harness.loop` does, the update
-then run as the next step reaches it; mlx-lm on its whole state, as its trainer does), tokens/s, model FLOP utilisation against a matmul rate measured in the same run, the peak memory
-over the whole optimizer steps (all micro-batches), time to first step.
+then run as the next step reaches it; mlx-lm on its whole state, as its trainer does), tokens/s, model FLOP
+utilisation against a matmul rate measured in the same run, the peak memory over the whole optimizer steps (all
+micro-batches), time to first step.
 Under a distributed launcher (`harness.launch`) the step is the data-parallel one (`harness.distributed`): each
 rank takes `--batch` rows of every global micro-batch of `--batch` x ranks rows, tokens/s count all ranks' tokens,
 MFU is per device, and rank 0 reports.

@@ -73,10 +73,10 @@ def make_update(
 
     A step with few tokens is bound by the number of kernels, not by arithmetic (BENCHMARKS.md, "Where a small
     step's time goes"), so the update costs few kernels per parameter array: two for its squared norm
-    (`squared_norm`), and the optimizer's fused arithmetic, into which the division by the token count and the clipping
-    factor fold as one scalar. With `stacks` (`harness.step.stacked.AdapterStacks`, for element-wise optimizers
-    such as AdamW) the trainable arrays and the optimizer's state are kept stacked by shape across steps, the
-    gradients (per parameter, or stacked already by the step) copied into their stacks, and the norm and the
+    (`squared_norm`), and the optimizer's fused arithmetic, into which the division by the token count and the
+    clipping factor fold as one scalar. With `stacks` (`harness.step.stacked.AdapterStacks`, for element-wise
+    optimizers such as AdamW) the trainable arrays and the optimizer's state are kept stacked by shape across steps,
+    the gradients (per parameter, or stacked already by the step) copied into their stacks, and the norm and the
     optimizer run once per stack (BENCHMARKS.md, "Session 8")."""
 
     def update(grads: dict, n_tokens: mx.array) -> mx.array:

@@ -1,8 +1,9 @@
 #!/bin/bash
-# Issue 12, next: the whole-graph step's update copies every adapter gradient, which autograd leaves laid out by
-# columns, to rows before its dot product (`reshape(-1)` in harness.step.accumulate.squared_norm): 448 copies a step,
-# during which the GPU waited 11.8 ms at 8 x 512 (BENCHMARKS.md, "Session 10"). The four forms of
-# `ab_step.py --compare norm`, one process per setting, ROUNDS rounds: 8 x 512 and 4 x 128 (whole-graph step).
+# Issue 12: the update's squared norms, four forms (`ab_step.py --compare norm`, one process per setting, ROUNDS
+# rounds) at 8 x 512 and 4 x 128 (whole-graph step): a dot product of the flattened gradient (before session 11:
+# autograd leaves the adapters' gradients laid out by columns, so flattening copied each), a sum of squares of it
+# flattened, a square and a sum in the gradient's own layout (shipped since session 11), a dot product of its
+# transpose (BENCHMARKS.md, "Session 11").
 OUT=${OUT:-/tmp/bench_out}
 source "$(dirname "$0")/common.sh"
 AB_TIMEOUT=240

@@ -173,6 +173,22 @@ STEP_KIND: dict[str, str] = {}  # set by `--compare train-step`, else the config
 EVAL_SET: dict[str, str] = {}  # set by `--compare eval-set`, else `--eval-set`
 
 
+def add_eval_set_option(parser: argparse.ArgumentParser) -> None:
+    """`--eval-set loop|all` (default loop), the choice `evaluate_step` takes."""
+    parser.add_argument("--eval-set", choices=("loop", "all"), default="loop",
+                        help="what each timed step evaluates: the training loop's (loss, tokens, norm), or also "
+                             "the parameters and the optimizer's state (the update then inside the step)")
+
+
+def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
+    """One step, evaluated as the training loop evaluates it (`eval_set="loop"`: `run_train_step`) or with the
+    model's trainable parameters and the optimizer's state as well (`"all"`)."""
+    if eval_set == "loop":
+        run_train_step(step, batches)
+    else:
+        mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
+
+
 def eval_set(which: str):
     def apply(model):
         EVAL_SET["set"] = which
@@ -340,9 +356,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tag", default="", help="appended to the JSON file's name")
-    parser.add_argument("--eval-set", choices=("loop", "all"), default="loop",
-                        help="what each timed step evaluates: the training loop's (loss, tokens, norm), or also "
-                             "the parameters and the optimizer's state (the update then inside the step)")
+    add_eval_set_option(parser)
     parser.add_argument("--thread-cpu", action="store_true",
                         help="print the busiest threads' CPU time a step for each variant (Linux)")
     options = parser.parse_args()
@@ -367,10 +381,7 @@ def main() -> None:
                                          micro_batch_tokens=options.rows * options.seq)
 
             def run():
-                if EVAL_SET.get("set", options.eval_set) == "loop":
-                    run_train_step(step, batches)
-                else:
-                    mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
+                evaluate_step(step, batches, model, optimizer, EVAL_SET.get("set", options.eval_set))
 
             mx.reset_peak_memory()
             before = thread_cpu_seconds() if options.thread_cpu else None

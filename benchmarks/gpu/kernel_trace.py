@@ -33,12 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 import models  # noqa: F401,E402  (fast BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from benchmarks.ab_step import COMPARISONS, STEP_KIND  # noqa: E402
+from benchmarks.ab_step import COMPARISONS, STEP_KIND, add_eval_set_option, evaluate_step  # noqa: E402
 from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens  # noqa: E402
 from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
-from harness.step.run import run_train_step  # noqa: E402
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|cublas", re.IGNORECASE)
 
@@ -99,9 +98,7 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--compare", choices=sorted(COMPARISONS))
     parser.add_argument("--variant", help="one of the comparison's variants (default: its first)")
-    parser.add_argument("--eval-set", choices=("loop", "all"), default="loop",
-                        help="what each step evaluates: the training loop's (loss, tokens, norm) or also the "
-                             "parameters and the optimizer's state")
+    add_eval_set_option(parser)
     options = parser.parse_args()
     import torch  # only here: the profiler (CUPTI), not PyTorch's arithmetic
 
@@ -118,10 +115,7 @@ def main() -> None:
     batch = {"input_ids": tokens, "labels": tokens, "attention_mask": mx.ones_like(tokens)}
 
     def run():
-        if options.eval_set == "loop":
-            run_train_step(step, [batch])
-        else:
-            mx.eval(step([batch]), model.trainable_parameters(), optimizer.state)
+        evaluate_step(step, [batch], model, optimizer, options.eval_set)
 
     for _ in range(options.warmup):
         run()

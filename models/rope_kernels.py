@@ -1,10 +1,9 @@
 """Rotary position embedding applied while the heads are moved to the front: one CUDA kernel each way.
 
 Why: attention rotates queries and keys laid out `(batch, heads, length, head_dim)`, a transposed view of the
-projections' `(batch, length, heads, head_dim)` output. On CUDA, MLX's `mx.fast.rope` copies such a view to a
-contiguous array first and then rotates it in a kernel that reached about a sixth of the H200's memory speed: at
-8 x 512 on the 7B shape its 128 rotations a step (forward and backward, queries and keys) took 11.3 ms of GPU time,
-plus the copies (BENCHMARKS.md, "Session 11"). Here one kernel reads the projection's rows, rotates them and writes
+projections' `(batch, length, heads, head_dim)` output. On CUDA, MLX's `mx.fast.rope` rotates such a view in a
+kernel that reached about a sixth of the H200's memory speed: at 8 x 512 on the 7B shape its 128 rotations a step
+(forward and backward, queries and keys) took 9.1-11.3 ms of GPU time (BENCHMARKS.md, "Session 11"). Here one kernel reads the projection's rows, rotates them and writes
 the heads-first layout, 16 bytes per load and store; the backward pass is the same kernel with the rotation
 inverted and the layouts swapped.
 

@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|rope|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|lora-scale|threads|eval-set] [--thread-cpu]
+        train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -26,6 +26,8 @@ against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and a
 (`harness.step.run.run_train_step`: loss, tokens, norm; the update's new parameters are then computed as the next
 step needs them), `all` the parameters and the optimizer's state as well (as before session 11); `--compare
 eval-set` runs both.
+`--compare ahead` (whole-graph step): the loop's evaluation against the same with the next step's gradient graph
+built after this step's work is queued and before waiting for it.
 `--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
 one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
 micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
@@ -180,11 +182,38 @@ def add_eval_set_option(parser: argparse.ArgumentParser) -> None:
                              "the parameters and the optimizer's state (the update then inside the step)")
 
 
+_PENDING: dict[int, tuple] = {}  # `--compare ahead`: each step's gradient graph, built during the step before
+
+
+def _run_ahead(step, batches) -> None:
+    """A whole-graph step (`TrainStep`) evaluated as the loop does, with the next step's gradient graph built
+    (replayed) after this step's work is queued and before waiting for it: the device runs this step's last
+    kernels while the host builds the next graph."""
+    pending = _PENDING.pop(id(step), None)
+    loss_sum, n_tokens, grads = pending or accumulate.accumulate_gradients(step._gradients, batches)
+    mx.async_eval(loss_sum, n_tokens, grads)
+    norm = step._update(grads, n_tokens)
+    mx.async_eval(norm)
+    _PENDING[id(step)] = accumulate.accumulate_gradients(step._gradients, batches)
+    mx.eval(loss_sum, n_tokens, norm)
+
+
+def built_ahead(on: bool):
+    def apply(model):
+        _PENDING.clear()
+        EVAL_SET["set"] = "ahead" if on else "loop"
+
+    return apply
+
+
 def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
-    """One step, evaluated as the training loop evaluates it (`eval_set="loop"`: `run_train_step`) or with the
-    model's trainable parameters and the optimizer's state as well (`"all"`)."""
+    """One step, evaluated as the training loop evaluates it (`eval_set="loop"`: `run_train_step`), with the model's
+    trainable parameters and the optimizer's state as well (`"all"`), or as the loop does with the next step's
+    graph built before waiting (`"ahead"`, `--compare ahead`)."""
     if eval_set == "loop":
         run_train_step(step, batches)
+    elif eval_set == "ahead":
+        _run_ahead(step, batches)
     else:
         mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
 
@@ -334,6 +363,7 @@ COMPARISONS = {
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
     "eval-set": {"all": eval_set("all"), "loop": eval_set("loop")},
+    "ahead": {"loop": built_ahead(False), "ahead": built_ahead(True)},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},

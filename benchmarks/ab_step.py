@@ -27,7 +27,7 @@ against as shipped (`models.lora.LoRALinear`: on B's cast where B is cast) and a
 step needs them), `all` the parameters and the optimizer's state as well (as before session 11); `--compare
 eval-set` runs both.
 `--compare ahead` (whole-graph step): the loop's evaluation against the same with the next step's gradient graph
-built after this step's work is queued and before waiting for it.
+built after this step's work is queued and before waiting for it, after or before the update's norms are queued.
 `--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
 one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
 micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
@@ -185,23 +185,25 @@ def add_eval_set_option(parser: argparse.ArgumentParser) -> None:
 _PENDING: dict[int, tuple] = {}  # `--compare ahead`: each step's gradient graph, built during the step before
 
 
-def _run_ahead(step, batches) -> None:
+def _run_ahead(step, batches, before_norm: bool) -> None:
     """A whole-graph step (`TrainStep`) evaluated as the loop does, with the next step's gradient graph built
     (replayed) after this step's work is queued and before waiting for it: the device runs this step's last
-    kernels while the host builds the next graph."""
+    kernels while the host builds the next graph. `before_norm`: built before the update's norms are queued (the
+    backward pass's last kernels still queued), else after."""
     pending = _PENDING.pop(id(step), None)
     loss_sum, n_tokens, grads = pending or accumulate.accumulate_gradients(step._gradients, batches)
     mx.async_eval(loss_sum, n_tokens, grads)
     norm = step._update(grads, n_tokens)
-    mx.async_eval(norm)
+    if not before_norm:
+        mx.async_eval(norm)
     _PENDING[id(step)] = accumulate.accumulate_gradients(step._gradients, batches)
     mx.eval(loss_sum, n_tokens, norm)
 
 
-def built_ahead(on: bool):
+def built_ahead(how: str):
     def apply(model):
         _PENDING.clear()
-        EVAL_SET["set"] = "ahead" if on else "loop"
+        EVAL_SET["set"] = how
 
     return apply
 
@@ -212,8 +214,8 @@ def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
     graph built before waiting (`"ahead"`, `--compare ahead`)."""
     if eval_set == "loop":
         run_train_step(step, batches)
-    elif eval_set == "ahead":
-        _run_ahead(step, batches)
+    elif eval_set in ("ahead", "ahead-before-norm"):
+        _run_ahead(step, batches, before_norm=eval_set == "ahead-before-norm")
     else:
         mx.eval(step(batches), model.trainable_parameters(), optimizer.state)
 
@@ -363,7 +365,8 @@ COMPARISONS = {
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
     "eval-set": {"all": eval_set("all"), "loop": eval_set("loop")},
-    "ahead": {"loop": built_ahead(False), "ahead": built_ahead(True)},
+    "ahead": {"loop": built_ahead("loop"), "ahead": built_ahead("ahead"),
+              "ahead-before-norm": built_ahead("ahead-before-norm")},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},

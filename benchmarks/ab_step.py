@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|rope|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead] [--thread-cpu]
+        train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -28,6 +28,8 @@ step needs them), `all` the parameters and the optimizer's state as well (as bef
 eval-set` runs both.
 `--compare ahead` (whole-graph step): the loop's evaluation against the same with the next step's gradient graph
 built after this step's work is queued and before waiting for it, after or before the update's norms are queued.
+`--compare by-layer` (whole-graph step, one micro-batch): the loop's evaluation against the step's work queued a
+layer at a time, the gradients from the last layer (`by-layer-backward`), and each layer's output first as well.
 `--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
 one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
 micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
@@ -57,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import models  # noqa: F401,E402  (fast BLAS before mlx)
 import mlx.core as mx  # noqa: E402
+from mlx import nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
@@ -64,11 +68,13 @@ from harness.build import build_model, build_optimizer  # noqa: E402
 from harness.process import set_up_process  # noqa: E402
 from harness.step import accumulate, stacked  # noqa: E402
 from harness.step.factory import configured_train_step  # noqa: E402
+from harness.step.loss import causal_lm_loss  # noqa: E402
 from harness.step.run import run_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
 from models import rope_kernels  # noqa: E402
 from models.lora import LoRALinear  # noqa: E402
+from models.mistral import MistralDecoderLayer  # noqa: E402
 from models.quant import dense_weights_shared  # noqa: E402
 
 
@@ -200,6 +206,65 @@ def _run_ahead(step, batches, before_norm: bool) -> None:
     mx.eval(loss_sum, n_tokens, norm)
 
 
+_LAYER_OUTPUTS: list = []  # `--compare by-layer`: each decoder layer's output, collected while a graph is traced
+_DECODER_CALL = MistralDecoderLayer.__call__
+
+
+def _collecting_call(self, *args, **kwargs):
+    out = _DECODER_CALL(self, *args, **kwargs)
+    _LAYER_OUTPUTS.append(out)
+    return out
+
+
+_BY_LAYER_GRADIENTS: dict[int, object] = {}  # per step: its compiled gradients that also return the layer outputs
+
+
+def _gradients_with_layer_outputs(step):
+    """`step`'s gradients (`TrainStep`), compiled to return each decoder layer's output as well: the arrays the
+    forward pass computes anyway, handed out so that they can be queued one by one."""
+    if id(step) not in _BY_LAYER_GRADIENTS:
+        model, optimizer = step.model, step.optimizer
+        loss_and_grad = nn.value_and_grad(model, causal_lm_loss)
+
+        def gradients(batch):
+            _LAYER_OUTPUTS.clear()
+            MistralDecoderLayer.__call__ = _collecting_call
+            try:
+                (loss_sum, n_tokens), grads = loss_and_grad(model, batch)
+            finally:
+                MistralDecoderLayer.__call__ = _DECODER_CALL
+            # outputs of the first trace only: the value_and_grad trace calls each layer once
+            return loss_sum, n_tokens, grads, list(_LAYER_OUTPUTS)
+
+        state = [model.state, optimizer.state, mx.random.state]
+        _BY_LAYER_GRADIENTS.clear()
+        _BY_LAYER_GRADIENTS[id(step)] = mx.compile(gradients, inputs=state, outputs=state)
+    return _BY_LAYER_GRADIENTS[id(step)]
+
+
+def _run_by_layer(step, batches, forward: bool) -> None:
+    """A whole-graph step (`TrainStep`, one micro-batch) evaluated as the loop does, its work queued a layer at a
+    time: MLX walks the whole graph before it encodes the first kernel of an evaluation, so queued piece by piece
+    the GPU starts after the first piece's walk. `forward`: each layer's output queued first (the compiled
+    gradients hand them out), then the gradients layer by layer from the last; else only the latter."""
+    (batch,) = batches
+    if forward:
+        loss_sum, n_tokens, grads, outputs = _gradients_with_layer_outputs(step)(batch)
+        for output in outputs:
+            mx.async_eval(output)
+    else:
+        loss_sum, n_tokens, grads = step._gradients(batch)
+    layers: dict[int, list] = {}
+    for name, gradient in tree_flatten(grads):
+        parts = name.split(".")
+        layers.setdefault(int(parts[2]) if parts[:2] == ["model", "layers"] else -1, []).append(gradient)
+    for index in sorted(layers, reverse=True):
+        mx.async_eval(*layers[index])
+    mx.async_eval(loss_sum, n_tokens)
+    norm = step._update(grads, n_tokens)
+    mx.eval(loss_sum, n_tokens, norm)
+
+
 def built_ahead(how: str):
     def apply(model):
         _PENDING.clear()
@@ -214,6 +279,8 @@ def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
     graph built before waiting (`"ahead"`, `--compare ahead`)."""
     if eval_set == "loop":
         run_train_step(step, batches)
+    elif eval_set in ("by-layer", "by-layer-backward"):
+        _run_by_layer(step, batches, forward=eval_set == "by-layer")
     elif eval_set in ("ahead", "ahead-before-norm"):
         _run_ahead(step, batches, before_norm=eval_set == "ahead-before-norm")
     else:
@@ -367,6 +434,8 @@ COMPARISONS = {
     "eval-set": {"all": eval_set("all"), "loop": eval_set("loop")},
     "ahead": {"loop": built_ahead("loop"), "ahead": built_ahead("ahead"),
               "ahead-before-norm": built_ahead("ahead-before-norm")},
+    "by-layer": {"loop": built_ahead("loop"), "by-layer-backward": built_ahead("by-layer-backward"),
+                 "by-layer": built_ahead("by-layer")},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},

@@ -265,18 +265,11 @@ def _run_by_layer(step, batches, forward: bool) -> None:
     mx.eval(loss_sum, n_tokens, norm)
 
 
-def built_ahead(how: str):
-    def apply(model):
-        _PENDING.clear()
-        EVAL_SET["set"] = how
-
-    return apply
-
-
 def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
     """One step, evaluated as the training loop evaluates it (`eval_set="loop"`: `run_train_step`), with the model's
-    trainable parameters and the optimizer's state as well (`"all"`), or as the loop does with the next step's
-    graph built before waiting (`"ahead"`, `--compare ahead`)."""
+    trainable parameters and the optimizer's state as well (`"all"`), as the loop does with the next step's graph
+    built before waiting (`"ahead"`, `"ahead-before-norm"`: `_run_ahead`), or with the step's work queued a layer
+    at a time (`"by-layer"`, `"by-layer-backward"`: `_run_by_layer`)."""
     if eval_set == "loop":
         run_train_step(step, batches)
     elif eval_set in ("by-layer", "by-layer-backward"):
@@ -288,7 +281,10 @@ def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
 
 
 def eval_set(which: str):
+    """How each timed step is evaluated (`evaluate_step`); the graphs kept by another variant are let go first."""
     def apply(model):
+        _PENDING.clear()
+        _BY_LAYER_GRADIENTS.clear()
         EVAL_SET["set"] = which
 
     return apply
@@ -432,10 +428,10 @@ COMPARISONS = {
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},
     "eval-set": {"all": eval_set("all"), "loop": eval_set("loop")},
-    "ahead": {"loop": built_ahead("loop"), "ahead": built_ahead("ahead"),
-              "ahead-before-norm": built_ahead("ahead-before-norm")},
-    "by-layer": {"loop": built_ahead("loop"), "by-layer-backward": built_ahead("by-layer-backward"),
-                 "by-layer": built_ahead("by-layer")},
+    "ahead": {"loop": eval_set("loop"), "ahead": eval_set("ahead"),
+              "ahead-before-norm": eval_set("ahead-before-norm")},
+    "by-layer": {"loop": eval_set("loop"), "by-layer-backward": eval_set("by-layer-backward"),
+                 "by-layer": eval_set("by-layer")},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},

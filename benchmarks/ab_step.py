@@ -7,7 +7,8 @@
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare rope`: queries and keys rotated by
 MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates them as it moves the heads first
-(`models.rope_kernels`), and that kernel forward with MLX's rope for the gradient. `--compare dense-copies`: with
+(`models.rope_kernels`), that kernel forward with MLX's rope for the gradient, and the kernel rotating rows in place
+of the projection's layout, handed on as their heads-first view (`kernel-rows`). `--compare dense-copies`: with
 CPU streams, the quantized weights dequantized every step against once for the run (`models.dense_copies`).
 `--compare norm`: the update's squared norm of each gradient array as a dot product of it flattened (before
 session 11), a sum of squares of it flattened, a sum of squares in its own layout (as shipped), and a dot product
@@ -90,7 +91,8 @@ def rope_with(how: str):
     inverse rotation is a rotation at scale -1) on the cotangent as it comes, then moved back to rows."""
     def apply(model):
         os.environ["QLORA_ROPE"] = "mlx" if how == "mlx" else "kernel"  # read when the step is traced
-        rope_kernels._rotation = _rotation_forward_only if how == "kernel-forward" else _ROTATION
+        rope_kernels._rotation = {"kernel-forward": _rotation_forward_only,
+                                   "kernel-rows": rope_kernels._rotation_in_rows}.get(how, _ROTATION)
 
     return apply
 
@@ -423,7 +425,8 @@ def memory_limit(gb: float):
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
-    "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel"), "kernel-forward": rope_with("kernel-forward")},
+    "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel"), "kernel-forward": rope_with("kernel-forward"),
+             "kernel-rows": rope_with("kernel-rows")},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},

@@ -44,8 +44,8 @@ _SOURCE = """
     const uint32_t batch = row / (HEADS * LENGTH);
     const size_t rows_index = size_t(row) * (2 * HALF) + chunk * 8;
     const size_t heads_index = (size_t(batch * HEADS + head) * LENGTH + position) * (2 * HALF) + chunk * 8;
-    const size_t from = FORWARD ? rows_index : heads_index;
-    const size_t to = FORWARD ? heads_index : rows_index;
+    const size_t from = (FORWARD || ROWS_ONLY) ? rows_index : heads_index;
+    const size_t to = (FORWARD && !ROWS_ONLY) ? heads_index : rows_index;
     constexpr int VECTORS = int(8 * sizeof(T) / sizeof(uint4));
     alignas(16) T first[8];
     alignas(16) T second[8];
@@ -98,17 +98,20 @@ def _kernel(base: float):
     )
 
 
-def _rotate(x: mx.array, base: float, forward: bool) -> mx.array:
-    """Forward: `(batch, length, heads, dim)` rows to `(batch, heads, length, dim)` rotated; backward: the inverse."""
-    batch, length, heads, dim = x.shape if forward else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+def _rotate(x: mx.array, base: float, forward: bool, rows_only: bool = False) -> mx.array:
+    """Forward: `(batch, length, heads, dim)` rows to `(batch, heads, length, dim)` rotated; backward: the inverse.
+    `rows_only`: `(batch, length, heads, dim)` rows in and out, rotated (forward) or rotated back."""
+    heads_first_in = not forward and not rows_only
+    batch, length, heads, dim = (x.shape[0], x.shape[2], x.shape[1], x.shape[3]) if heads_first_in else x.shape
     rows = batch * length * heads
+    heads_first_out = forward and not rows_only
     (out,) = _kernel(base)(
         inputs=[x],
         template=[("T", x.dtype), ("ROWS", rows), ("LENGTH", length), ("HEADS", heads), ("HALF", dim // 2),
-                  ("FORWARD", forward)],
+                  ("FORWARD", forward), ("ROWS_ONLY", rows_only)],
         grid=(rows * (dim // 16), 1, 1),
         threadgroup=(256, 1, 1),
-        output_shapes=[(batch, heads, length, dim) if forward else (batch, length, heads, dim)],
+        output_shapes=[(batch, heads, length, dim) if heads_first_out else (batch, length, heads, dim)],
         output_dtypes=[x.dtype],
     )
     return out
@@ -123,6 +126,20 @@ def _rotation(base: float):
     @rotate.vjp
     def rotate_vjp(x, cotangent, output):  # one argument: MLX passes the array itself, not a tuple
         return _rotate(cotangent, base, forward=False)  # made row-contiguous first where it is not
+
+    return rotate
+
+
+@functools.cache
+def _rotation_in_rows(base: float):
+    """As `_rotation`, the rotated rows left in the projection's layout and returned as their heads-first view."""
+    @mx.custom_function
+    def rotate(x: mx.array) -> mx.array:
+        return _rotate(x, base, forward=True, rows_only=True).transpose(0, 2, 1, 3)
+
+    @rotate.vjp
+    def rotate_vjp(x, cotangent, output):
+        return _rotate(cotangent.transpose(0, 2, 1, 3), base, forward=False, rows_only=True)
 
     return rotate
 

@@ -6,9 +6,8 @@
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare rope`: queries and keys rotated by
-MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates them as it moves the heads first
-(`models.rope_kernels`), that kernel forward with MLX's rope for the gradient, and the kernel rotating rows in place
-of the projection's layout, handed on as their heads-first view (`kernel-rows`). `--compare dense-copies`: with
+MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates the projection's rows and hands
+them on as that view (`models.rope_kernels`). `--compare dense-copies`: with
 CPU streams, the quantized weights dequantized every step against once for the run (`models.dense_copies`).
 `--compare norm`: the update's squared norm of each gradient array as a dot product of it flattened (before
 session 11), a sum of squares of it flattened, a sum of squares in its own layout (as shipped), and a dot product
@@ -47,7 +46,6 @@ table as JSON to $OUT/ab_<compare><tag>.json when OUT is set. Overrides as `harn
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -73,7 +71,6 @@ from harness.step.loss import causal_lm_loss  # noqa: E402
 from harness.step.run import run_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
-from models import rope_kernels  # noqa: E402
 from models.lora import LoRALinear  # noqa: E402
 from models.mistral import MistralDecoderLayer  # noqa: E402
 from models.quant import dense_weights_shared  # noqa: E402
@@ -87,31 +84,11 @@ def dequantize_with(how: str):
 
 
 def rope_with(how: str):
-    """"mlx" or "kernel" (`QLORA_ROPE`); "kernel-forward": our kernel forward, its gradient by MLX's rope (the
-    inverse rotation is a rotation at scale -1) on the cotangent as it comes, then moved back to rows."""
+    """"mlx" or "kernel" (`QLORA_ROPE`, read when the step is traced)."""
     def apply(model):
-        os.environ["QLORA_ROPE"] = "mlx" if how == "mlx" else "kernel"  # read when the step is traced
-        rope_kernels._rotation = {"kernel-forward": _rotation_forward_only,
-                                   "kernel-rows": rope_kernels._rotation_in_rows}.get(how, _ROTATION)
+        os.environ["QLORA_ROPE"] = how
 
     return apply
-
-
-_ROTATION = rope_kernels._rotation
-
-
-@functools.cache
-def _rotation_forward_only(base: float):
-    @mx.custom_function
-    def rotate(x):
-        return rope_kernels._rotate(x, base, forward=True)
-
-    @rotate.vjp
-    def rotate_vjp(x, cotangent, output):
-        inverse = mx.fast.rope(cotangent, x.shape[-1], traditional=False, base=base, scale=-1.0, offset=0)
-        return inverse.transpose(0, 2, 1, 3)
-
-    return rotate
 
 
 def dense_copies(kept: bool):
@@ -425,8 +402,7 @@ def memory_limit(gb: float):
 COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
-    "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel"), "kernel-forward": rope_with("kernel-forward"),
-             "kernel-rows": rope_with("kernel-rows")},
+    "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel")},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},

@@ -1,11 +1,13 @@
-"""Rotary position embedding applied while the heads are moved to the front: one CUDA kernel each way.
+"""Rotary position embedding for attention's heads-first view of the projections: one CUDA kernel each way.
 
 Why: attention rotates queries and keys laid out `(batch, heads, length, head_dim)`, a transposed view of the
 projections' `(batch, length, heads, head_dim)` output. On CUDA, MLX's `mx.fast.rope` rotates such a view in a
 kernel that reached about a sixth of the H200's memory speed: at 8 x 512 on the 7B shape its 128 rotations a step
-(forward and backward, queries and keys) took 9.1-11.3 ms of GPU time (BENCHMARKS.md, "Session 11"). Here one kernel reads the projection's rows, rotates them and writes
-the heads-first layout, 16 bytes per load and store; the backward pass is the same kernel with the rotation
-inverted and the layouts swapped.
+(forward and backward, queries and keys) took 9.1-11.3 ms of GPU time (BENCHMARKS.md, "Session 11"). Here one kernel
+reads the projection's rows and writes them rotated in the same layout, 16 bytes per load and store, handed on as
+their heads-first view (the layout MLX's rope leaves); the backward pass is the same kernel with the rotation
+inverted. Written heads-first instead, the rotated queries made the whole-graph 8 x 512 step hold 1.0 GB more
+(BENCHMARKS.md, "Session 12").
 
 Only CUDA runs the kernel, for the whole head dimension rotated in halves (`traditional=False`, Mistral's and
 Llama's layout), unit scale and position offset 0 (training; generation with a cache offsets positions and takes
@@ -28,9 +30,8 @@ from models.backend import backend_name
 _DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 # Threads run over (batch, position, head) rows and 8-element chunks of the first half of each head's vector; a
-# thread rotates its chunk with the matching chunk of the second half. FORWARD reads (batch, length, heads, dim)
-# rows and writes (batch, heads, length, dim); the backward pass reads the latter layout and writes the former,
-# rotating by -theta. The angle is computed as MLX's own kernel computes it: (position) * 2^(-(d / half) log2 base).
+# thread rotates its chunk with the matching chunk of the second half, by theta (FORWARD) or by -theta, and writes
+# them where it read them. The angle is computed as MLX's own kernel computes it: position * 2^(-(d / half) log2 base).
 _SOURCE = """
     constexpr uint32_t CHUNKS = HALF / 8;
     const uint32_t thread = blockIdx.x * blockDim.x + threadIdx.x;
@@ -39,20 +40,15 @@ _SOURCE = """
     }
     const uint32_t row = thread / CHUNKS;  // (batch, position, head), the projection's order
     const uint32_t chunk = thread - row * CHUNKS;
-    const uint32_t head = row % HEADS;
     const uint32_t position = (row / HEADS) % LENGTH;
-    const uint32_t batch = row / (HEADS * LENGTH);
-    const size_t rows_index = size_t(row) * (2 * HALF) + chunk * 8;
-    const size_t heads_index = (size_t(batch * HEADS + head) * LENGTH + position) * (2 * HALF) + chunk * 8;
-    const size_t from = (FORWARD || ROWS_ONLY) ? rows_index : heads_index;
-    const size_t to = (FORWARD && !ROWS_ONLY) ? heads_index : rows_index;
+    const size_t index = size_t(row) * (2 * HALF) + chunk * 8;
     constexpr int VECTORS = int(8 * sizeof(T) / sizeof(uint4));
     alignas(16) T first[8];
     alignas(16) T second[8];
     #pragma unroll
     for (int i = 0; i < VECTORS; ++i) {
-        reinterpret_cast<uint4*>(first)[i] = reinterpret_cast<const uint4*>(x + from)[i];
-        reinterpret_cast<uint4*>(second)[i] = reinterpret_cast<const uint4*>(x + from + HALF)[i];
+        reinterpret_cast<uint4*>(first)[i] = reinterpret_cast<const uint4*>(x + index)[i];
+        reinterpret_cast<uint4*>(second)[i] = reinterpret_cast<const uint4*>(x + index + HALF)[i];
     }
     #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -72,8 +68,8 @@ _SOURCE = """
     }
     #pragma unroll
     for (int i = 0; i < VECTORS; ++i) {
-        reinterpret_cast<uint4*>(out + to)[i] = reinterpret_cast<const uint4*>(first)[i];
-        reinterpret_cast<uint4*>(out + to + HALF)[i] = reinterpret_cast<const uint4*>(second)[i];
+        reinterpret_cast<uint4*>(out + index)[i] = reinterpret_cast<const uint4*>(first)[i];
+        reinterpret_cast<uint4*>(out + index + HALF)[i] = reinterpret_cast<const uint4*>(second)[i];
     }
 """
 
@@ -91,27 +87,25 @@ def _kernel(base: float):
     log2_base = float(mx.array(math.log2(base), dtype=mx.float32).item())  # as MLX passes it: a float32
     bits = struct.unpack("<I", struct.pack("<f", log2_base))[0]
     return mx.fast.cuda_kernel(
-        name=f"qlora_rope_heads_first_{bits:08x}",  # one kernel per base: MLX caches kernels by name
+        name=f"qlora_rope_rows_{bits:08x}",  # one kernel per base: MLX caches kernels by name
         input_names=["x"],
         output_names=["out"],
         source=f"    constexpr float LOG2_BASE = {log2_base.hex()}f;  // hexadecimal float: exact\n" + _SOURCE,
     )
 
 
-def _rotate(x: mx.array, base: float, forward: bool, rows_only: bool = False) -> mx.array:
-    """Forward: `(batch, length, heads, dim)` rows to `(batch, heads, length, dim)` rotated; backward: the inverse.
-    `rows_only`: `(batch, length, heads, dim)` rows in and out, rotated (forward) or rotated back."""
-    heads_first_in = not forward and not rows_only
-    batch, length, heads, dim = (x.shape[0], x.shape[2], x.shape[1], x.shape[3]) if heads_first_in else x.shape
+def _rotate(x: mx.array, base: float, forward: bool) -> mx.array:
+    """`(batch, length, heads, dim)` rows rotated (`forward`) or rotated back, in the same layout (made
+    row-contiguous first where `x` is not)."""
+    batch, length, heads, dim = x.shape
     rows = batch * length * heads
-    heads_first_out = forward and not rows_only
     (out,) = _kernel(base)(
         inputs=[x],
         template=[("T", x.dtype), ("ROWS", rows), ("LENGTH", length), ("HEADS", heads), ("HALF", dim // 2),
-                  ("FORWARD", forward), ("ROWS_ONLY", rows_only)],
+                  ("FORWARD", forward)],
         grid=(rows * (dim // 16), 1, 1),
         threadgroup=(256, 1, 1),
-        output_shapes=[(batch, heads, length, dim) if heads_first_out else (batch, length, heads, dim)],
+        output_shapes=[x.shape],
         output_dtypes=[x.dtype],
     )
     return out
@@ -119,27 +113,14 @@ def _rotate(x: mx.array, base: float, forward: bool, rows_only: bool = False) ->
 
 @functools.cache
 def _rotation(base: float):
+    """`(batch, length, heads, dim)` rows -> their rotation's `(batch, heads, length, dim)` view, differentiable."""
     @mx.custom_function
     def rotate(x: mx.array) -> mx.array:
-        return _rotate(x, base, forward=True)
+        return _rotate(x, base, forward=True).transpose(0, 2, 1, 3)
 
     @rotate.vjp
     def rotate_vjp(x, cotangent, output):  # one argument: MLX passes the array itself, not a tuple
-        return _rotate(cotangent, base, forward=False)  # made row-contiguous first where it is not
-
-    return rotate
-
-
-@functools.cache
-def _rotation_in_rows(base: float):
-    """As `_rotation`, the rotated rows left in the projection's layout and returned as their heads-first view."""
-    @mx.custom_function
-    def rotate(x: mx.array) -> mx.array:
-        return _rotate(x, base, forward=True, rows_only=True).transpose(0, 2, 1, 3)
-
-    @rotate.vjp
-    def rotate_vjp(x, cotangent, output):
-        return _rotate(cotangent.transpose(0, 2, 1, 3), base, forward=False, rows_only=True)
+        return _rotate(cotangent.transpose(0, 2, 1, 3), base, forward=False)
 
     return rotate
 

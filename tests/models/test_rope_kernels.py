@@ -1,12 +1,12 @@
-"""Rotary embedding moved heads-first in one CUDA kernel (models/rope_kernels.py): where it runs, how it is switched
-off, and (on a CUDA machine) its values and gradients against MLX's `mx.fast.rope` on the transposed input."""
+"""Rotary embedding for attention's heads-first view in one CUDA kernel (models/rope_kernels.py): where it runs, how
+it is switched off, and (on a CUDA machine) its values and gradients against MLX's `mx.fast.rope` on the transposed
+input."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx import nn
 
-from models import rope_kernels
 from models.backend import backend_name
 from models.rope_kernels import kernel_applies, rope_heads_first, rope_kernel_enabled
 
@@ -41,14 +41,10 @@ def test_where_the_kernel_does_not_apply_mlx_rotates(monkeypatch):
 
 
 @on_cuda
-@pytest.mark.parametrize("layout", ["heads-first", "rows"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 5, 3, 32), (1, 64, 8, 128)])
-def test_the_kernel_matches_mlx_rope_and_its_gradient(dtype, shape, layout, monkeypatch):
-    """Both layouts the kernel can leave its output in: heads first, or the projection's rows seen heads first."""
+def test_the_kernel_matches_mlx_rope_and_its_gradient(dtype, shape, monkeypatch):
     monkeypatch.delenv("QLORA_ROPE", raising=False)
-    if layout == "rows":
-        monkeypatch.setattr(rope_kernels, "_rotation", rope_kernels._rotation_in_rows)
     rope = nn.RoPE(shape[-1], traditional=False, base=10000.0)
     x = mx.random.normal(shape, key=mx.random.key(1)).astype(dtype)
     cotangent = mx.random.normal((shape[0], shape[2], shape[1], shape[3]), key=mx.random.key(2)).astype(dtype)

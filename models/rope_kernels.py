@@ -31,7 +31,8 @@ _DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 # Threads run over (batch, position, head) rows and 8-element chunks of the first half of each head's vector; a
 # thread rotates its chunk with the matching chunk of the second half, by theta (FORWARD) or by -theta, and writes
-# them where it read them. The angle is computed as MLX's own kernel computes it: position * 2^(-(d / half) log2 base).
+# them where it read them. The angle is computed as MLX's own kernel computes it:
+# position * 2^(-(d / half) log2 base).
 _SOURCE = """
     constexpr uint32_t CHUNKS = HALF / 8;
     const uint32_t thread = blockIdx.x * blockDim.x + threadIdx.x;

@@ -1,7 +1,7 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
     python benchmarks/ab_step.py [--compare dequantize|rope|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer] [--thread-cpu]
+        train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer|by-layer-memory] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -30,6 +30,8 @@ eval-set` runs both.
 built after this step's work is queued and before waiting for it, after or before the update's norms are queued.
 `--compare by-layer` (whole-graph step, one micro-batch): the loop's evaluation against the step's work queued a
 layer at a time, the gradients from the last layer (`by-layer-backward`), and each layer's output first as well.
+`--compare by-layer-memory`: where that costs memory: the layer outputs queued one by one and the gradients at once
+(`outputs-only`), the gradients in two pieces or in groups of 8 layers, or layer by layer.
 `--compare threads` (Linux): every thread free, the main thread alone on one CPU and the rest elsewhere, or all on
 one CPU; `--thread-cpu` prints the busiest threads' CPU time a step. `--accum N`: optimizer steps of N
 micro-batches. Further comparisons go in `COMPARISONS`: a name for each variant and what it changes (in the model
@@ -221,25 +223,34 @@ def _gradients_with_layer_outputs(step):
     return _BY_LAYER_GRADIENTS[id(step)]
 
 
-def _run_by_layer(step, batches, forward: bool) -> None:
-    """A whole-graph step (`TrainStep`, one micro-batch) evaluated as the loop does, its work queued a layer at a
-    time: MLX walks the whole graph before it encodes the first kernel of an evaluation, so queued piece by piece
-    the GPU starts after the first piece's walk. `forward`: each layer's output queued first (the compiled
-    gradients hand them out), then the gradients layer by layer from the last; else only the latter."""
+# `--compare by-layer` and `--compare by-layer-memory`: what each way queues, as (layer outputs one by one, gradients
+# in groups of this many layers from the last; 0: all gradients in one evaluation, as the loop does)
+BY_LAYER = {"by-layer-backward": (False, 1), "by-layer": (True, 1), "outputs-only": (True, 0),
+            "by-layer-groups-of-8": (True, 8), "by-layer-halves": (True, 16)}
+
+
+def _run_by_layer(step, batches, forward: bool, group: int) -> None:
+    """A whole-graph step (`TrainStep`, one micro-batch) evaluated as the loop does, its work queued in pieces: MLX
+    walks the whole graph before it encodes the first kernel of an evaluation, so queued piece by piece the GPU
+    starts after the first piece's walk. `forward`: each layer's output queued first (the compiled gradients hand
+    them out); then the gradients in groups of `group` layers from the last (0: all at once)."""
     (batch,) = batches
     if forward:
         loss_sum, n_tokens, grads, outputs = _gradients_with_layer_outputs(step)(batch)
         for output in outputs:
             mx.async_eval(output)
+        del outputs
     else:
         loss_sum, n_tokens, grads = step._gradients(batch)
-    layers: dict[int, list] = {}
-    for name, gradient in tree_flatten(grads):
-        parts = name.split(".")
-        layers.setdefault(int(parts[2]) if parts[:2] == ["model", "layers"] else -1, []).append(gradient)
-    for index in sorted(layers, reverse=True):
-        mx.async_eval(*layers[index])
-    mx.async_eval(loss_sum, n_tokens)
+    if group:
+        layers: dict[int, list] = {}
+        for name, gradient in tree_flatten(grads):
+            parts = name.split(".")
+            index = int(parts[2]) // group if parts[:2] == ["model", "layers"] else -1
+            layers.setdefault(index, []).append(gradient)
+        for index in sorted(layers, reverse=True):
+            mx.async_eval(*layers[index])
+    mx.async_eval(loss_sum, n_tokens, grads)
     norm = step._update(grads, n_tokens)
     mx.eval(loss_sum, n_tokens, norm)
 
@@ -248,11 +259,11 @@ def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
     """One step, evaluated as the training loop evaluates it (`eval_set="loop"`: `run_train_step`), with the model's
     trainable parameters and the optimizer's state as well (`"all"`), as the loop does with the next step's graph
     built before waiting (`"ahead"`, `"ahead-before-norm"`: `_run_ahead`), or with the step's work queued a layer
-    at a time (`"by-layer"`, `"by-layer-backward"`: `_run_by_layer`)."""
+    in pieces (`BY_LAYER`'s names: `_run_by_layer`)."""
     if eval_set == "loop":
         run_train_step(step, batches)
-    elif eval_set in ("by-layer", "by-layer-backward"):
-        _run_by_layer(step, batches, forward=eval_set == "by-layer")
+    elif eval_set in BY_LAYER:
+        _run_by_layer(step, batches, *BY_LAYER[eval_set])
     elif eval_set in ("ahead", "ahead-before-norm"):
         _run_ahead(step, batches, before_norm=eval_set == "ahead-before-norm")
     else:
@@ -411,6 +422,8 @@ COMPARISONS = {
               "ahead-before-norm": eval_set("ahead-before-norm")},
     "by-layer": {"loop": eval_set("loop"), "by-layer-backward": eval_set("by-layer-backward"),
                  "by-layer": eval_set("by-layer")},
+    "by-layer-memory": {name: eval_set(name) for name in ("loop", "outputs-only", "by-layer-halves",
+                                                          "by-layer-groups-of-8", "by-layer")},
     "adapter-casts": {"per-use": adapter_casts("per-use"), "once": adapter_casts("once")},
     "backward-weights": {"kept": backward_weights(True), "rebuilt": backward_weights(False)},
     "train-step": {"standard": train_step_kind("standard"), "layerwise": train_step_kind("layerwise")},

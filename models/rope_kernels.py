@@ -5,9 +5,9 @@ projections' `(batch, length, heads, head_dim)` output. On CUDA, MLX's `mx.fast.
 kernel that reached about a sixth of the H200's memory speed: at 8 x 512 on the 7B shape its 128 rotations a step
 (forward and backward, queries and keys) took 9.1-11.3 ms of GPU time (BENCHMARKS.md, "Session 11"). Here one kernel
 reads the projection's rows and writes them rotated in the same layout, 16 bytes per load and store, handed on as
-their heads-first view (the layout MLX's rope leaves); the backward pass is the same kernel with the rotation
-inverted. Written heads-first instead, the rotated queries made the whole-graph 8 x 512 step hold 1.0 GB more
-(BENCHMARKS.md, "Session 12").
+their heads-first view; the backward pass is the same kernel with the rotation inverted (2.5 ms of GPU time a step
+against 9.7). Written heads-first and contiguous instead, the rotated queries made the whole-graph 8 x 512 step hold
+1.0 GB more than with MLX's rope; in the rows' layout it holds what MLX's rope holds (BENCHMARKS.md, "Session 12").
 
 Only CUDA runs the kernel, for the whole head dimension rotated in halves (`traditional=False`, Mistral's and
 Llama's layout), unit scale and position offset 0 (training; generation with a cache offsets positions and takes

@@ -258,8 +258,8 @@ def _run_by_layer(step, batches, forward: bool, group: int) -> None:
 def evaluate_step(step, batches, model, optimizer, eval_set: str) -> None:
     """One step, evaluated as the training loop evaluates it (`eval_set="loop"`: `run_train_step`), with the model's
     trainable parameters and the optimizer's state as well (`"all"`), as the loop does with the next step's graph
-    built before waiting (`"ahead"`, `"ahead-before-norm"`: `_run_ahead`), or with the step's work queued a layer
-    in pieces (`BY_LAYER`'s names: `_run_by_layer`)."""
+    built before waiting (`"ahead"`, `"ahead-before-norm"`: `_run_ahead`), or with the step's work queued in
+    pieces (`BY_LAYER`'s names: `_run_by_layer`)."""
     if eval_set == "loop":
         run_train_step(step, batches)
     elif eval_set in BY_LAYER:

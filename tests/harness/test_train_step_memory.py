@@ -99,11 +99,17 @@ def _dropout_step_peak_above_model(step_class, dropout: float) -> int:
     batch = {"input_ids": tokens, "labels": tokens}
     mx.eval(model.parameters(), tokens)
     mx.eval(step([batch]), model.parameters(), optimizer.state)  # compile, create the optimizer state
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(step([batch]), model.parameters(), optimizer.state)
-    return mx.get_peak_memory() - before
+    peaks = []
+    for _ in range(3):
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(step([batch]), model.parameters(), optimizer.state)
+        peaks.append(mx.get_peak_memory() - before)
+    # MLX's CPU worker runs beside the thread that queues the graph, so how far one races ahead of the other
+    # moves a step's peak by a few layer inputs from run to run (more on a loaded machine): the least of three
+    # steps is the step's own need.
+    return min(peaks)
 
 
 # CPU-specific: the peaks compared are those of the CPU's evaluation order (on a GPU queued work moves them).
@@ -113,7 +119,9 @@ def test_dropout_costs_no_memory_of_the_inputs_size(step_class):
     """Autograd kept a dropped copy and a mask per adapter: about 5 bytes per input element of each of the seven
     adapters of every stored layer (10 layer inputs on the layerwise step here, 40 on TrainStep). Now only the
     backward pass's masked copy of one adapter's input remains, for a moment: at most the widest input
-    (the MLP's, 2 layer inputs here) and rounding."""
+    (the MLP's, 2 layer inputs here) and rounding. Measured on the 2-core machine, loaded by a second run: 0.8-2.8
+    layer inputs on the layerwise step over 20 runs; MLX's own dropout (`QLORA_DROPOUT_DRAW=bernoulli`), which keeps
+    its masks, 4.0-4.9 (TrainStep: below zero against 17)."""
     boundary = 4 * 256 * 256 * 4  # one layer's input: batch x seq x hidden float32
     extra = _dropout_step_peak_above_model(step_class, 0.1) - _dropout_step_peak_above_model(step_class, 0.0)
-    assert extra < 3 * boundary, f"dropout adds {extra / boundary:.1f} layer inputs to the peak"
+    assert extra < 3.4 * boundary, f"dropout adds {extra / boundary:.1f} layer inputs to the peak"

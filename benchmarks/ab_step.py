@@ -1,13 +1,15 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize|rope|dense-copies|norm|update|adapter-casts|backward-weights|
+    python benchmarks/ab_step.py [--compare dequantize|rope|lora-vjp|dense-copies|norm|update|adapter-casts|backward-weights|
         train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer|by-layer-memory] [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare rope`: queries and keys rotated by
 MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates the projection's rows and hands
-them on as that view (`models.rope_kernels`). `--compare dense-copies`: with
+them on as that view (`models.rope_kernels`). `--compare lora-vjp`: the adapters' products differentiated by
+MLX (gradients of A and B laid out by columns) against by their own backward pass (by rows: `models.lora`).
+`--compare dense-copies`: with
 CPU streams, the quantized weights dequantized every step against once for the run (`models.dense_copies`).
 `--compare norm`: the update's squared norm of each gradient array as a dot product of it flattened (before
 session 11), a sum of squares of it flattened, a sum of squares in its own layout (as shipped), and a dot product
@@ -89,6 +91,14 @@ def rope_with(how: str):
     """"mlx" or "kernel" (`QLORA_ROPE`, read when the step is traced)."""
     def apply(model):
         os.environ["QLORA_ROPE"] = how
+
+    return apply
+
+
+def lora_vjp_with(how: str):
+    """"rows" or "mlx" (`QLORA_LORA_VJP`, read when the step is traced)."""
+    def apply(model):
+        os.environ["QLORA_LORA_VJP"] = how
 
     return apply
 
@@ -414,6 +424,7 @@ COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
     "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel")},
+    "lora-vjp": {"mlx": lora_vjp_with("mlx"), "rows": lora_vjp_with("rows")},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},

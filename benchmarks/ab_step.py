@@ -1,15 +1,16 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize|rope|lora-vjp|dense-copies|norm|update|adapter-casts|backward-weights|
-        train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer|by-layer-memory] [--thread-cpu]
+    python benchmarks/ab_step.py [--compare dequantize|rope|adapter-layout|dense-copies|norm|update|adapter-casts|
+        backward-weights|train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer|by-layer-memory]
+        [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
 (`models.dequantize_kernels`; both the same on other backends). `--compare rope`: queries and keys rotated by
 MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates the projection's rows and hands
-them on as that view (`models.rope_kernels`). `--compare lora-vjp`: the adapters' products differentiated by
-MLX (gradients of A and B laid out by columns) against by their own backward pass (by rows: `models.lora`).
-`--compare dense-copies`: with
+them on as that view (`models.rope_kernels`). `--compare adapter-layout` (whole-graph step): the adapters and
+their optimizer state laid out by rows against by columns, as their gradients come
+(`harness.step.standard.lay_out_by_columns`). `--compare dense-copies`: with
 CPU streams, the quantized weights dequantized every step against once for the run (`models.dense_copies`).
 `--compare norm`: the update's squared norm of each gradient array as a dot product of it flattened (before
 session 11), a sum of squares of it flattened, a sum of squares in its own layout (as shipped), and a dot product
@@ -63,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import models  # noqa: F401,E402  (fast BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 from mlx import nn  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from harness.bench import compose  # noqa: E402
 from harness.bench_timing import synthetic_tokens, timed_runs  # noqa: E402
@@ -74,6 +75,7 @@ from harness.step.factory import configured_train_step  # noqa: E402
 from harness.step.loss import causal_lm_loss  # noqa: E402
 from harness.step.run import run_train_step  # noqa: E402
 from harness.step.layerwise import LayerwiseTrainStep  # noqa: E402
+from harness.step.standard import TrainStep  # noqa: E402
 from models.dense_copies import weight_modules  # noqa: E402
 from models.lora import LoRALinear  # noqa: E402
 from models.mistral import MistralDecoderLayer  # noqa: E402
@@ -95,11 +97,11 @@ def rope_with(how: str):
     return apply
 
 
-def lora_vjp_with(how: str):
-    """"rows" or "mlx" (`QLORA_LORA_VJP`, read when the step is traced)."""
+def adapter_layout(by_columns: bool):
     def apply(model):
-        os.environ["QLORA_LORA_VJP"] = how
-
+        TrainStep.adapters_by_columns = by_columns  # read when the whole-graph step is built
+        if not by_columns:  # the last variant left them by columns: back to rows, as a fresh model has them
+            model.update(tree_map(lambda p: mx.contiguous(p), model.trainable_parameters()))
     return apply
 
 
@@ -424,7 +426,7 @@ COMPARISONS = {
     "dequantize": {"mlx": dequantize_with("mlx"), "kernel": dequantize_with("kernel")},
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
     "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel")},
-    "lora-vjp": {"mlx": lora_vjp_with("mlx"), "rows": lora_vjp_with("rows")},
+    "adapter-layout": {"rows": adapter_layout(False), "columns": adapter_layout(True)},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},

@@ -208,63 +208,13 @@ def _dropout_down_projection(threshold: int, draw: str):
         scaled = cotangent * scale  # (..., rank)
         rank, features = a.shape
         grad_x = mx.where(keep, scaled @ a, 0)
-        grad_a = scaled.reshape(-1, rank).T @ mx.where(keep, x, 0).reshape(-1, features)
+        # (in, rank) transposed: laid out by columns, as MLX's own vjp lays out the gradient without dropout and as
+        # the whole-graph step keeps A (harness/step/standard.py); the faster order on the CPU (BENCHMARKS.md,
+        # "Session 13")
+        grad_a = (mx.where(keep, x, 0).reshape(-1, features).T @ scaled.reshape(-1, rank)).T
         return grad_x, grad_a, mx.zeros_like(key)
 
     return project
-
-
-# How the adapters' products are differentiated: "mlx" (MLX's own vjp of `x @ A^T` and of `addmm`, which
-# differentiates the transposed views and hands out their transposes: the gradients of A and B laid out by columns)
-# or "rows" (`_down_projection`, `_add_up_projection`: the same products in their own backward pass, ordered so that
-# the gradients come out laid out by rows). On an H200 the whole-graph step's fused AdamW update of each
-# column-major gradient beside its row-major parameter and moments ran MLX's strided kernel, 448 kernels and 11.0 ms
-# of GPU time a step at 8 x 512. On the CPU "rows" made the step 18% slower, and under `mx.checkpoint` in one graph
-# it kept about 2.5 more layer inputs per layer (BENCHMARKS.md, "Session 13"). MLX's stays the default until "rows"
-# is measured on a GPU; `QLORA_LORA_VJP=rows|mlx` chooses (benchmarks).
-def lora_vjp() -> str:
-    """The adapters' backward pass in use: "mlx" (default) or "rows"."""
-    choice = os.environ.get("QLORA_LORA_VJP", "mlx")
-    if choice not in ("rows", "mlx"):
-        raise ValueError(f"QLORA_LORA_VJP={choice!r} should be 'rows' or 'mlx'")
-    return choice
-
-
-@mx.custom_function
-def _down_projection(x, a):
-    """`x @ a^T` (x `(..., in)`, a `(rank, in)`), its gradient for `a` computed as `(rank, in)` laid out by rows."""
-    return x @ a.T
-
-
-@_down_projection.vjp
-def _down_projection_vjp(primals, cotangent, output):
-    x, a = primals
-    rank, features = a.shape
-    grad_a = cotangent.reshape(-1, rank).T @ x.reshape(-1, features)
-    return cotangent @ a, grad_a
-
-
-@functools.cache
-def _add_up_projection(alpha: float):
-    """`(y, down, b) -> y + alpha * down @ b^T` in one GEMM (`addmm`), its gradient for `b` `(out, rank)` laid out
-    by rows. The output gradient passes to `y` unchanged; `alpha` scales the two small gradients, never the
-    `(..., out)` one (MLX's `addmm` vjp scales that)."""
-
-    @mx.custom_function
-    def add(y, down, b):
-        return mx.addmm(y, down, b.T, alpha=alpha)
-
-    @add.vjp
-    def add_vjp(primals, cotangent, output):
-        _, down, b = primals
-        features, rank = b.shape
-        grad_down = cotangent @ b
-        grad_b = cotangent.reshape(-1, features).T @ down.reshape(-1, rank)
-        if alpha != 1.0:
-            grad_down, grad_b = grad_down * alpha, grad_b * alpha
-        return cotangent, grad_down, grad_b
-
-    return add
 
 
 class LoRALinear(nn.Module):
@@ -296,7 +246,6 @@ class LoRALinear(nn.Module):
         """`x (…, in) -> (…, out)` in x's dtype."""
         y = self.base_layer(x)
         a = self.lora_A.astype(x.dtype)
-        by_rows = lora_vjp() == "rows"
         if self.drops:
             draw, key = dropout_draw(), _drawn_dropout_key()
             if draw == "hash":
@@ -304,25 +253,19 @@ class LoRALinear(nn.Module):
             else:  # MLX's generator, the dropped input differentiated by MLX (DROPOUT_DRAWS)
                 keep = _kept(key, x.shape, self._keep_threshold, draw)
                 down = (mx.where(keep, x, 0) @ a.T) * (_DRAW_LEVELS / self._keep_threshold)
-        elif by_rows:
-            down = _down_projection(x, a)  # (…, rank)
         else:
-            down = x @ a.T
+            down = x @ a.T  # (…, rank)
         if y.dtype == x.dtype:
             # y + scale * down @ B^T in one GEMM (BLAS beta = 1): no separate pass over the (…, out) update.
             b = self.lora_B
             if b.dtype != x.dtype:
-                # The cast B takes anyway carries the scale. As the GEMM's alpha under MLX's AddMM vjp, the scale
-                # would multiply the whole (…, out) output gradient in the backward pass: at 8 x 512 tokens on an
-                # H200, 224 passes and 8.8 ms a step (BENCHMARKS.md, "Session 10").
-                b, alpha = (self.scale * b).astype(x.dtype), 1.0
-            else:
-                # B already in the compute dtype (the layer-by-layer step's views cast once a step): scaling it
-                # here would add a kernel per call, where that step is bound by the host launching kernels.
-                alpha = self.scale
-            if by_rows:
-                return _add_up_projection(alpha)(y, down, b)
-            return mx.addmm(y, down, b.T, alpha=alpha)
+                # The cast B takes anyway carries the scale. As the GEMM's alpha, the scale would multiply the whole
+                # (…, out) output gradient in the backward pass (MLX's AddMM vjp): at 8 x 512 tokens on an H200,
+                # 224 passes and 8.8 ms a step (BENCHMARKS.md, "Session 10").
+                return mx.addmm(y, down, (self.scale * b).astype(x.dtype).T)
+            # B already in the compute dtype (the layer-by-layer step's views cast once a step): scaling it here
+            # would add a kernel per call, where that step is bound by the host launching kernels.
+            return mx.addmm(y, down, b.T, alpha=self.scale)
         update = down @ self.lora_B.astype(x.dtype).T
         return y + (self.scale * update).astype(y.dtype)
 

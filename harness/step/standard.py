@@ -7,6 +7,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from harness.step.accumulate import Batch, accumulate_gradients, make_update, rows_on_streams
 from harness.step.cpu_streams import new_streams
@@ -22,7 +23,11 @@ class TrainStep:
     norm of all gradients), MLX kept part of every layer's backward pass alive until the end of the step; with
     checkpointing that grew the step's memory by a few activations per layer (tests/harness/test_train_step_memory.py).
     `streams > 1` splits each micro-batch's rows over that many streams (`harness.step.cpu_streams`).
+    With `adapters_by_columns`, the trainable matrices and their optimizer state are laid out as their gradients
+    come (`lay_out_by_columns`).
     """
+
+    adapters_by_columns = True
 
     def __init__(
         self,
@@ -35,6 +40,8 @@ class TrainStep:
     ):
         self.model = model
         self.optimizer = optimizer
+        if self.adapters_by_columns:
+            lay_out_by_columns(model, optimizer)
         loss_and_grad = nn.value_and_grad(model, causal_lm_loss)
 
         def gradients(batch: Batch):
@@ -55,3 +62,31 @@ class TrainStep:
         loss_sum, n_tokens, grads = accumulate_gradients(self._gradients, batches)
         mx.async_eval(loss_sum, n_tokens, grads)
         return loss_sum, n_tokens, self._update(grads, n_tokens)
+
+
+def _by_columns(array: mx.array) -> mx.array:
+    """`array` (2-D) with the same values, laid out by columns."""
+    return mx.contiguous(array.T).T
+
+
+def lay_out_by_columns(model: nn.Module, optimizer: optim.Optimizer) -> None:
+    """Lay out the trainable matrices, and the optimizer's arrays of their shape, by columns, as autograd hands out
+    their gradients (MLX differentiates `x @ A^T` through the transposed view; adapter dropout's backward pass
+    orders its product the same way). The optimizer's fused update then reads and writes one layout: on a GPU, with
+    row-major parameters and moments beside column-major gradients it ran MLX's strided kernel (BENCHMARKS.md,
+    "Session 13"). An element-wise update whose inputs are all laid out by columns writes its outputs so too, so
+    the layout holds from step to step; the values are the same either way (checkpoints store them by rows).
+    Initializes the optimizer's state (`optimizer.init`) where it has none yet."""
+    parameters = tree_flatten(model.trainable_parameters())
+    optimizer.init(model.trainable_parameters())
+    model.update(tree_unflatten([(name, _by_columns(p) if p.ndim == 2 else p) for name, p in parameters]))
+    for name, parameter in parameters:
+        if parameter.ndim != 2:
+            continue
+        state = optimizer.state
+        for key in name.split("."):
+            state = state[int(key)] if isinstance(state, list) else state[key]
+        for key, value in state.items():
+            if isinstance(value, mx.array) and value.shape == parameter.shape:
+                state[key] = _by_columns(value)
+    mx.eval(model.trainable_parameters(), optimizer.state)

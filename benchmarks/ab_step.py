@@ -1,8 +1,8 @@
 """Two ways of computing the same step, alternating in ONE process on one model build.
 
-    python benchmarks/ab_step.py [--compare dequantize|rope|adapter-layout|mlp-gate|dense-copies|norm|update|
-        adapter-casts|backward-weights|train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer|
-        by-layer-memory] [--thread-cpu]
+    python benchmarks/ab_step.py [--compare dequantize|rope|adapter-layout|dense-copies|norm|update|adapter-casts|
+        backward-weights|train-step|gc|memory-limit|lora-scale|threads|eval-set|ahead|by-layer|by-layer-memory]
+        [--thread-cpu]
         [--rows 4] [--seq 128] [--accum 1] [--rounds 3] [--steps 8] [--eval-set all|loop] [overrides ...]
 
 `--compare dequantize`: 4-bit weights dequantized by MLX's `mx.dequantize` against our CUDA kernel
@@ -10,8 +10,7 @@
 MLX's `mx.fast.rope` on their transposed view against our CUDA kernel that rotates the projection's rows and hands
 them on as that view (`models.rope_kernels`). `--compare adapter-layout` (whole-graph step): the adapters and
 their optimizer state laid out by rows against by columns, as their gradients come
-(`harness.step.standard.lay_out_by_columns`). `--compare mlp-gate`: the MLP's `silu(gate) * up` differentiated
-by MLX against in one pass with its own backward pass (`models.activations`). `--compare dense-copies`: with
+(`harness.step.standard.lay_out_by_columns`). `--compare dense-copies`: with
 CPU streams, the quantized weights dequantized every step against once for the run (`models.dense_copies`).
 `--compare norm`: the update's squared norm of each gradient array as a dot product of it flattened (before
 session 11), a sum of squares of it flattened, a sum of squares in its own layout (as shipped), and a dot product
@@ -103,26 +102,6 @@ def adapter_layout(by_columns: bool):
         TrainStep.adapters_by_columns = by_columns  # read when the whole-graph step is built
         if not by_columns:  # the last variant left them by columns: back to rows, as a fresh model has them
             model.update(tree_map(lambda p: mx.contiguous(p), model.trainable_parameters()))
-    return apply
-
-
-class _Ungated(nn.Module):
-    """An MLP activation without `gated`: the MLP multiplies `act_fn(gate) * up` itself (before session 13)."""
-
-    def __init__(self, act_fn):
-        super().__init__()
-        self.unwrapped = act_fn
-
-    def __call__(self, x):
-        return self.unwrapped(x)
-
-
-def mlp_gate(fused: bool):
-    def apply(model):
-        for layer in model.model.layers:
-            act_fn = layer.mlp.act_fn
-            act_fn = act_fn.unwrapped if isinstance(act_fn, _Ungated) else act_fn
-            layer.mlp.act_fn = act_fn if fused else _Ungated(act_fn)
     return apply
 
 
@@ -448,7 +427,6 @@ COMPARISONS = {
     "dense-copies": {"per-step": dense_copies(False), "kept": dense_copies(True)},
     "rope": {"mlx": rope_with("mlx"), "kernel": rope_with("kernel")},
     "adapter-layout": {"rows": adapter_layout(False), "columns": adapter_layout(True)},
-    "mlp-gate": {"separate": mlp_gate(False), "fused": mlp_gate(True)},
     "norm": {"dot": squared_norm_by("dot"), "sum-of-squares": squared_norm_by("sum"),
              "in-place": squared_norm_by("in-place"), "dot-of-transpose": squared_norm_by("dot-of-transpose")},
     "update": {"per-array": update_on("per-array"), "stacks": update_on("stacks")},

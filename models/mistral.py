@@ -14,7 +14,6 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.activations import SiLU
 from models.attention import fused_attention
 from models.rope_kernels import rope_heads_first
 
@@ -252,12 +251,10 @@ class MistralMLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.act_fn = SiLU()  # a module (as in HF), so a backend-specific SiLU can be swapped in from outside
+        self.act_fn = nn.SiLU()  # a module (as in HF), so a backend-specific SiLU can be swapped in from outside
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        gated = getattr(self.act_fn, "gated", None)  # `act_fn(gate) * up` in one pass (models.activations)
-        return self.down_proj(gated(gate, up) if gated is not None else self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MistralDecoderLayer(nn.Module):

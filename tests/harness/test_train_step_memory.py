@@ -1,10 +1,8 @@
 """TrainStep's memory with gradient checkpointing and clipping: the step's peak must not grow with every layer's
 activations (in one compiled graph, clipping made MLX keep part of each layer's backward pass alive).
-Adapter dropout adds nothing of an input's size to either step's peak. The MLP's gated SiLU stores less per layer
-than MLX differentiating the product."""
+Adapter dropout adds nothing of an input's size to either step's peak."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 
 import pytest
@@ -127,40 +125,3 @@ def test_dropout_costs_no_memory_of_the_inputs_size(step_class):
     boundary = 4 * 256 * 256 * 4  # one layer's input: batch x seq x hidden float32
     extra = _dropout_step_peak_above_model(step_class, 0.1) - _dropout_step_peak_above_model(step_class, 0.0)
     assert extra < 3.4 * boundary, f"dropout adds {extra / boundary:.1f} layer inputs to the peak"
-
-
-def _mlp_peak_above_model(num_layers: int, gated: bool) -> int:
-    mx.random.seed(0)
-    args = ModelArgs(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=num_layers,
-                     num_attention_heads=4, num_key_value_heads=2)
-    model = MistralForCausalLM(args)
-    if not gated:  # MLX differentiates `act_fn(gate) * up` itself
-        for layer in model.model.layers:
-            layer.mlp.act_fn = nn.SiLU()
-    apply_lora(model, LoRASpec(rank=4))
-    model.train()
-    optimizer = optim.AdamW(learning_rate=1e-3)
-    step = TrainStep(model, optimizer, grad_clip=1.0)
-    tokens = mx.random.randint(1, args.vocab_size, (4, 256), key=mx.random.key(0))
-    batch = {"input_ids": tokens, "labels": tokens}
-    mx.eval(model.parameters(), tokens)
-    mx.eval(step([batch]), model.parameters(), optimizer.state)
-    peaks = []
-    for _ in range(3):  # the least of three: see _dropout_step_peak_above_model
-        mx.clear_cache()
-        before = mx.get_active_memory()
-        mx.reset_peak_memory()
-        mx.eval(step([batch]), model.parameters(), optimizer.state)
-        peaks.append(mx.get_peak_memory() - before)
-    return min(peaks)
-
-
-# CPU-specific: the peaks compared are those of the CPU's evaluation order.
-@pytest.mark.skipif(backend_name() != "cpu", reason="CPU-specific")
-def test_gated_silu_keeps_less_of_the_mlp_per_layer():
-    """The whole-graph step stores every layer's activations: differentiated by MLX, `silu(gate) * up` stored
-    `silu(gate)` and what SiLU's backward pass keeps as well; `SiLU.gated` stores only `gate` and `up`. Measured:
-    8.2 against 7.1 arrays of the MLP's width per layer."""
-    width = 4 * 256 * 1024 * 4  # batch x seq x intermediate float32
-    growth = {gated: (_mlp_peak_above_model(6, gated) - _mlp_peak_above_model(2, gated)) / 4 for gated in (False, True)}
-    assert growth[True] < growth[False] - 0.5 * width, {k: v / width for k, v in growth.items()}

@@ -5,7 +5,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 import models  # noqa: F401  (loads the fast BLAS before MLX)
-from models.activations import PolynomialSiLU, polynomial_silu, polynomial_silu_gate, silu_gate
+from models.activations import PolynomialSiLU, polynomial_silu
 from models.attention import fused_attention, polynomial_attention
 from models.cpu_paths import use_cpu_paths
 from models.mistral import MistralForCausalLM, ModelArgs, attention_mask
@@ -123,26 +123,3 @@ def test_swapped_model_gives_the_same_logits_and_gradients(backend_exp, changed)
     for name, grad in before_grads.items():
         np.testing.assert_allclose(np.array(after_grads[name]), np.array(grad), rtol=1e-4, atol=1e-5, err_msg=name)
     assert use_cpu_paths(model, backend_exp) == 0  # already swapped: nothing left to change
-
-
-@pytest.mark.parametrize("gate_fn, act_fn", [(silu_gate, nn.silu), (polynomial_silu_gate, polynomial_silu)])
-def test_gated_silu_and_its_gradients_match_autograd(gate_fn, act_fn):
-    """`silu(gate) * up` in one pass, with its own backward pass (`models.activations`), against MLX differentiating
-    the same product; float32."""
-    gate = mx.array(np.linspace(-30.0, 30.0, 3_000, dtype=np.float32)).reshape(3, 1_000)
-    up = mx.random.normal(gate.shape, key=mx.random.key(1))
-    cotangent = mx.random.normal(gate.shape, key=mx.random.key(2))
-    np.testing.assert_allclose(np.array(gate_fn(gate, up)), np.array(nn.silu(gate) * up), rtol=2e-6, atol=1e-6)
-    got = mx.grad(lambda g, u: (gate_fn(g, u) * cotangent).sum(), argnums=(0, 1))(gate, up)
-    want = mx.grad(lambda g, u: (act_fn(g) * u * cotangent).sum(), argnums=(0, 1))(gate, up)
-    for name, g, w in zip(("gate", "up"), got, want):
-        np.testing.assert_allclose(np.array(g), np.array(w), rtol=2e-5, atol=1e-6, err_msg=name)
-
-
-def test_gated_silu_keeps_bfloat16():
-    gate, up = (mx.random.normal((8, 16), key=mx.random.key(i)).astype(mx.bfloat16) for i in range(2))
-    assert silu_gate(gate, up).dtype == mx.bfloat16
-    grads = mx.grad(lambda g, u: silu_gate(g, u).astype(mx.float32).sum(), argnums=(0, 1))(gate, up)
-    assert all(g.dtype == mx.bfloat16 for g in grads)
-    want = (nn.silu(gate.astype(mx.float32)) * up.astype(mx.float32))
-    np.testing.assert_allclose(np.array(silu_gate(gate, up).astype(mx.float32)), np.array(want), rtol=1e-2, atol=1e-2)

@@ -208,10 +208,9 @@ def _dropout_down_projection(threshold: int, draw: str):
         scaled = cotangent * scale  # (..., rank)
         rank, features = a.shape
         grad_x = mx.where(keep, scaled @ a, 0)
-        # (in, rank) transposed: laid out by columns, as MLX's own vjp lays out the gradient without dropout and as
-        # the whole-graph step keeps A (harness/step/standard.py); the faster order on the CPU (BENCHMARKS.md,
-        # "Session 13")
-        grad_a = (mx.where(keep, x, 0).reshape(-1, features).T @ scaled.reshape(-1, rank)).T
+        # (rank, in) laid out by rows; the other order, as MLX's own vjp computes it, raised the layer-by-layer
+        # step's peak under dropout (BENCHMARKS.md, "Session 13")
+        grad_a = scaled.reshape(-1, rank).T @ mx.where(keep, x, 0).reshape(-1, features)
         return grad_x, grad_a, mx.zeros_like(key)
 
     return project
@@ -268,6 +267,14 @@ class LoRALinear(nn.Module):
             return mx.addmm(y, down, b.T, alpha=self.scale)
         update = down @ self.lora_B.astype(x.dtype).T
         return y + (self.scale * update).astype(y.dtype)
+
+    def gradient_layouts(self) -> dict[str, str]:
+        """How autograd lays out the gradients of `lora_A` and `lora_B` in training: "columns" where MLX
+        differentiates `x @ A^T` and `down @ B^T` through the transposed views (the transpose of a row-major
+        product), "rows" for A under dropout's hash draw, whose own backward pass computes `(rank, in)` itself.
+        The whole-graph step stores each matrix and its optimizer state alike (`harness.step.standard`)."""
+        hashed = self._keep_threshold < _DRAW_LEVELS and dropout_draw() == "hash"
+        return {"lora_A": "rows" if hashed else "columns", "lora_B": "columns"}
 
     @property
     def drops(self) -> bool:

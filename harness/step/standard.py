@@ -7,11 +7,12 @@ from functools import partial
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from harness.step.accumulate import Batch, accumulate_gradients, make_update, rows_on_streams
 from harness.step.cpu_streams import new_streams
 from harness.step.loss import causal_lm_loss
+from models.lora import LoRALinear
 
 
 class TrainStep:
@@ -23,8 +24,8 @@ class TrainStep:
     norm of all gradients), MLX kept part of every layer's backward pass alive until the end of the step; with
     checkpointing that grew the step's memory by a few activations per layer (tests/harness/test_train_step_memory.py).
     `streams > 1` splits each micro-batch's rows over that many streams (`harness.step.cpu_streams`).
-    With `adapters_by_columns`, the trainable matrices and their optimizer state are laid out as their gradients
-    come (`lay_out_by_columns`).
+    With `adapters_by_columns`, the adapter matrices and their optimizer state are laid out as their gradients come
+    (`lay_out_by_columns`).
     """
 
     adapters_by_columns = True
@@ -70,19 +71,21 @@ def _by_columns(array: mx.array) -> mx.array:
 
 
 def lay_out_by_columns(model: nn.Module, optimizer: optim.Optimizer) -> None:
-    """Lay out the trainable matrices, and the optimizer's arrays of their shape, by columns, as autograd hands out
-    their gradients (MLX differentiates `x @ A^T` through the transposed view; adapter dropout's backward pass
-    orders its product the same way). The optimizer's fused update then reads and writes one layout: on a GPU, with
-    row-major parameters and moments beside column-major gradients it ran MLX's strided kernel (BENCHMARKS.md,
-    "Session 13"). An element-wise update whose inputs are all laid out by columns writes its outputs so too, so
-    the layout holds from step to step; the values are the same either way (checkpoints store them by rows).
-    Initializes the optimizer's state (`optimizer.init`) where it has none yet."""
-    parameters = tree_flatten(model.trainable_parameters())
+    """Lay out each adapter matrix whose gradient autograd hands out by columns (`LoRALinear.gradient_layouts`), and
+    the optimizer's arrays of its shape, by columns too. The optimizer's fused update then reads and writes one
+    layout: on a GPU, with row-major parameters and moments beside column-major gradients it ran MLX's strided
+    kernel (BENCHMARKS.md, "Session 13"). An element-wise update whose inputs are all laid out by columns writes
+    its outputs so too, so the layout holds from step to step; the values are the same either way (checkpoints
+    store them by rows). Initializes the optimizer's state (`optimizer.init`) where it has none yet."""
     optimizer.init(model.trainable_parameters())
-    model.update(tree_unflatten([(name, _by_columns(p) if p.ndim == 2 else p) for name, p in parameters]))
-    for name, parameter in parameters:
-        if parameter.ndim != 2:
-            continue
+    by_columns = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            for name, layout in module.gradient_layouts().items():
+                if layout == "columns":
+                    by_columns[f"{path}.{name}"] = _by_columns(getattr(module, name))
+    model.update(tree_unflatten(list(by_columns.items())))
+    for name, parameter in by_columns.items():
         state = optimizer.state
         for key in name.split("."):
             state = state[int(key)] if isinstance(state, list) else state[key]

@@ -1,5 +1,6 @@
-"""The whole-graph step keeps the adapters and their optimizer state laid out by columns, as autograd hands out
-their gradients (`harness.step.standard.lay_out_by_columns`), and trains to the same values as by rows."""
+"""The whole-graph step keeps each adapter matrix and its optimizer state laid out as autograd hands out its
+gradient (`LoRALinear.gradient_layouts`, `harness.step.standard.lay_out_by_columns`), and trains to the same values
+as with everything by rows."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from harness.step.loss import causal_lm_loss
 from harness.step.standard import TrainStep
-from models.lora import LoRASpec, apply_lora
+from models.lora import LoRALinear, LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
 
 
@@ -48,26 +49,42 @@ def _trained(monkeypatch, by_columns: bool, dropout: float):
     return model, optimizer
 
 
+def _declared(model) -> dict[str, str]:
+    """Each adapter matrix's gradient layout as `LoRALinear.gradient_layouts` declares it, by parameter path."""
+    return {f"{path}.{name}": layout for path, module in model.named_modules() if isinstance(module, LoRALinear)
+            for name, layout in module.gradient_layouts().items()}
+
+
+def _layout(array: mx.array) -> str:
+    return "columns" if _by_columns(array) else "rows" if _by_rows(array) else "other"
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_gradients_come_by_columns(dropout):
-    """The premise: autograd lays out every adapter matrix's gradient by columns, with dropout's own backward pass
-    too. Were it to change, the layout by columns would make the update mix layouts instead of removing that."""
+def test_gradients_come_as_declared(dropout):
+    """The premise: autograd lays out every adapter matrix's gradient as `gradient_layouts` says (by columns, but A's
+    by rows under dropout's hash draw). Were MLX to change that, the step would mix layouts again."""
     model = _model(dropout)
     _, grads = nn.value_and_grad(model, causal_lm_loss)(model, _batch(0))
-    grads = tree_flatten(grads)
-    mx.eval([g for _, g in grads])
-    assert grads and all(_by_columns(g) for _, g in grads), [n for n, g in grads if not _by_columns(g)]
+    grads = dict(tree_flatten(grads))
+    mx.eval(list(grads.values()))
+    declared = _declared(model)
+    assert set(grads) == set(declared)
+    assert {name: _layout(g) for name, g in grads.items()} == declared
+    assert "columns" in declared.values()
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_adapters_and_moments_stay_by_columns_and_train_as_by_rows(monkeypatch, dropout):
+def test_adapters_and_moments_stay_as_their_gradients_and_train_as_by_rows(monkeypatch, dropout):
     columns, columns_optimizer = _trained(monkeypatch, True, dropout)
     rows, rows_optimizer = _trained(monkeypatch, False, dropout)
+    declared = _declared(columns)
     trained = tree_flatten(columns.trainable_parameters())
-    moments = [m for _, m in tree_flatten(columns_optimizer.state) if isinstance(m, mx.array) and m.ndim == 2]
-    assert len(moments) == 2 * len(trained)  # AdamW: m and v for each
-    # three updates later the layout holds: the update read and wrote one layout
-    assert all(_by_columns(p) for _, p in trained) and all(_by_columns(m) for m in moments)
+    # three updates later the layouts hold: the update read and wrote one layout
+    for name, parameter in trained:
+        moments = columns_optimizer.state
+        for key in name.split("."):
+            moments = moments[int(key)] if isinstance(moments, list) else moments[key]
+        assert [_layout(parameter), _layout(moments["m"]), _layout(moments["v"])] == [declared[name]] * 3, name
     assert all(_by_rows(p) for _, p in tree_flatten(rows.trainable_parameters()))
     for (name, got), (_, want) in zip(trained, tree_flatten(rows.trainable_parameters())):
         # the products read the adapters in the other layout, so the sums run in another order: float32 rounding

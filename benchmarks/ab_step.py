@@ -101,7 +101,7 @@ def adapter_layout(by_columns: bool):
     def apply(model):
         TrainStep.adapters_by_columns = by_columns  # read when the whole-graph step is built
         if not by_columns:  # the last variant left them by columns: back to rows, as a fresh model has them
-            model.update(tree_map(lambda p: mx.contiguous(p), model.trainable_parameters()))
+            model.update(tree_map(mx.contiguous, model.trainable_parameters()))
     return apply
 
 

@@ -159,11 +159,11 @@ class AdapterStacks:
                 container[key] = piece(self.arrays[stack], i, len(names))
 
 
-def parameter_place(model: nn.Module, name: str) -> tuple[Any, str]:
-    """`(container, key)` holding parameter `name` ("model.layers.3.mlp.down_proj.lora_A") inside `model`:
-    `container[key]` is the array `model` holds now."""
+def parameter_place(tree: nn.Module | dict, name: str) -> tuple[Any, str]:
+    """`(container, key)` holding parameter `name` ("model.layers.3.mlp.down_proj.lora_A") inside `tree` (a model,
+    or a tree that mirrors one, such as `optimizer.state`): `container[key]` is what `tree` holds there now."""
     *path, key = name.split(".")
-    container: Any = model
+    container: Any = tree
     for part in path:
         container = container[int(part)] if isinstance(container, list) else container[part]
     return container, key

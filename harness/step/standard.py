@@ -7,11 +7,11 @@ from functools import partial
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
-from mlx.utils import tree_unflatten
 
 from harness.step.accumulate import Batch, accumulate_gradients, make_update, rows_on_streams
 from harness.step.cpu_streams import new_streams
 from harness.step.loss import causal_lm_loss
+from harness.step.stacked import parameter_place
 from models.lora import LoRALinear
 
 
@@ -78,18 +78,17 @@ def lay_out_by_columns(model: nn.Module, optimizer: optim.Optimizer) -> None:
     its outputs so too, so the layout holds from step to step; the values are the same either way (checkpoints
     store them by rows). Initializes the optimizer's state (`optimizer.init`) where it has none yet."""
     optimizer.init(model.trainable_parameters())
-    by_columns = {}
     for path, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            for name, layout in module.gradient_layouts().items():
-                if layout == "columns":
-                    by_columns[f"{path}.{name}"] = _by_columns(getattr(module, name))
-    model.update(tree_unflatten(list(by_columns.items())))
-    for name, parameter in by_columns.items():
-        state = optimizer.state
-        for key in name.split("."):
-            state = state[int(key)] if isinstance(state, list) else state[key]
-        for key, value in state.items():
-            if isinstance(value, mx.array) and value.shape == parameter.shape:
-                state[key] = _by_columns(value)
+        if not isinstance(module, LoRALinear):
+            continue
+        for name, layout in module.gradient_layouts().items():
+            if layout != "columns":
+                continue
+            parameter = _by_columns(getattr(module, name))
+            setattr(module, name, parameter)
+            container, key = parameter_place(optimizer.state, f"{path}.{name}")
+            state = container[key]
+            for field, value in state.items():
+                if isinstance(value, mx.array) and value.shape == parameter.shape:
+                    state[field] = _by_columns(value)
     mx.eval(model.trainable_parameters(), optimizer.state)

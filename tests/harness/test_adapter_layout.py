@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from harness.step.loss import causal_lm_loss
+from harness.step.stacked import parameter_place
 from harness.step.standard import TrainStep
 from models.lora import LoRALinear, LoRASpec, apply_lora
 from models.mistral import MistralForCausalLM, ModelArgs
@@ -81,9 +82,8 @@ def test_adapters_and_moments_stay_as_their_gradients_and_train_as_by_rows(monke
     trained = tree_flatten(columns.trainable_parameters())
     # three updates later the layouts hold: the update read and wrote one layout
     for name, parameter in trained:
-        moments = columns_optimizer.state
-        for key in name.split("."):
-            moments = moments[int(key)] if isinstance(moments, list) else moments[key]
+        container, key = parameter_place(columns_optimizer.state, name)
+        moments = container[key]
         assert [_layout(parameter), _layout(moments["m"]), _layout(moments["v"])] == [declared[name]] * 3, name
     assert all(_by_rows(p) for _, p in tree_flatten(rows.trainable_parameters()))
     for (name, got), (_, want) in zip(trained, tree_flatten(rows.trainable_parameters())):
